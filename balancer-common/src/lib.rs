@@ -1,0 +1,370 @@
+//! The map ABI shared by the XDP program (`balancer-ebpf`) and the controller (`balancer`).
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has no implicit padding, and is read by both sides:
+//! change a layout and bump [`ABI_VERSION`] so a controller refuses to adopt pinned maps of the
+//! old layout (it replaces them instead).
+#![no_std]
+
+/// Bumped whenever a map name, key, value or size below changes.
+pub const ABI_VERSION: u32 = 3;
+
+// ---- map names (the pin file names under the pin directory) ----
+/// `(vip, port, proto)` → [`Service`].
+pub const MAP_SERVICES: &str = "BLB_SERVICES";
+/// Backend index → [`Backend`].
+pub const MAP_BACKENDS: &str = "BLB_BACKENDS";
+/// `(service, half) * RING_MAX + slot` → backend index ([`NO_BACKEND`] when empty).
+pub const MAP_RINGS: &str = "BLB_RINGS";
+/// [`FlowKey`] → [`Flow`], both directions of every balanced flow.
+pub const MAP_FLOWS: &str = "BLB_FLOWS";
+/// Per-CPU [`Counters`] per service.
+pub const MAP_SERVICE_STATS: &str = "BLB_SVC_STATS";
+/// Per-CPU [`Counters`] per backend.
+pub const MAP_BACKEND_STATS: &str = "BLB_BE_STATS";
+/// Per-CPU `u64` per [`Reason`].
+pub const MAP_REASONS: &str = "BLB_REASONS";
+/// Global settings, one [`Globals`] at index 0.
+pub const MAP_GLOBALS: &str = "BLB_GLOBALS";
+/// All maps, for pinning and adoption.
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_RINGS,
+    MAP_FLOWS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASONS,
+    MAP_GLOBALS,
+];
+/// The XDP program's name in the object file.
+pub const PROGRAM_NAME: &str = "balancer";
+
+// ---- sizes ----
+/// Most services the dataplane holds (each owns two ring halves).
+pub const MAX_SERVICES: u32 = 64;
+/// Most backends over all services.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev ring (a prime); every service's ring lives in a slot of this size.
+pub const RING_MAX: u32 = 65537;
+/// Default flow-table size (entries; each balanced NAT flow takes two).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+/// Ring slot value meaning "no backend" (an empty ring: every backend is down).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+// ---- protocol numbers ----
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+// ---- service flags ----
+/// Forwarding by DSR (MAC rewrite only). Without it: full NAT.
+pub const SVC_F_DSR: u32 = 1 << 0;
+/// Flows of a down backend are dropped instead of reset.
+pub const SVC_F_DOWN_DROP: u32 = 1 << 1;
+/// The service's VIP is IPv6.
+pub const SVC_F_IPV6: u32 = 1 << 2;
+
+// ---- backend states ----
+/// Takes new and existing flows.
+pub const BE_UP: u32 = 0;
+/// Keeps its existing flows, takes no new ones (it is not in the ring).
+pub const BE_DRAINING: u32 = 1;
+/// Its flows are reset (or dropped, per service).
+pub const BE_DOWN: u32 = 2;
+
+/// An address in 16 bytes: IPv6 as is, IPv4 as v4-mapped (`::ffff:a.b.c.d`).
+pub type Addr = [u8; 16];
+
+/// Key of the service map. Port in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// VIP, 16-byte form.
+    pub addr: Addr,
+    /// VIP port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// Value of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into the ring and the per-service counters (`< MAX_SERVICES`).
+    pub id: u32,
+    /// `SVC_F_*`.
+    pub flags: u32,
+    /// Which ring half is live (0 or 1): written last, so a packet sees a whole ring.
+    pub ring_half: u32,
+    /// Slots used in the ring (a prime ≤ `RING_MAX`).
+    pub ring_size: u32,
+    /// Seed of the 5-tuple hash.
+    pub seed: u32,
+    /// First SNAT port (host order), inclusive.
+    pub snat_port_lo: u16,
+    /// Last SNAT port (host order), inclusive.
+    pub snat_port_hi: u16,
+    /// SNAT source address for NAT mode, 16-byte form of the backends' family.
+    pub snat_addr: Addr,
+}
+
+/// Value of the backend array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Backend address, 16-byte form.
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// 1 when `addr` is IPv6.
+    pub ipv6: u8,
+    /// Always zero.
+    pub pad: u8,
+    /// `BE_UP`, `BE_DRAINING`, `BE_DOWN`.
+    pub state: u32,
+    /// Bumped each time the slot is given to another backend; a flow with an old generation
+    /// is treated as a flow of a down backend.
+    pub generation: u32,
+}
+
+/// Key of the flow table: the packet's 5-tuple as it arrives. Ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address.
+    pub src: Addr,
+    /// Destination address.
+    pub dst: Addr,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub pad: [u8; 3],
+}
+
+/// The flow is a client → VIP flow (forward); without it, a backend → SNAT reply (reverse).
+pub const FLOW_F_FORWARD: u32 = 1 << 0;
+/// The flow is forwarded by DSR.
+pub const FLOW_F_DSR: u32 = 1 << 1;
+
+/// Value of the flow table: what to write into a packet of this flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    /// New source address (forward: the SNAT address; reverse: the VIP).
+    pub new_src: Addr,
+    /// New destination address (forward: the backend; reverse: the client).
+    pub new_dst: Addr,
+    /// New source port, network order.
+    pub new_sport: u16,
+    /// New destination port, network order.
+    pub new_dport: u16,
+    /// `FLOW_F_*`.
+    pub flags: u32,
+    /// Backend index.
+    pub backend: u32,
+    /// Backend generation when the flow was made.
+    pub generation: u32,
+    /// Service id.
+    pub service: u32,
+    /// Always zero.
+    pub pad: u32,
+}
+
+/// Per-CPU traffic counters of a service or a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Packets forwarded (both directions).
+    pub packets: u64,
+    /// Bytes forwarded (both directions, L2 frame length).
+    pub bytes: u64,
+    /// Flows created.
+    pub new_flows: u64,
+    /// Packets answered with an RST (down backend, or no backend at all).
+    pub resets: u64,
+    /// Packets dropped (down backend with `drop`, no neighbour, SNAT ports exhausted).
+    pub drops: u64,
+}
+
+/// Global settings read by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Globals {
+    /// [`ABI_VERSION`] of the controller that wrote the maps.
+    pub abi_version: u32,
+    /// Lowest SNAT port of any service (host order): a fast pre-filter for reply lookups.
+    pub snat_port_lo: u16,
+    /// Highest SNAT port of any service (host order).
+    pub snat_port_hi: u16,
+}
+
+/// Why a packet got its verdict; the index into the reasons map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, …): passed.
+    PassNotIp = 0,
+    /// Not for a VIP nor a reply to a NAT flow: passed.
+    PassNotVip = 1,
+    /// IPv4 fragment or IPv4 with options, or IPv6 with extension headers: passed.
+    PassUnsupportedIp = 2,
+    /// Neither TCP nor UDP: passed.
+    PassNotTcpUdp = 3,
+    /// A header was cut short: passed untouched (the kernel drops it).
+    PassTruncated = 4,
+    /// Forwarded out of the interface it came in on.
+    Tx = 5,
+    /// Forwarded out of another interface.
+    Redirect = 6,
+    /// The next hop has no resolved neighbour yet: dropped (the client retries).
+    DropNoNeighbour = 7,
+    /// The FIB has no route to the next hop: passed.
+    PassNoRoute = 8,
+    /// The service has no live backend: TCP reset, UDP dropped.
+    NoBackend = 9,
+    /// The flow's backend is down: reset.
+    ResetBackendDown = 10,
+    /// The flow's backend is down and the service drops.
+    DropBackendDown = 11,
+    /// No SNAT port was free.
+    DropSnatExhausted = 12,
+    /// The flow table refused an insert.
+    DropFlowTable = 13,
+}
+
+/// Number of [`Reason`] values.
+pub const REASONS: u32 = 14;
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASONS as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassUnsupportedIp,
+        Reason::PassNotTcpUdp,
+        Reason::PassTruncated,
+        Reason::Tx,
+        Reason::Redirect,
+        Reason::DropNoNeighbour,
+        Reason::PassNoRoute,
+        Reason::NoBackend,
+        Reason::ResetBackendDown,
+        Reason::DropBackendDown,
+        Reason::DropSnatExhausted,
+        Reason::DropFlowTable,
+    ];
+
+    /// A stable snake_case name for metrics and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassUnsupportedIp => "pass_unsupported_ip",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassTruncated => "pass_truncated",
+            Reason::Tx => "tx",
+            Reason::Redirect => "redirect",
+            Reason::DropNoNeighbour => "drop_no_neighbour",
+            Reason::PassNoRoute => "pass_no_route",
+            Reason::NoBackend => "no_backend",
+            Reason::ResetBackendDown => "reset_backend_down",
+            Reason::DropBackendDown => "drop_backend_down",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
+            Reason::DropFlowTable => "drop_flow_table",
+        }
+    }
+}
+
+/// The 5-tuple hash that picks a ring slot. Pure, so the controller and tests can predict the
+/// dataplane's choice. A murmur3-style mix over the addresses, ports and protocol.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    #[inline(always)]
+    fn mix(h: u32, k: u32) -> u32 {
+        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    }
+    let w = |a: &Addr, i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    let mut h = seed;
+    h = mix(h, w(&key.src, 0));
+    h = mix(h, w(&key.src, 4));
+    h = mix(h, w(&key.src, 8));
+    h = mix(h, w(&key.src, 12));
+    h = mix(h, w(&key.dst, 0));
+    h = mix(h, w(&key.dst, 4));
+    h = mix(h, w(&key.dst, 8));
+    h = mix(h, w(&key.dst, 12));
+    h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
+    h = mix(h, key.proto as u32);
+    h ^= 37;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Index into the rings map of `slot` in ring half `half` of service `id`.
+#[inline(always)]
+pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {
+    (id * 2 + half) * RING_MAX + slot
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and laid out without implicit padding.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Globals {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Service>(), 40);
+        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 56);
+        assert_eq!(size_of::<Counters>(), 40);
+        assert_eq!(size_of::<Globals>(), 8);
+    }
+
+    #[test]
+    fn hash_depends_on_every_field_and_seed() {
+        let k = FlowKey { sport: 1000u16.to_be(), dport: 80u16.to_be(), proto: 6, ..Default::default() };
+        let h = flow_hash(&k, 1);
+        assert_ne!(h, flow_hash(&k, 2));
+        let mut k2 = k;
+        k2.src[15] = 1;
+        assert_ne!(h, flow_hash(&k2, 1));
+        let mut k3 = k;
+        k3.sport = 1001u16.to_be();
+        assert_ne!(h, flow_hash(&k3, 1));
+        assert_eq!(h, flow_hash(&k, 1));
+    }
+
+    #[test]
+    fn ring_indices_do_not_overlap() {
+        assert_eq!(ring_index(0, 1, 0), RING_MAX);
+        assert_eq!(ring_index(1, 0, 0), 2 * RING_MAX);
+        assert!(ring_index(MAX_SERVICES - 1, 1, RING_MAX - 1) < 2 * MAX_SERVICES * RING_MAX);
+    }
+}

@@ -1,0 +1,38 @@
+//! Every map of the program, in one place. Names and layouts come from `balancer-common`.
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use balancer_common::{
+    Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, MAX_BACKENDS, MAX_SERVICES,
+    REASONS, RING_MAX, Service, ServiceKey,
+};
+
+#[map(name = "BLB_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "BLB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Mappable, so the controller writes a whole ring half with one memcpy and then flips
+/// `Service::ring_half` with one map update.
+#[map(name = "BLB_RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * RING_MAX, BPF_F_MMAPABLE);
+
+/// Shared (not per-CPU): a reply may arrive on another CPU than its request.
+#[map(name = "BLB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+#[map(name = "BLB_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "BLB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "BLB_REASONS")]
+pub static REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASONS, 0);
+
+#[map(name = "BLB_GLOBALS")]
+pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
