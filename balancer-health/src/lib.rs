@@ -1,0 +1,23 @@
+//! Health checks for the balancer controller.
+//!
+//! A [`HealthSpec`] (one inline table of the config file) says how to check a backend:
+//! `tcp` (connect), `http` / `https` (GET a path, match status and optionally a body
+//! substring) or `mllp` (send an HL7 v2 message, expect an ACK with MSA-1 `AA` or `CA`).
+//! A [`Monitor`] runs one tokio task per target and reports debounced state changes
+//! (`rise` consecutive successes, `fall` consecutive failures) as [`HealthEvent`]s.
+//! [`probe`] runs one check, for tests and the CLI.
+//!
+//! No payload byte of any service ever reaches a log line, an event or an error string:
+//! failure reasons are built from status codes, ACK codes and error kinds only.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod mllp;
+mod monitor;
+mod probe;
+mod spec;
+mod tls;
+
+pub use monitor::{Health, HealthEvent, Monitor, TargetId};
+pub use probe::probe;
+pub use spec::{CheckKind, HealthSpec};
