@@ -122,13 +122,15 @@ pub struct Backend {
     pub port: u16,
     /// 1 when `addr` is IPv6.
     pub ipv6: u8,
-    /// Always zero.
-    pub pad: u8,
+    /// 1 while the slot belongs to a configured backend.
+    pub used: u8,
     /// `BE_UP`, `BE_DRAINING`, `BE_DOWN`.
     pub state: u32,
     /// Bumped each time the slot is given to another backend; a flow with an old generation
     /// is treated as a flow of a down backend.
     pub generation: u32,
+    /// Id of the service the backend belongs to (lets a restarted controller adopt slots).
+    pub service: u32,
 }
 
 /// Key of the flow table: the packet's 5-tuple as it arrives. Ports in network byte order.
@@ -312,6 +314,12 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Maps a hash onto `0..n` by multiply-shift (no division: nothing that can trap in BPF).
+#[inline(always)]
+pub const fn reduce(hash: u32, n: u32) -> u32 {
+    ((hash as u64 * n as u64) >> 32) as u32
+}
+
 /// Index into the rings map of `slot` in ring half `half` of service `id`.
 #[inline(always)]
 pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {
@@ -340,7 +348,7 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<Service>(), 40);
-        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 56);
         assert_eq!(size_of::<Counters>(), 40);
@@ -359,6 +367,16 @@ mod tests {
         k3.sport = 1001u16.to_be();
         assert_ne!(h, flow_hash(&k3, 1));
         assert_eq!(h, flow_hash(&k, 1));
+    }
+
+    #[test]
+    fn reduce_stays_in_range() {
+        for n in [1u32, 2, 13, 65537] {
+            for h in [0u32, 1, 0x8000_0000, u32::MAX] {
+                assert!(reduce(h, n) < n);
+            }
+        }
+        assert_eq!(reduce(u32::MAX, 65537), 65536);
     }
 
     #[test]

@@ -1,1 +1,14 @@
+//! The balancer controller: configuration, the XDP dataplane, Maglev, reconciliation.
+//!
+//! The binary (`src/main.rs`) is a thin clap front end over this library.
 
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod health;
+pub mod maglev;
+pub mod net;
+pub mod reconcile;
+pub mod report;
+pub mod bench;
+pub mod testbed;

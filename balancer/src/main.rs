@@ -1,4 +1,118 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
-    println!("{}", obj.len());
+//! The `balancer` command.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use balancer::{config, daemon, dataplane::Dataplane, net};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "balancer", version, about = "XDP layer-4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller in the foreground (systemd runs this).
+    Run {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+        config: PathBuf,
+        /// Pin directory (overrides [dataplane] pin_path).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+    },
+    /// Validate a config file without touching the system.
+    Check {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+        config: PathBuf,
+    },
+    /// Remove the dataplane: detach the program, unpin maps, take VIPs off the interface.
+    Teardown {
+        /// Config file (for the pin path and VIPs).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pin directory.
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+    },
+    /// Print dataplane counters read from the pinned maps.
+    Counters {
+        /// Pin directory.
+        #[arg(long, default_value = config::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
+    BenchXdp {
+        /// Calls per case (repeat = 1 each).
+        #[arg(long, default_value_t = 1_000_000)]
+        calls: u32,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.cmd {
+        Cmd::Run { config, pin_path } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(daemon::run(daemon::RunOptions { config, pin_path }))
+        }
+        Cmd::Check { config } => match config::load(&config) {
+            Ok(v) => {
+                println!("{}: ok ({} services)", config.display(), v.services.len());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        Cmd::Teardown { config, pin_path } => {
+            let cfg = match &config {
+                Some(c) => Some(config::load(c).map_err(|e| anyhow::anyhow!("{e}"))?),
+                None => None,
+            };
+            let pin = pin_path
+                .or_else(|| cfg.as_ref().map(|c| c.raw.dataplane.pin_path.clone()))
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PIN_PATH));
+            if let Some(c) = &cfg {
+                for s in &c.services {
+                    for i in &c.interfaces {
+                        net::remove_vip(i, s.vip.ip())?;
+                    }
+                }
+            }
+            balancer::dataplane::remove_pins(&pin)?;
+            println!("dataplane at {} removed", pin.display());
+            Ok(())
+        }
+        Cmd::Counters { pin_path, json } => {
+            let dp = Dataplane::open_pinned(&pin_path)?;
+            let report = balancer::report::counters(&dp);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", balancer::report::counters_text(&report));
+            }
+            Ok(())
+        }
+        Cmd::BenchXdp { calls } => {
+            let table = balancer::bench::xdp(calls).context("bench-xdp")?;
+            print!("{table}");
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,482 @@
+//! Loading, attaching and pinning the XDP program, and typed access to its maps.
+//!
+//! With a pin directory, maps and links live in bpffs: a new controller adopts them (same ABI)
+//! and swaps its program in atomically through the pinned link, so established flows never
+//! notice a restart. Rings are written through a shared mapping of the ring array (one memcpy),
+//! then made live by flipping the service's `ring_half` (one map update).
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpMode},
+    },
+};
+use balancer_common::{
+    ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME, REASONS, RING_MAX, Reason, Service, ServiceKey,
+    ring_index,
+};
+use tracing::{info, warn};
+
+use crate::config;
+
+/// The compiled XDP object, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
+
+/// How to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin directory; `None` keeps everything private to this process (tests, benches).
+    pub pin_path: Option<PathBuf>,
+    /// Flow-table entries.
+    pub flow_entries: u32,
+}
+
+/// The ring array, mapped into this process.
+struct Rings {
+    ptr: *mut u32,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory shared with the kernel; we only write through &mut self.
+unsafe impl Send for Rings {}
+unsafe impl Sync for Rings {}
+
+impl Drop for Rings {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len come from a successful mmap.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * 4) };
+    }
+}
+
+/// A loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Option<Ebpf>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    svc_stats: PerCpuArray<MapData, Counters>,
+    be_stats: PerCpuArray<MapData, Counters>,
+    reasons: PerCpuArray<MapData, u64>,
+    globals: Array<MapData, Globals>,
+    rings: Rings,
+    pin_path: Option<PathBuf>,
+    /// True when the maps were adopted from a previous controller.
+    pub adopted: bool,
+}
+
+fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    <T as TryFrom<Map>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf when nothing is there.
+fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    };
+    if dir.starts_with(root) && !is_bpffs(root) {
+        fs::create_dir_all(root).ok();
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .context("mounting bpffs on /sys/fs/bpf")?;
+        info!("mounted bpffs on /sys/fs/bpf");
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        bail!("{} is not on a bpf filesystem", dir.display());
+    }
+    Ok(())
+}
+
+/// Why pinned state cannot be adopted, if it cannot.
+fn pinned_mismatch(dir: &Path, flow_entries: u32) -> Option<String> {
+    let g = dir.join(MAP_GLOBALS);
+    if !g.exists() {
+        return None;
+    }
+    let globals = match MapData::from_pin(&g).map(Map::Array).and_then(Array::<_, Globals>::try_from) {
+        Ok(a) => a,
+        Err(e) => return Some(format!("globals map unreadable: {e}")),
+    };
+    match globals.get(&0, 0) {
+        Ok(v) if v.abi_version == ABI_VERSION => {}
+        Ok(v) => return Some(format!("ABI {} pinned, {} here", v.abi_version, ABI_VERSION)),
+        Err(e) => return Some(format!("globals unreadable: {e}")),
+    }
+    match MapData::from_pin(dir.join(MAP_FLOWS)).and_then(|m| m.info()) {
+        Ok(info) if info.max_entries() == flow_entries => None,
+        Ok(info) => Some(format!("flow table of {} entries pinned, {} configured", info.max_entries(), flow_entries)),
+        Err(e) => Some(format!("flow table unreadable: {e}")),
+    }
+}
+
+/// Removes every pinned object under `dir` (links first, which detaches the program).
+pub fn remove_pins(dir: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("link-") {
+            match PinnedLink::from_pin(&p) {
+                Ok(l) => {
+                    let _ = l.unpin();
+                    info!(link = %p.display(), "xdp link removed");
+                }
+                Err(e) => warn!(link = %p.display(), error = %e, "cannot open pinned link"),
+            }
+        }
+    }
+    for e in fs::read_dir(dir).context("reading pin dir")?.flatten() {
+        let _ = fs::remove_file(e.path());
+    }
+    let _ = fs::remove_dir(dir);
+    Ok(())
+}
+
+impl Dataplane {
+    /// Loads the program, adopting pinned maps when their layout matches.
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let mut adopted = false;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_FLOWS, opts.flow_entries);
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_path {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                if let Some(why) = pinned_mismatch(dir, opts.flow_entries) {
+                    warn!(pin_path = %dir.display(), reason = %why, "pinned dataplane does not match: replacing it");
+                    remove_pins(dir)?;
+                    ensure_bpffs(dir)?;
+                } else if dir.join(MAP_GLOBALS).exists() {
+                    adopted = true;
+                }
+                ALL_MAPS.iter().map(|n| (*n, dir.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the XDP object")?;
+        {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROGRAM_NAME)
+                .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
+                .try_into()?;
+            if let Err(e) = prog.load() {
+                if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = &e {
+                    bail!("the kernel refused the XDP program ({io_error}); verifier log:\n{verifier_log}");
+                }
+                return Err(e).context("loading the XDP program");
+            }
+        }
+        let rings_map = ebpf.take_map(MAP_RINGS).ok_or_else(|| anyhow!("ring map missing"))?;
+        let Map::Array(rings_data) = &rings_map else { bail!("ring map has an unexpected type") };
+        let rings = map_rings(rings_data.fd().as_fd().as_raw_fd())?;
+        drop(rings_map);
+        let mut dp = Dataplane {
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            flows: take(&mut ebpf, MAP_FLOWS)?,
+            svc_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            be_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            reasons: take(&mut ebpf, MAP_REASONS)?,
+            globals: take(&mut ebpf, MAP_GLOBALS)?,
+            ebpf: Some(ebpf),
+            rings,
+            pin_path: opts.pin_path.clone(),
+            adopted,
+        };
+        if !adopted {
+            dp.set_globals(Globals { abi_version: ABI_VERSION, snat_port_lo: 0, snat_port_hi: 0 })?;
+        }
+        Ok(dp)
+    }
+
+    /// Opens the maps pinned under `dir` (no program): for `balancer counters` and status.
+    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.join(MAP_GLOBALS).exists() {
+            bail!("no dataplane pinned at {}", dir.display());
+        }
+        if let Some(why) = pinned_mismatch(dir, MapData::from_pin(dir.join(MAP_FLOWS))?.info()?.max_entries()) {
+            bail!("pinned dataplane at {} is of another version: {why}", dir.display());
+        }
+        let open = |n: &str| -> anyhow::Result<Map> {
+            let data = MapData::from_pin(dir.join(n)).with_context(|| format!("opening pinned map {n}"))?;
+            Ok(match n {
+                MAP_SERVICES => Map::HashMap(data),
+                MAP_FLOWS => Map::LruHashMap(data),
+                MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS => Map::PerCpuArray(data),
+                _ => Map::Array(data),
+            })
+        };
+        let rings_map = open(MAP_RINGS)?;
+        let Map::Array(rings_data) = &rings_map else { bail!("ring map has an unexpected type") };
+        let rings = map_rings(rings_data.fd().as_fd().as_raw_fd())?;
+        Ok(Dataplane {
+            services: HashMap::try_from(open(MAP_SERVICES)?)?,
+            backends: Array::try_from(open(MAP_BACKENDS)?)?,
+            flows: HashMap::try_from(open(MAP_FLOWS)?)?,
+            svc_stats: PerCpuArray::try_from(open(MAP_SERVICE_STATS)?)?,
+            be_stats: PerCpuArray::try_from(open(MAP_BACKEND_STATS)?)?,
+            reasons: PerCpuArray::try_from(open(MAP_REASONS)?)?,
+            globals: Array::try_from(open(MAP_GLOBALS)?)?,
+            ebpf: None,
+            rings,
+            pin_path: Some(dir.to_path_buf()),
+            adopted: true,
+        })
+    }
+
+    /// A bare XDP_PASS program from the same object, loaded, for benchmarks.
+    pub fn baseline_program(&mut self) -> anyhow::Result<&Xdp> {
+        let ebpf = self.ebpf.as_mut().ok_or_else(|| anyhow!("no program loaded"))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("pass_baseline")
+            .ok_or_else(|| anyhow!("pass_baseline missing"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
+    /// The program, for test runs.
+    pub fn program(&self) -> anyhow::Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .as_ref()
+            .ok_or_else(|| anyhow!("no program loaded"))?
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?)
+    }
+
+    fn program_mut(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .as_mut()
+            .ok_or_else(|| anyhow!("no program loaded"))?
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches to `interface`: through the pinned link when there is one (atomic program
+    /// swap), else a new link (driver mode, or skb mode as configured or as a fallback).
+    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> anyhow::Result<()> {
+        let link_pin = self.pin_path.as_ref().map(|d| d.join(format!("link-{interface}")));
+        if let Some(lp) = &link_pin {
+            if lp.exists() {
+                let pinned = PinnedLink::from_pin(lp).context("opening the pinned XDP link")?;
+                let fd_link: FdLink = pinned.into();
+                let xdp_link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
+                let prog = self.program_mut()?;
+                let id = prog.attach_to_link(xdp_link).context("swapping the program into the pinned link")?;
+                // The pin keeps the link; forget our handle so dropping it detaches nothing.
+                let link = prog.take_link(id)?;
+                std::mem::forget(link);
+                info!(interface, "xdp program swapped into the pinned link (flows untouched)");
+                return Ok(());
+            }
+        }
+        let try_mode = |prog: &mut Xdp, m: XdpMode| prog.attach(interface, m);
+        let prog = self.program_mut()?;
+        let id = match mode {
+            config::XdpMode::Driver => try_mode(prog, XdpMode::Driver).context("attaching in driver mode")?,
+            config::XdpMode::Skb => try_mode(prog, XdpMode::Skb).context("attaching in skb mode")?,
+            config::XdpMode::Auto => match try_mode(prog, XdpMode::Driver) {
+                Ok(id) => {
+                    info!(interface, mode = "driver", "xdp attached");
+                    id
+                }
+                Err(e) => {
+                    warn!(interface, error = %e, "driver-mode XDP unavailable, falling back to skb mode");
+                    try_mode(prog, XdpMode::Skb).context("attaching in skb mode")?
+                }
+            },
+        };
+        let link = prog.take_link(id)?;
+        match (link_pin, FdLink::try_from(link)) {
+            (Some(lp), Ok(fd_link)) => {
+                fd_link.pin(&lp).with_context(|| format!("pinning the link at {}", lp.display()))?;
+            }
+            (None, Ok(fd_link)) => {
+                // Private dataplane (tests): keep the link alive as long as this process.
+                std::mem::forget(fd_link);
+            }
+            (_, Err(e)) => {
+                warn!(interface, error = %e, "kernel gave a netlink XDP attachment: it stays until `balancer teardown`");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the globals.
+    pub fn set_globals(&mut self, g: Globals) -> anyhow::Result<()> {
+        self.globals.set(0, g, 0).context("writing globals")
+    }
+
+    /// Reads the globals.
+    pub fn globals(&self) -> anyhow::Result<Globals> {
+        self.globals.get(&0, 0).context("reading globals")
+    }
+
+    /// Inserts or replaces a service (its `ring_half` must already hold a ring).
+    pub fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> anyhow::Result<()> {
+        self.services.insert(key, svc, 0).context("writing the service map")
+    }
+
+    /// Removes a service: its VIP goes to the kernel again.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a service"),
+        }
+    }
+
+    /// Every service in the map.
+    pub fn services(&self) -> Vec<(ServiceKey, Service)> {
+        self.services.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Writes a backend slot.
+    pub fn put_backend(&mut self, idx: u32, be: &Backend) -> anyhow::Result<()> {
+        self.backends.set(idx, be, 0).context("writing the backend array")
+    }
+
+    /// Every backend slot that is in use.
+    pub fn backends(&self) -> Vec<(u32, Backend)> {
+        (0..MAX_BACKENDS)
+            .filter_map(|i| self.backends.get(&i, 0).ok().map(|b| (i, b)))
+            .filter(|(_, b)| b.used != 0 || b.generation != 0)
+            .collect()
+    }
+
+    /// One backend slot.
+    pub fn backend(&self, idx: u32) -> anyhow::Result<Backend> {
+        self.backends.get(&idx, 0).context("reading the backend array")
+    }
+
+    /// Copies a ring into half `half` of service `id` (not live until the service flips).
+    pub fn write_ring(&mut self, id: u32, half: u32, table: &[u32]) -> anyhow::Result<()> {
+        if id >= MAX_SERVICES || half > 1 || table.len() > RING_MAX as usize {
+            bail!("ring out of range");
+        }
+        let start = ring_index(id, half, 0) as usize;
+        if start + table.len() > self.rings.len {
+            bail!("ring out of range");
+        }
+        // SAFETY: bounds checked above; the kernel only reads this half (it is not live).
+        unsafe {
+            std::ptr::copy_nonoverlapping(table.as_ptr(), self.rings.ptr.add(start), table.len());
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads a ring half back (tests, status).
+    pub fn read_ring(&self, id: u32, half: u32, size: u32) -> Vec<u32> {
+        let start = ring_index(id, half, 0) as usize;
+        let n = (size as usize).min(RING_MAX as usize);
+        // SAFETY: within the mapping.
+        unsafe { std::slice::from_raw_parts(self.rings.ptr.add(start), n).to_vec() }
+    }
+
+    /// Summed per-CPU counters of a service.
+    pub fn service_counters(&self, id: u32) -> Counters {
+        sum(self.svc_stats.get(&id, 0).ok().map(|v| v.iter().copied().collect()))
+    }
+
+    /// Summed per-CPU counters of a backend.
+    pub fn backend_counters(&self, idx: u32) -> Counters {
+        sum(self.be_stats.get(&idx, 0).ok().map(|v| v.iter().copied().collect()))
+    }
+
+    /// Zeroes a backend's counters (when its slot is given to another backend).
+    pub fn reset_backend_counters(&mut self, idx: u32) -> anyhow::Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])?;
+        self.be_stats.set(idx, zero, 0).context("resetting backend counters")
+    }
+
+    /// Zeroes a service's counters (when its id is given to another service).
+    pub fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])?;
+        self.svc_stats.set(id, zero, 0).context("resetting service counters")
+    }
+
+    /// Summed per-CPU reason counters.
+    pub fn reasons(&self) -> Vec<(Reason, u64)> {
+        (0..REASONS)
+            .map(|i| {
+                let v = self.reasons.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (Reason::ALL[i as usize], v)
+            })
+            .collect()
+    }
+
+    /// Number of flow-table entries (walks the table: for status, not for the hot path).
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+
+    /// Every flow-table entry (tests).
+    pub fn flows(&self) -> StdHashMap<FlowKey, Flow> {
+        self.flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Removes a flow-table entry (tests).
+    pub fn remove_flow(&mut self, key: &FlowKey) {
+        let _ = self.flows.remove(key);
+    }
+}
+
+fn map_rings(fd: i32) -> anyhow::Result<Rings> {
+    let len = (2 * MAX_SERVICES * RING_MAX) as usize;
+    // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 values, shared with the kernel.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len * 4,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        bail!("mmap of the ring map: {}", std::io::Error::last_os_error());
+    }
+    Ok(Rings { ptr: ptr.cast(), len })
+}
+
+fn sum(v: Option<Vec<Counters>>) -> Counters {
+    let mut c = Counters::default();
+    for x in v.unwrap_or_default() {
+        c.packets += x.packets;
+        c.bytes += x.bytes;
+        c.new_flows += x.new_flows;
+        c.resets += x.resets;
+        c.drops += x.drops;
+    }
+    c
+}
+

@@ -1,0 +1,178 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights.
+//!
+//! Each backend walks its own permutation of the table (offset and skip from two hashes of
+//! its name); in each round a backend claims its next free slot when its weight credit allows,
+//! so slots end up in proportion to the weights, and a backend set change moves few slots.
+
+use balancer_common::NO_BACKEND;
+
+/// One backend as the table builder sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// A stable identity (e.g. "10.77.0.11:7002"): it alone decides the permutation.
+    pub name: String,
+    /// Relative weight; 0 takes no slot.
+    pub weight: u32,
+    /// What the slot stores (the dataplane's backend index).
+    pub value: u32,
+}
+
+/// 64-bit FNV-1a followed by a murmur3 finalizer: a stable hash for backend names.
+fn hash64(data: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Builds a table of `size` slots (a prime) over `entries`. Slots hold `Entry::value`, or
+/// [`NO_BACKEND`] everywhere when no entry has a weight.
+pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
+    let m = size as usize;
+    let mut table = vec![NO_BACKEND; m];
+    let mut live: Vec<&Entry> = entries.iter().filter(|e| e.weight > 0).collect();
+    // Claim order within a round decides contested slots: make it independent of input order.
+    live.sort_by(|a, b| a.name.cmp(&b.name));
+    if live.is_empty() || m == 0 {
+        return table;
+    }
+    let max_w = live.iter().map(|e| e.weight as u64).max().unwrap_or(1);
+    let n = live.len();
+    let mut pos = Vec::with_capacity(n);
+    let mut skip = Vec::with_capacity(n);
+    for e in &live {
+        pos.push((hash64(e.name.as_bytes(), 0xdead_beef) % m as u64) as u32);
+        skip.push((hash64(e.name.as_bytes(), 0x0bad_cafe) % (m as u64 - 1).max(1)) as u32 + 1);
+    }
+    let mut credit = vec![0u64; n];
+    let mut filled = 0usize;
+    let m32 = size;
+    loop {
+        for i in 0..n {
+            credit[i] += live[i].weight as u64;
+            if credit[i] < max_w {
+                continue;
+            }
+            credit[i] -= max_w;
+            loop {
+                let c = pos[i];
+                pos[i] += skip[i];
+                if pos[i] >= m32 {
+                    pos[i] -= m32;
+                }
+                let slot = &mut table[c as usize];
+                if *slot == NO_BACKEND {
+                    *slot = live[i].value;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == m {
+                return table;
+            }
+        }
+    }
+}
+
+/// True when `n` is prime (ring sizes must be, so every skip visits every slot).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: u32, weight: impl Fn(u32) -> u32) -> Vec<Entry> {
+        (0..n)
+            .map(|i| Entry { name: format!("10.0.{}.{}:7002", i / 250, i % 250), weight: weight(i), value: i })
+            .collect()
+    }
+
+    fn counts(t: &[u32], n: u32) -> Vec<u64> {
+        let mut c = vec![0u64; n as usize];
+        for v in t {
+            c[*v as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn equal_weights_balance_within_one_percent() {
+        let t = build(&entries(100, |_| 1), 65537);
+        let ideal = 65537.0 / 100.0;
+        for c in counts(&t, 100) {
+            assert!(((c as f64) - ideal).abs() / ideal < 0.01, "{c} vs {ideal}");
+        }
+    }
+
+    #[test]
+    fn weights_balance_within_one_percent_of_weighted_ideal() {
+        let w = |i: u32| 1 + i % 4;
+        let e = entries(100, w);
+        let total: u64 = e.iter().map(|e| e.weight as u64).sum();
+        let t = build(&e, 65537);
+        for (i, c) in counts(&t, 100).into_iter().enumerate() {
+            let ideal = 65537.0 * w(i as u32) as f64 / total as f64;
+            assert!(((c as f64) - ideal).abs() / ideal < 0.01, "backend {i}: {c} vs {ideal}");
+        }
+    }
+
+    #[test]
+    fn removing_one_of_ten_moves_at_most_fifteen_percent() {
+        let all = entries(10, |_| 1);
+        let before = build(&all, 65537);
+        let fewer: Vec<Entry> = all.iter().filter(|e| e.value != 3).cloned().collect();
+        let after = build(&fewer, 65537);
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b != a && **b != 3)
+            .count() as f64;
+        let lost = before.iter().filter(|b| **b == 3).count() as f64;
+        let changed = (moved + lost) / 65537.0;
+        assert!(changed <= 0.15, "changed {changed}");
+        assert!(after.iter().all(|v| *v != 3 && *v != NO_BACKEND));
+    }
+
+    #[test]
+    fn same_input_same_table_and_order_does_not_matter() {
+        let e = entries(17, |i| 1 + i % 3);
+        assert_eq!(build(&e, 65537), build(&e, 65537));
+        let mut r = e.clone();
+        r.reverse();
+        assert_eq!(build(&e, 65537), build(&r, 65537));
+    }
+
+    #[test]
+    fn empty_and_zero_weight_tables_have_no_backend() {
+        assert!(build(&[], 13).iter().all(|v| *v == NO_BACKEND));
+        assert!(build(&entries(3, |_| 0), 13).iter().all(|v| *v == NO_BACKEND));
+        let t = build(&entries(3, |i| (i == 1) as u32), 13);
+        assert!(t.iter().all(|v| *v == 1));
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65537));
+        assert!(is_prime(13));
+        assert!(!is_prime(65536));
+        assert!(!is_prime(1));
+    }
+}

@@ -1,0 +1,156 @@
+//! The host side of the network: address forms, interface addresses, VIPs on the interface,
+//! and the sysctls the FIB lookup needs.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use balancer_common::Addr;
+
+/// The 16-byte form of an address: IPv6 as is, IPv4 as v4-mapped.
+pub fn addr16(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address back from its 16-byte form.
+pub fn ip_of(a: &Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(*a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The first address of `family` on `interface` (IPv6: global scope, not link-local).
+pub fn interface_address(interface: &str, v6: bool) -> anyhow::Result<Option<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+    for a in addrs {
+        if a.interface_name != interface {
+            continue;
+        }
+        let Some(sa) = a.address else { continue };
+        if !v6 {
+            if let Some(sin) = sa.as_sockaddr_in() {
+                return Ok(Some(IpAddr::V4(Ipv4Addr::from(sin.ip()))));
+            }
+        } else if let Some(sin6) = sa.as_sockaddr_in6() {
+            let ip = sin6.ip();
+            if (ip.segments()[0] & 0xffc0) != 0xfe80 {
+                return Ok(Some(IpAddr::V6(ip)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// True when `ip` is configured on `interface`.
+pub fn has_address(interface: &str, ip: IpAddr) -> anyhow::Result<bool> {
+    let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+    for a in addrs {
+        if a.interface_name != interface {
+            continue;
+        }
+        let Some(sa) = a.address else { continue };
+        let found = match ip {
+            IpAddr::V4(v4) => sa.as_sockaddr_in().map(|s| Ipv4Addr::from(s.ip()) == v4),
+            IpAddr::V6(v6) => sa.as_sockaddr_in6().map(|s| s.ip() == v6),
+        };
+        if found == Some(true) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn ip_cmd(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Puts a VIP on the interface (as a host address) so the kernel answers ARP / ND for it.
+pub fn add_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
+    if has_address(interface, ip)? {
+        return Ok(());
+    }
+    match ip {
+        IpAddr::V4(_) => ip_cmd(&["addr", "add", &format!("{ip}/32"), "dev", interface]),
+        IpAddr::V6(_) => {
+            ip_cmd(&["-6", "addr", "add", &format!("{ip}/128"), "dev", interface, "nodad"])
+        }
+    }
+}
+
+/// Takes a VIP off the interface.
+pub fn remove_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
+    if !has_address(interface, ip)? {
+        return Ok(());
+    }
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    ip_cmd(&["addr", "del", &format!("{ip}/{prefix}"), "dev", interface])
+}
+
+fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
+    let cur = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    if cur.trim() != value {
+        std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
+        tracing::info!(sysctl = path, value, "sysctl set");
+    }
+    Ok(())
+}
+
+/// The XDP FIB lookup refuses to answer for an interface that does not forward: turn
+/// forwarding on for the attached interface (both families).
+pub fn enable_forwarding(interface: &str) -> anyhow::Result<()> {
+    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"), "1")?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{interface}/forwarding");
+    if std::path::Path::new(&v6).exists() {
+        write_sysctl(&v6, "1")?;
+    }
+    Ok(())
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
+    let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading ip_local_port_range")?;
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
+        _ => bail!("cannot parse ip_local_port_range '{}'", s.trim()),
+    }
+}
+
+/// Interface index by name (in this network namespace).
+pub fn ifindex(interface: &str) -> anyhow::Result<u32> {
+    nix::net::if_::if_nametoindex(interface).with_context(|| format!("no interface '{interface}'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr16_round_trips() {
+        for s in ["10.77.0.1", "fd77::100", "::1", "255.255.255.255"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(ip_of(&addr16(ip)), ip);
+        }
+        let a = addr16("1.2.3.4".parse().unwrap());
+        assert_eq!(&a[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&a[12..], &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn loopback_has_an_address() {
+        assert_eq!(interface_address("lo", false).unwrap(), Some("127.0.0.1".parse().unwrap()));
+        assert!(has_address("lo", "127.0.0.1".parse().unwrap()).unwrap());
+    }
+}
