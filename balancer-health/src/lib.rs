@@ -10,6 +10,7 @@
 //! No payload byte of any service ever reaches a log line, an event or an error string:
 //! failure reasons are built from status codes, ACK codes and error kinds only.
 
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod mllp;

@@ -143,7 +143,7 @@ where
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string);
             let status = if state.alternate.load(Ordering::SeqCst) != 0 {
-                if n % 2 == 0 { 200 } else { 503 }
+                if n.is_multiple_of(2) { 200 } else { 503 }
             } else {
                 state.status.load(Ordering::SeqCst)
             };
