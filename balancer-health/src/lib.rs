@@ -7,6 +7,26 @@
 //! (`rise` consecutive successes, `fall` consecutive failures) as [`HealthEvent`]s.
 //! [`probe`] runs one check, for tests and the CLI.
 //!
+//! ```no_run
+//! use std::time::Duration;
+//! use balancer_health::{CheckKind, Health, HealthSpec, Monitor};
+//!
+//! # async fn demo() {
+//! let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+//! let mut monitor = Monitor::new(tx);
+//! let spec = HealthSpec {
+//!     interval: Duration::from_millis(250),
+//!     timeout: Duration::from_millis(200),
+//!     ..HealthSpec::new(CheckKind::mllp())
+//! };
+//! spec.validate().expect("valid spec");
+//! monitor.add(1, "10.0.0.11:2575".parse().unwrap(), spec, Health::Down);
+//! while let Some(ev) = rx.recv().await {
+//!     println!("target {} is {} ({})", ev.target, ev.health, ev.reason);
+//! }
+//! # }
+//! ```
+//!
 //! No payload byte of any service ever reaches a log line, an event or an error string:
 //! failure reasons are built from status codes, ACK codes and error kinds only.
 

@@ -28,6 +28,13 @@ pub enum Health {
     Down,
 }
 
+impl Health {
+    /// `true` for [`Health::Up`].
+    pub fn is_up(self) -> bool {
+        self == Health::Up
+    }
+}
+
 impl fmt::Display for Health {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -227,7 +234,18 @@ async fn run_target(
     let mut debounce = Debounce::new(initial, spec.rise, spec.fall);
     let mut rng = Rng::seeded(id);
     let kind = spec.kind.name();
-    let prober = Prober::new(addr, spec);
+    let prober = if matches!(spec.kind, crate::CheckKind::Https { .. }) {
+        // Reads the CA file or the system trust store: keep that off the async workers.
+        match tokio::task::spawn_blocking(move || Prober::new(addr, spec)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(target_id = id, error = %e, "health check setup failed");
+                return;
+            }
+        }
+    } else {
+        Prober::new(addr, spec)
+    };
     let mut slot = tokio::time::Instant::now();
     loop {
         let result = prober.run().await;

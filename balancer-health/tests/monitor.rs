@@ -242,3 +242,34 @@ async fn dropping_the_monitor_stops_everything() {
     let end = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
     assert!(end.is_none(), "event after drop: {end:?}");
 }
+
+#[tokio::test]
+async fn https_target_through_the_monitor() {
+    let pki = common::pki();
+    let server = common::https_server(200, pki.server_config.clone()).await;
+    let (tx, mut rx) = unbounded_channel();
+    let mut monitor = Monitor::new(tx);
+    let kind = CheckKind::Https {
+        path: "/health".into(),
+        expect_status: vec![200],
+        body_contains: Some("healthy".into()),
+        host: Some("localhost".into()),
+        ca_file: Some(pki.ca_file.clone()),
+        insecure: false,
+        sni: None,
+    };
+    monitor.add(2, server.addr, timing(kind, 50, 40, 1, 1), Health::Down);
+    let ev = next_event(&mut rx).await;
+    assert_eq!(
+        (ev.health, ev.reason.as_str()),
+        (Health::Up, "status 200, body match")
+    );
+    server.set_status(500);
+    let ev = next_event(&mut rx).await;
+    assert_eq!(
+        (ev.health, ev.reason.as_str()),
+        (Health::Down, "status 500")
+    );
+    assert!(!ev.health.is_up());
+    let _ = std::fs::remove_file(&pki.ca_file);
+}
