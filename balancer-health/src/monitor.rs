@@ -262,7 +262,8 @@ async fn run_target(
                 Ok(s) => s.detail.clone(),
                 Err(r) => r.clone(),
             };
-            tracing::info!(target_id = id, %addr, kind, %health, %reason, "health changed");
+            // debug: the controller logs each change once, at info, when it acts on it.
+            tracing::debug!(target_id = id, %addr, kind, %health, %reason, "health changed");
             let event = HealthEvent {
                 target: id,
                 addr,
