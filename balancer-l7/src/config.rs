@@ -325,7 +325,7 @@ impl L7Config {
             if !listener_names.insert(l.name.as_str()) {
                 errs.push(format!("{at}: duplicate listener name"));
             }
-            if !addrs.insert(l.address) {
+            if l.address.port() != 0 && !addrs.insert(l.address) {
                 errs.push(format!("{at}: address {} used twice", l.address));
             }
             if l.certificates.is_empty() {
@@ -361,7 +361,7 @@ impl L7Config {
         }
         for (i, r) in self.redirects.iter().enumerate() {
             let at = format!("l7.redirect[{i}]");
-            if !addrs.insert(r.address) {
+            if r.address.port() != 0 && !addrs.insert(r.address) {
                 errs.push(format!("{at}: address {} used twice", r.address));
             }
             if ![301, 302, 307, 308].contains(&r.status) {

@@ -367,7 +367,7 @@ pub(crate) async fn handle(
             Ok((resp, tx)) => break (b, resp, tx),
             Err(SendError::Stale(r)) if stale < 3 => {
                 stale += 1;
-                pending = Some(r);
+                pending = Some(*r);
             }
             Err(SendError::Stale(_)) => {
                 return Ok(local(ex, StatusCode::BAD_GATEWAY, "bad gateway\n"));
@@ -426,7 +426,7 @@ fn local(mut ex: Exchange, status: StatusCode, text: &'static str) -> Response<B
 
 enum SendError {
     /// The connection was closed before the request was written; it can go elsewhere.
-    Stale(Request<Body>),
+    Stale(Box<Request<Body>>),
     Timeout,
     Failed(BoxError),
 }
@@ -482,12 +482,12 @@ async fn send(sender: Sender, req: Request<Body>, timeout: Duration) -> Result<S
         match sender {
             Sender::H2(mut tx) => {
                 if tx.ready().await.is_err() {
-                    return Err(SendError::Stale(req));
+                    return Err(SendError::Stale(Box::new(req)));
                 }
                 match tx.try_send_request(req).await {
                     Ok(r) => Ok((r, None)),
                     Err(mut e) => match e.take_message() {
-                        Some(req) => Err(SendError::Stale(req)),
+                        Some(req) => Err(SendError::Stale(Box::new(req))),
                         None => Err(SendError::Failed(e.into_error().into())),
                     },
                 }
@@ -495,7 +495,7 @@ async fn send(sender: Sender, req: Request<Body>, timeout: Duration) -> Result<S
             Sender::H1 { mut tx, reused } => match tx.try_send_request(req).await {
                 Ok(r) => Ok((r, Some(tx))),
                 Err(mut e) => match (reused, e.take_message()) {
-                    (true, Some(req)) => Err(SendError::Stale(req)),
+                    (true, Some(req)) => Err(SendError::Stale(Box::new(req))),
                     _ => Err(SendError::Failed(e.into_error().into())),
                 },
             },
