@@ -287,7 +287,17 @@ pub(crate) async fn handle(
 
     // Backend request: headers rewritten, body streamed (bounded if configured).
     let (mut parts, body) = req.into_parts();
+    // `TE: trailers` is the one TE value that survives a hop (gRPC needs it).
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if upgrade {
         parts
             .headers

@@ -174,8 +174,7 @@ async fn serve_tls(shared: Arc<Shared>, name: Arc<str>, tcp: TcpStream, peer: So
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(lcfg.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Duration::from_secs(30));
+        .max_header_list_size(u32::try_from(lcfg.max_header_bytes).unwrap_or(u32::MAX));
     let builder = match alpn.as_deref() {
         Some(b"h2") => builder.http2_only(),
         Some(_) => builder.http1_only(),

@@ -103,6 +103,7 @@ async fn no_query_string_marker_in_any_log() {
 
     let log = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
     let access: Vec<&str> = log.lines().filter(|l| l.contains(" access:")).collect();
+    eprintln!("{}", access.join("\n"));
     assert_eq!(access.len(), 6, "{log}");
     assert!(
         access

@@ -147,6 +147,8 @@ async fn sni_selects_certificate_and_old_tls_is_refused() {
         .await;
         assert!(subject_cn(&out).is_none(), "{old} accepted: {out}");
         assert!(out.contains("Cipher is (NONE)"), "{old}: {out}");
+        // The server read the ClientHello and answered with an alert: it refused, not the client.
+        assert!(out.contains("SSL alert number"), "{old}: {out}");
     }
     // A TLS 1.2 client offering only CBC (non-AEAD) suites is refused.
     let out = s_client(
@@ -619,4 +621,43 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert_eq!(code, 200, "{body}");
     let (code, _, _) = curl(&lab.ca_path, "a.test", port, "/", &[]).await;
     assert_eq!(code, 0, "listener closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connection_is_closed() {
+    let a = backend("A", None).await;
+    let lab = lab("idle", &[a.addr], "", "idle_timeout = \"1s\"").await;
+    let ca_pem = std::fs::read_to_string(&lab.ca_path).unwrap();
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        let tls = tokio_rustls::TlsConnector::from(client_tls(&ca_pem, &[alpn]));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", lab.port))
+            .await
+            .unwrap();
+        let mut s = tls
+            .connect("a.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        if alpn == b"http/1.1" {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .unwrap();
+        }
+        let start = Instant::now();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(T, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{alpn:?}: closed after {took:?}"
+        );
+    }
+    lab.l7.shutdown(T).await;
 }
