@@ -167,10 +167,11 @@ pub struct PoolConfig {
     /// Cookie name for `sticky = "cookie"`.
     #[serde(default = "default_sticky_cookie")]
     pub sticky_cookie: String,
-    /// Name of the controller's health check that feeds `set_backend_health` for this pool
-    /// (informational here; the controller resolves it).
+    /// Health check of the pool's backends, the same table as everywhere else in the
+    /// controller's file (`balancer_health::HealthSpec`). The controller runs it and feeds the
+    /// results to [`crate::L7::set_backend_health`]; this crate does not probe by itself.
     #[serde(default)]
-    pub health: Option<String>,
+    pub health: Option<balancer_health::HealthSpec>,
     /// Time to open a TCP (and TLS) connection to a backend before trying the next one.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,

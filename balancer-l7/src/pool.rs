@@ -371,11 +371,13 @@ impl Backend {
     }
 
     /// Returns a connection whose exchange completed to the idle list.
-    pub(crate) fn checkin(&self, tx: http1::SendRequest<Body>, max_idle: usize) {
+    pub(crate) fn checkin(&self, tx: http1::SendRequest<Body>, max_idle: usize, max_age: Duration) {
         if tx.is_closed() {
             return;
         }
         let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
+        // Old or closed connections at the bottom of the stack are dropped here.
+        idle.retain(|(t, since)| !t.is_closed() && since.elapsed() < max_age);
         if idle.len() < max_idle {
             idle.push((tx, Instant::now()));
         }

@@ -390,6 +390,13 @@ pub(crate) async fn handle(
                     "backend timed out\n",
                 ));
             }
+            Err(SendError::Failed(e)) if body_too_large(&*e) => {
+                return Ok(local(
+                    ex,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload too large\n",
+                ));
+            }
             Err(SendError::Failed(e)) => {
                 tracing::warn!(pool = %pool.name, backend = %b.addr, error = %e, "backend request failed");
                 return Ok(local(ex, StatusCode::BAD_GATEWAY, "bad gateway\n"));
@@ -421,11 +428,24 @@ pub(crate) async fn handle(
     ex.status = rparts.status.as_u16();
     let on_end: Option<OnEnd> = h1_tx.map(|tx| {
         let b = backend.clone();
-        let max_idle = pool.cfg.max_idle_per_backend;
-        Box::new(move || b.checkin(tx, max_idle)) as OnEnd
+        let (max_idle, max_age) = (pool.cfg.max_idle_per_backend, pool.cfg.idle_timeout);
+        Box::new(move || b.checkin(tx, max_idle, max_age)) as OnEnd
     });
     let resp = Response::from_parts(rparts, rbody.map_err(BoxError::from).boxed_unsync());
     Ok(tracked(resp, on_end, ex))
+}
+
+/// Whether a failed exchange was cut by the request body limit (a body without
+/// `Content-Length`, or one longer than announced).
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A locally generated response (error, redirect), logged like any other.

@@ -17,6 +17,9 @@ fn example_config_is_valid() {
     f.l7.validate().unwrap();
     assert_eq!(f.l7.listeners[0].certificates.len(), 2);
     assert_eq!(f.l7.pools.len(), 3);
+    let h = f.l7.pools[0].health.as_ref().unwrap();
+    assert_eq!(h.kind.name(), "http");
+    assert_eq!(h.interval, std::time::Duration::from_secs(2));
 }
 
 #[test]

@@ -369,6 +369,21 @@ async fn oversize_headers_431_and_body_413() {
     )
     .await;
     assert_eq!(code, 413);
+    let (code, body, _) = curl(
+        &lab.ca_path,
+        "a.test",
+        lab.port,
+        "/",
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &"x".repeat(4096),
+            "--http1.1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 413, "chunked body over the limit: {body}");
     let (code, _, _) = curl(
         &lab.ca_path,
         "a.test",
