@@ -6,14 +6,16 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 6;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
 pub const MAP_SERVICES: &str = "BLB_SERVICES";
 /// Backend index → [`Backend`].
 pub const MAP_BACKENDS: &str = "BLB_BACKENDS";
-/// `(service, half) * RING_MAX + slot` → backend index ([`NO_BACKEND`] when empty).
+/// Ring slots, two per array value (`[u32; 2]`: the kernel strides array values by 8 bytes):
+/// slot `ring_index(service, half, slot)` is lane `i & 1` of value `i >> 1`; each holds a
+/// backend index ([`NO_BACKEND`] when empty).
 pub const MAP_RINGS: &str = "BLB_RINGS";
 /// [`FlowKey`] → [`Flow`], both directions of every balanced flow.
 pub const MAP_FLOWS: &str = "BLB_FLOWS";
@@ -46,6 +48,11 @@ pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Largest Maglev ring (a prime); every service's ring lives in a slot of this size.
 pub const RING_MAX: u32 = 65537;
+/// u32 slots in the ring array (all services, both halves).
+pub const RING_WORDS: u32 = 2 * MAX_SERVICES * RING_MAX;
+/// Values (`[u32; 2]`) in the ring array.
+pub const RING_VALUES: u32 = RING_WORDS / 2;
+
 /// Default flow-table size (entries; each balanced NAT flow takes two).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 /// Ring slot value meaning "no backend" (an empty ring: every backend is down).
@@ -155,6 +162,16 @@ pub struct FlowKey {
 pub const FLOW_F_FORWARD: u32 = 1 << 0;
 /// The flow is forwarded by DSR.
 pub const FLOW_F_DSR: u32 = 1 << 1;
+/// `ifindex`, `smac` and `dmac` hold the flow's next hop (no FIB lookup per packet).
+pub const FLOW_F_NEXTHOP: u32 = 1 << 2;
+/// A FIN or RST went through in this direction: the SNAT port may be reused soon.
+pub const FLOW_F_CLOSING: u32 = 1 << 3;
+/// Seconds after the last packet before a closing flow's SNAT port may be taken again.
+pub const CLOSING_REUSE_SECS: u32 = 2;
+/// Default idle time (s) after which a TCP flow's SNAT port may be reused.
+pub const DEFAULT_TCP_IDLE_SECS: u32 = 3600;
+/// Default idle time (s) after which a UDP flow's SNAT port may be reused.
+pub const DEFAULT_UDP_IDLE_SECS: u32 = 300;
 
 /// Value of the flow table: what to write into a packet of this flow.
 #[repr(C)]
@@ -176,8 +193,14 @@ pub struct Flow {
     pub generation: u32,
     /// Service id.
     pub service: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// Egress interface of the cached next hop.
+    pub ifindex: u32,
+    /// Source MAC of the cached next hop.
+    pub smac: [u8; 6],
+    /// Destination MAC of the cached next hop.
+    pub dmac: [u8; 6],
+    /// Monotonic seconds of the last packet (written at most once a second).
+    pub atime: u32,
 }
 
 /// Per-CPU traffic counters of a service or a backend.
@@ -206,6 +229,10 @@ pub struct Globals {
     pub snat_port_lo: u16,
     /// Highest SNAT port of any service (host order).
     pub snat_port_hi: u16,
+    /// Idle seconds after which a TCP flow's SNAT port may be taken by a new flow.
+    pub tcp_idle_secs: u32,
+    /// Idle seconds after which a UDP flow's SNAT port may be taken by a new flow.
+    pub udp_idle_secs: u32,
 }
 
 /// Why a packet got its verdict; the index into the reasons map.
@@ -350,9 +377,9 @@ mod tests {
         assert_eq!(size_of::<Service>(), 40);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 56);
+        assert_eq!(size_of::<Flow>(), 72);
         assert_eq!(size_of::<Counters>(), 40);
-        assert_eq!(size_of::<Globals>(), 8);
+        assert_eq!(size_of::<Globals>(), 16);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, MAX_BACKENDS, MAX_SERVICES,
-    REASONS, RING_MAX, Service, ServiceKey,
+    REASONS, RING_VALUES, Service, ServiceKey,
 };
 
 #[map(name = "BLB_SERVICES")]
@@ -19,7 +19,7 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Mappable, so the controller writes a whole ring half with one memcpy and then flips
 /// `Service::ring_half` with one map update.
 #[map(name = "BLB_RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * RING_MAX, BPF_F_MMAPABLE);
+pub static RINGS: Array<[u32; 2]> = Array::with_max_entries(RING_VALUES, BPF_F_MMAPABLE);
 
 /// Shared (not per-CPU): a reply may arrive on another CPU than its request.
 #[map(name = "BLB_FLOWS")]
@@ -33,6 +33,18 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 
 #[map(name = "BLB_REASONS")]
 pub static REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASONS, 0);
+
+/// Room for the entries of a new flow (the BPF stack is 512 bytes). Not part of the ABI.
+#[map(name = "BLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The entries a new flow writes.
+#[repr(C)]
+pub struct Scratch {
+    pub flow: Flow,
+    pub reply: Flow,
+    pub rkey: FlowKey,
+}
 
 #[map(name = "BLB_GLOBALS")]
 pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);

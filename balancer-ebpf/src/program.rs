@@ -15,14 +15,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use balancer_common::{
-    BE_DOWN, BE_UP, Backend, Counters, FLOW_F_DSR, FLOW_F_FORWARD, Flow, FlowKey, NO_BACKEND,
+    BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
+    FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey, NO_BACKEND,
     PROTO_TCP, PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey,
     flow_hash, reduce, ring_index,
 };
 use balancer_ebpf::{checksum, headers::*};
 
 use crate::maps::{
-    BACKEND_STATS, BACKENDS, FLOWS, GLOBALS, REASON_COUNTS, RINGS, SERVICE_STATS, SERVICES,
+    BACKEND_STATS, BACKENDS, FLOWS, GLOBALS, REASON_COUNTS, RINGS, SCRATCH, SERVICE_STATS,
+    SERVICES,
 };
 
 const AF_INET: u8 = 2;
@@ -37,12 +39,8 @@ struct Pkt {
     vlan: bool,
     tcp_flags: u8,
     key: FlowKey,
-}
-
-/// A new flow's backend, or the verdict already given to the packet.
-enum Pick {
-    Flow(Flow),
-    Verdict(u32),
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
 }
 
 #[xdp]
@@ -104,10 +102,10 @@ fn v4_of(w: &[u16; 8]) -> [u16; 2] {
 fn try_balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let p = parse(ctx)?;
     let skey = ServiceKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, pad: 0 };
-    // SAFETY: the map value is copied out at once.
     if let Some(svc) = SERVICES.get_ptr(&skey) {
-        let svc = unsafe { *svc };
-        return forward(ctx, &p, &svc);
+        // SAFETY: map values stay valid for the whole program run (RCU); the controller
+        // replaces a service by a whole-element update.
+        return forward(ctx, &p, unsafe { &*svc });
     }
     // A reply from a backend to one of our SNAT ports?
     let port = u16::from_be(p.key.dport);
@@ -116,11 +114,11 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, Reason> {
         None => false,
     };
     if in_range {
-        if let Some(f) = FLOWS.get_ptr(&p.key) {
-            // SAFETY: copied out at once; a concurrent update replaces the element (RCU).
-            let f = unsafe { *f };
+        if let Some(f) = FLOWS.get_ptr_mut(&p.key) {
+            // SAFETY: as above; concurrent writers only store the same atime or a flag.
+            let f = unsafe { &mut *f };
             if f.flags & FLOW_F_FORWARD == 0 {
-                return reverse(ctx, &p, &f);
+                return reverse(ctx, &p, f);
             }
         }
     }
@@ -132,7 +130,7 @@ fn parse(ctx: &XdpContext) -> Result<Pkt, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let mut l3off = size_of::<EthHdr>();
     // SAFETY (all header reads): bounds-checked by ptr_at.
-    let mut proto = unsafe { (*eth).proto };
+    let (mut proto, src_mac, dst_mac) = unsafe { ((*eth).proto, (*eth).src, (*eth).dst) };
     let mut vlan = false;
     if proto == ETH_P_8021Q {
         let tag: *const VlanHdr = ptr_at(ctx, l3off)?;
@@ -186,100 +184,157 @@ fn parse(ctx: &XdpContext) -> Result<Pkt, Reason> {
     } else {
         return Err(Reason::PassNotTcpUdp);
     }
-    Ok(Pkt { l3off, l4off, v6, vlan, tcp_flags, key })
+    Ok(Pkt { l3off, l4off, v6, vlan, tcp_flags, key, src_mac, dst_mac })
+}
+
+#[inline(always)]
+fn backend_live(idx: u32, generation: u32) -> bool {
+    match BACKENDS.get(idx) {
+        Some(b) => b.state != BE_DOWN && b.generation == generation,
+        None => false,
+    }
 }
 
 /// Client → VIP.
 #[inline(always)]
 fn forward(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<u32, Reason> {
-    let existing = FLOWS.get_ptr(&p.key).map(|f| unsafe { *f });
-    let flow = match existing {
-        Some(f) if f.flags & FLOW_F_FORWARD != 0 => {
-            let live = match BACKENDS.get(f.backend) {
-                Some(b) => b.state != BE_DOWN && b.generation == f.generation,
-                None => false,
-            };
-            if !live {
-                let _ = FLOWS.remove(&p.key);
-                let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
-                return Ok(refuse(ctx, p, svc.id, Some(f.backend), dropping, Reason::ResetBackendDown));
+    if let Some(f) = FLOWS.get_ptr_mut(&p.key) {
+        // SAFETY: valid for this run; read before any removal.
+        let f = unsafe { &mut *f };
+        if f.flags & FLOW_F_FORWARD != 0 {
+            if backend_live(f.backend, f.generation) {
+                touch(p, f);
+                return transmit(ctx, p, f);
             }
-            f
+            let backend = f.backend;
+            let _ = FLOWS.remove(&p.key);
+            let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
+            return Ok(refuse(ctx, p, svc.id, Some(backend), dropping, Reason::ResetBackendDown));
         }
-        _ => match new_flow(ctx, p, svc) {
-            Pick::Flow(f) => f,
-            Pick::Verdict(v) => return Ok(v),
-        },
-    };
-    transmit(ctx, p, &flow)
+    }
+    match new_flow(ctx, p, svc) {
+        Ok(f) => transmit(ctx, p, f),
+        Err(v) => Ok(v),
+    }
 }
 
 /// Backend → SNAT address: back to the client, from the VIP.
 #[inline(always)]
-fn reverse(ctx: &XdpContext, p: &Pkt, flow: &Flow) -> Result<u32, Reason> {
-    let live = match BACKENDS.get(flow.backend) {
-        Some(b) => b.state != BE_DOWN && b.generation == flow.generation,
-        None => false,
-    };
-    if !live {
+fn reverse(ctx: &XdpContext, p: &Pkt, flow: &mut Flow) -> Result<u32, Reason> {
+    if !backend_live(flow.backend, flow.generation) {
         // The client's side is reset by the forward path; the backend's packets stop here.
         count(Reason::DropBackendDown);
         account(&SERVICE_STATS, flow.service, |c| c.drops += 1);
         return Ok(xdp_action::XDP_DROP);
     }
+    touch(p, flow);
     transmit(ctx, p, flow)
 }
 
-/// Picks a backend from the ring and records the flow (both directions for NAT).
+/// Monotonic seconds.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Pick {
+fn now_secs() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Records activity on a flow entry: the time (at most one write a second) and a FIN or RST.
+#[inline(always)]
+fn touch(p: &Pkt, f: &mut Flow) {
+    let now = now_secs();
+    if f.atime != now {
+        f.atime = now;
+    }
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 && f.flags & FLOW_F_CLOSING == 0 {
+        f.flags |= FLOW_F_CLOSING;
+    }
+}
+
+/// May a new flow take the SNAT port of this reply entry? Only when its flow is over: closed
+/// a moment ago, or idle past the protocol's timeout.
+#[inline(always)]
+fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
+    let idle = now.wrapping_sub(e.atime);
+    if e.flags & FLOW_F_CLOSING != 0 && idle >= CLOSING_REUSE_SECS {
+        return true;
+    }
+    let limit = match GLOBALS.get(0) {
+        Some(g) if proto == PROTO_TCP => g.tcp_idle_secs,
+        Some(g) => g.udp_idle_secs,
+        None => return false,
+    };
+    limit != 0 && idle >= limit
+}
+
+/// Picks a backend from the ring and records the flow (both directions for NAT). The new
+/// entries are built in per-CPU scratch space: the BPF stack is too small for them.
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u32> {
     let h = flow_hash(&p.key, svc.seed);
     let size = if svc.ring_size > RING_MAX { RING_MAX } else { svc.ring_size };
     let slot = reduce(h, size);
-    let be_idx = match RINGS.get(ring_index(svc.id, svc.ring_half & 1, slot)) {
-        Some(i) if svc.ring_size != 0 => *i,
+    let i = ring_index(svc.id, svc.ring_half & 1, slot);
+    let be_idx = match RINGS.get(i >> 1) {
+        Some(pair) if svc.ring_size != 0 => pair[(i & 1) as usize],
         _ => NO_BACKEND,
     };
-    let be: Backend = match BACKENDS.get(be_idx) {
-        Some(b) if be_idx != NO_BACKEND && b.state == BE_UP => *b,
-        _ => return Pick::Verdict(refuse(ctx, p, svc.id, None, false, Reason::NoBackend)),
+    let be: &Backend = match BACKENDS.get(be_idx) {
+        Some(b) if be_idx != NO_BACKEND && b.state == BE_UP => b,
+        _ => return Err(refuse(ctx, p, svc.id, None, false, Reason::NoBackend)),
     };
-    let mut flow = Flow {
-        new_src: p.key.src,
-        new_dst: be.addr,
-        new_sport: p.key.sport,
-        new_dport: p.key.dport,
-        flags: FLOW_F_FORWARD | FLOW_F_DSR,
-        backend: be_idx,
-        generation: be.generation,
-        service: svc.id,
-        pad: 0,
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(xdp_action::XDP_PASS);
     };
-    if svc.flags & SVC_F_DSR == 0 {
-        let Some(port) = snat_port(p, svc, &be, be_idx, h) else {
+    // SAFETY: per-CPU scratch, used by this run only.
+    let scratch = unsafe { &mut *scratch };
+    let nat = svc.flags & SVC_F_DSR == 0;
+    let flow = &mut scratch.flow;
+    flow.new_src = if nat { svc.snat_addr } else { p.key.src };
+    flow.new_dst = be.addr;
+    flow.new_sport = p.key.sport;
+    flow.new_dport = if nat { be.port } else { p.key.dport };
+    flow.flags = if nat { FLOW_F_FORWARD | FLOW_F_NEXTHOP } else { FLOW_F_FORWARD | FLOW_F_DSR | FLOW_F_NEXTHOP };
+    flow.backend = be_idx;
+    flow.generation = be.generation;
+    flow.service = svc.id;
+    flow.atime = now_secs();
+    // The next hop is resolved once per flow and kept in the flow entry.
+    if let Err(v) = next_hop(ctx, p, flow) {
+        account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
+        return Err(v);
+    }
+    if nat {
+        let Some(port) = snat_port(ctx, p, svc, be, be_idx, h, &mut scratch.reply, &mut scratch.rkey) else {
             count(Reason::DropSnatExhausted);
             account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
-            return Pick::Verdict(xdp_action::XDP_DROP);
+            return Err(xdp_action::XDP_DROP);
         };
-        flow.new_src = svc.snat_addr;
-        flow.new_sport = port;
-        flow.new_dport = be.port;
-        flow.flags = FLOW_F_FORWARD;
+        scratch.flow.new_sport = port;
     }
-    if FLOWS.insert(&p.key, &flow, BPF_ANY as u64).is_err() {
+    if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
         count(Reason::DropFlowTable);
-        return Pick::Verdict(xdp_action::XDP_DROP);
+        return Err(xdp_action::XDP_DROP);
     }
     account(&SERVICE_STATS, svc.id, |c| c.new_flows += 1);
     account(&BACKEND_STATS, be_idx, |c| c.new_flows += 1);
-    Pick::Flow(flow)
+    Ok(&scratch.flow)
 }
 
 /// Claims a SNAT port for a new NAT flow by inserting its reply entry. The first port tried
 /// depends only on the 5-tuple, so a flow whose forward entry was evicted finds its own reply
 /// entry again and keeps its port.
 #[inline(always)]
-fn snat_port(p: &Pkt, svc: &Service, be: &Backend, be_idx: u32, h: u32) -> Option<u16> {
+#[allow(clippy::too_many_arguments)]
+fn snat_port(
+    ctx: &XdpContext,
+    p: &Pkt,
+    svc: &Service,
+    be: &Backend,
+    be_idx: u32,
+    h: u32,
+    reply: &mut Flow,
+    rkey: &mut FlowKey,
+) -> Option<u16> {
     let lo = svc.snat_port_lo as u32;
     let hi = svc.snat_port_hi as u32;
     if hi < lo || lo == 0 {
@@ -287,40 +342,41 @@ fn snat_port(p: &Pkt, svc: &Service, be: &Backend, be_idx: u32, h: u32) -> Optio
     }
     let range = hi - lo + 1;
     let mut port = lo + reduce(h.rotate_left(16) ^ 0x9e37_79b9, range);
-    let reply = Flow {
-        new_src: p.key.dst,
-        new_dst: p.key.src,
-        new_sport: p.key.dport,
-        new_dport: p.key.sport,
-        flags: 0,
-        backend: be_idx,
-        generation: be.generation,
-        service: svc.id,
-        pad: 0,
-    };
-    let mut rkey = FlowKey {
-        src: be.addr,
-        dst: svc.snat_addr,
-        sport: be.port,
-        dport: 0,
-        proto: p.key.proto,
-        pad: [0; 3],
-    };
+    // Replies go back the way the request came: to the MAC it came from, out of the interface
+    // it came in on.
+    reply.new_src = p.key.dst;
+    reply.new_dst = p.key.src;
+    reply.new_sport = p.key.dport;
+    reply.new_dport = p.key.sport;
+    reply.flags = FLOW_F_NEXTHOP;
+    reply.backend = be_idx;
+    reply.generation = be.generation;
+    reply.service = svc.id;
+    reply.ifindex = ctx.ingress_ifindex() as u32;
+    reply.smac = p.dst_mac;
+    reply.dmac = p.src_mac;
+    let now = now_secs();
+    reply.atime = now;
+    rkey.src = be.addr;
+    rkey.dst = svc.snat_addr;
+    rkey.sport = be.port;
+    rkey.proto = p.key.proto;
+    rkey.pad = [0; 3];
     for _ in 0..8 {
         rkey.dport = (port as u16).to_be();
-        if FLOWS.insert(&rkey, &reply, BPF_NOEXIST as u64).is_ok() {
+        if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
             return Some(rkey.dport);
         }
-        if let Some(e) = FLOWS.get_ptr(&rkey) {
-            // SAFETY: copied out at once.
-            let e = unsafe { *e };
-            if e.flags & FLOW_F_FORWARD == 0
+        if let Some(e) = FLOWS.get_ptr(&*rkey) {
+            // SAFETY: valid for this run.
+            let e = unsafe { &*e };
+            let same_client = e.flags & FLOW_F_FORWARD == 0
                 && e.new_dst == reply.new_dst
                 && e.new_dport == reply.new_dport
                 && e.new_src == reply.new_src
-                && e.new_sport == reply.new_sport
-            {
-                let _ = FLOWS.insert(&rkey, &reply, BPF_ANY as u64);
+                && e.new_sport == reply.new_sport;
+            if same_client || reusable(e, p.key.proto, now) {
+                let _ = FLOWS.insert(&*rkey, &*reply, BPF_ANY as u64);
                 return Some(rkey.dport);
             }
         }
@@ -329,11 +385,11 @@ fn snat_port(p: &Pkt, svc: &Service, be: &Backend, be_idx: u32, h: u32) -> Optio
     None
 }
 
-/// Resolves the next hop, then rewrites and sends. The packet is untouched until the FIB
-/// answered, so a pass to the kernel never carries half-rewritten headers.
+/// Asks the FIB for the next hop towards `dst`: (egress ifindex, source MAC, destination MAC),
+/// or the verdict for a packet that cannot go (no neighbour yet: dropped, the sender retries;
+/// no route: passed to the kernel untouched).
 #[inline(always)]
-fn transmit(ctx: &XdpContext, p: &Pkt, flow: &Flow) -> Result<u32, Reason> {
-    let dsr = flow.flags & FLOW_F_DSR != 0;
+fn next_hop(ctx: &XdpContext, p: &Pkt, flow: &mut Flow) -> Result<(), u32> {
     let src = words(&flow.new_src);
     let dst = words(&flow.new_dst);
     // SAFETY: plain C struct, all-zero is valid.
@@ -356,22 +412,31 @@ fn transmit(ctx: &XdpContext, p: &Pkt, flow: &Flow) -> Result<u32, Reason> {
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0)
     } as u32;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        flow.ifindex = fib.ifindex;
+        flow.smac = fib.smac;
+        flow.dmac = fib.dmac;
+        return Ok(());
+    }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         count(Reason::DropNoNeighbour);
-        account(&SERVICE_STATS, flow.service, |c| c.drops += 1);
-        return Ok(xdp_action::XDP_DROP);
+        return Err(xdp_action::XDP_DROP);
     }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return Err(Reason::PassNoRoute);
-    }
-    if !dsr {
-        rewrite(ctx, p, &src, &dst, flow.new_sport, flow.new_dport)?;
+    count(Reason::PassNoRoute);
+    Err(xdp_action::XDP_PASS)
+}
+
+/// Rewrites (NAT) and sends a packet of a flow to the flow's cached next hop.
+#[inline(always)]
+fn transmit(ctx: &XdpContext, p: &Pkt, flow: &Flow) -> Result<u32, Reason> {
+    if flow.flags & FLOW_F_DSR == 0 {
+        rewrite(ctx, p, &words(&flow.new_src), &words(&flow.new_dst), flow.new_sport, flow.new_dport)?;
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked.
     unsafe {
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        (*eth).dst = flow.dmac;
+        (*eth).src = flow.smac;
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     account(&SERVICE_STATS, flow.service, |c| {
@@ -383,13 +448,13 @@ fn transmit(ctx: &XdpContext, p: &Pkt, flow: &Flow) -> Result<u32, Reason> {
         c.bytes += len;
     });
     // A tagged frame leaves on its trunk: the FIB answers with the VLAN device.
-    if p.vlan || fib.ifindex == ctx.ingress_ifindex() as u32 {
+    if p.vlan || flow.ifindex == ctx.ingress_ifindex() as u32 {
         count(Reason::Tx);
         return Ok(xdp_action::XDP_TX);
     }
     count(Reason::Redirect);
     // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+    Ok(unsafe { bpf_redirect(flow.ifindex, 0) } as u32)
 }
 
 /// Full NAT rewrite of addresses and ports with incremental checksum updates.

@@ -37,6 +37,11 @@ protocol = "udp"
 backends = [ { address = "10.77.0.11:5353" }, { address = "10.77.0.12:5353" } ]
 
 [[service]]
+name = "bench"
+vip = "10.77.0.100:7010"
+backends = [ BENCH_BACKENDS ]
+
+[[service]]
 name = "hl7"
 vip = "10.77.0.100:6661"
 scheduler = "failover"
@@ -47,7 +52,10 @@ backends = [ { address = "10.77.0.11:6661", priority = 1 }, { address = "10.77.0
 /// A testbed with [`TESTBED_CONFIG`] applied.
 pub fn configured_testbed(flow_entries: u32) -> anyhow::Result<(Testbed, State)> {
     let mut tb = Testbed::new(flow_entries)?;
-    let cfg = config::parse(TESTBED_CONFIG, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let backends: Vec<String> =
+        (11..=74).map(|h| format!("{{ address = \"10.77.0.{h}:7010\" }}")).collect();
+    let text = TESTBED_CONFIG.replace("BENCH_BACKENDS", &backends.join(", "));
+    let cfg = config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let st = State::apply_config(&mut tb.dp, &cfg, None)?;
     Ok((tb, st))
 }
@@ -94,7 +102,8 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
     let mut p = nonvip.clone();
     let (ns, v) = time(prog, &mut p, ifindex, false)?;
     rows.push(("non-VIP packet (pass)", ns, v));
-    let mut syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1000, 0, packet::SYN, &[]);
+    // New flows spread over a 64-backend service, as a busy farm would.
+    let mut syn = packet::tcp(host_mac(2), LB_MAC, client, sa("10.77.0.100:7010"), 1000, 0, packet::SYN, &[]);
     let (ns, v) = time(prog, &mut syn, ifindex, true)?;
     rows.push(("new TCP flow (SYN, full NAT)", ns, v));
     let mut ack = packet::tcp(host_mac(2), LB_MAC, client, vip, 1001, 1, packet::ACK, &[]);
@@ -102,7 +111,10 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
     let (ns, v) = time(prog, &mut ack, ifindex, false)?;
     rows.push(("established flow (ACK, full NAT)", ns, v));
     // The reply to that flow: from the backend the ACK went to, to the SNAT port it got.
-    anyhow::ensure!(v0 == 3, "the ACK was not transmitted (verdict {v0})");
+    if v0 != 3 {
+        let reasons: Vec<_> = tb.dp.reasons().into_iter().filter(|(_, n)| *n > 0).collect();
+        anyhow::bail!("the ACK was not transmitted (verdict {v0}); reasons so far: {reasons:?}");
+    }
     let be = SocketAddr::new(
         std::net::Ipv4Addr::new(out0[30], out0[31], out0[32], out0[33]).into(),
         u16::from_be_bytes([out0[36], out0[37]]),
@@ -126,6 +138,14 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
         };
         let _ = writeln!(out, "{name:<36} {ns:>10.1} {verdict:>8}");
     }
+    let reasons: Vec<String> = tb
+        .dp
+        .reasons()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{}={n}", r.name()))
+        .collect();
+    let _ = writeln!(out, "verdict reasons over the run: {}", reasons.join(" "));
     drop(tb);
 
     let _ = writeln!(out, "\nMaglev table build, M=65537 (median of 15)");

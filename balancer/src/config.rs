@@ -59,6 +59,19 @@ pub struct Dataplane {
     /// Pin directory.
     #[serde(default = "default_pin_path")]
     pub pin_path: PathBuf,
+    /// Idle time after which a TCP flow's SNAT port may go to a new flow (e.g. "1h").
+    #[serde(default = "default_tcp_idle", with = "humantime_serde")]
+    pub tcp_idle_timeout: std::time::Duration,
+    /// Idle time after which a UDP flow's SNAT port may go to a new flow (e.g. "5m").
+    #[serde(default = "default_udp_idle", with = "humantime_serde")]
+    pub udp_idle_timeout: std::time::Duration,
+}
+
+fn default_tcp_idle() -> std::time::Duration {
+    std::time::Duration::from_secs(balancer_common::DEFAULT_TCP_IDLE_SECS as u64)
+}
+fn default_udp_idle() -> std::time::Duration {
+    std::time::Duration::from_secs(balancer_common::DEFAULT_UDP_IDLE_SECS as u64)
 }
 
 fn default_snat_ports() -> Spanned<[u16; 2]> {

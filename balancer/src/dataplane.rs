@@ -25,7 +25,7 @@ use aya::{
 use balancer_common::{
     ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME, REASONS, RING_MAX, Reason, Service, ServiceKey,
+    MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey,
     ring_index,
 };
 use tracing::{info, warn};
@@ -204,7 +204,7 @@ impl Dataplane {
             adopted,
         };
         if !adopted {
-            dp.set_globals(Globals { abi_version: ABI_VERSION, snat_port_lo: 0, snat_port_hi: 0 })?;
+            dp.set_globals(Globals { abi_version: ABI_VERSION, ..Globals::default() })?;
         }
         Ok(dp)
     }
@@ -450,7 +450,9 @@ impl Dataplane {
 }
 
 fn map_rings(fd: i32) -> anyhow::Result<Rings> {
-    let len = (2 * MAX_SERVICES * RING_MAX) as usize;
+    // The kernel stores array values in 8-byte strides: the ring array's values are pairs of
+    // slots, so the mapping is one flat run of u32 slots.
+    let len = RING_WORDS as usize;
     // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 values, shared with the kernel.
     let ptr = unsafe {
         libc::mmap(

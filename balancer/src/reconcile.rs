@@ -322,7 +322,13 @@ impl State {
             }
         }
         let (lo, hi) = st.snat_ports;
-        dp.set_globals(Globals { abi_version: ABI_VERSION, snat_port_lo: lo, snat_port_hi: hi })?;
+        dp.set_globals(Globals {
+            abi_version: ABI_VERSION,
+            snat_port_lo: lo,
+            snat_port_hi: hi,
+            tcp_idle_secs: cfg.raw.dataplane.tcp_idle_timeout.as_secs() as u32,
+            udp_idle_secs: cfg.raw.dataplane.udp_idle_timeout.as_secs() as u32,
+        })?;
         let names: Vec<String> = st.services.keys().cloned().collect();
         for n in names {
             st.write_service(dp, &n)?;

@@ -2,7 +2,7 @@
 //! packet-table tests and `balancer bench-xdp` use it.
 //!
 //! The namespace has a veth `t0` (MAC 02:00:00:00:00:01, 10.77.0.1/24, fd77::1/64) with
-//! permanent neighbours for the client (…::2 / .2) and three backends (.11–.13), so the
+//! permanent neighbours for the client (…::2 / .2) and backends (.11–.74), so the
 //! program's FIB lookups answer exactly as on a real segment, and forwarding is on.
 
 use std::{
@@ -69,11 +69,20 @@ impl Testbed {
             n(&["link", "set", "lo", "up"])?;
             n(&["addr", "add", "10.77.0.1/24", "dev", "t0"])?;
             n(&["-6", "addr", "add", "fd77::1/64", "dev", "t0", "nodad"])?;
-            for h in [2u8, 11, 12, 13] {
+            let mut batch = String::new();
+            for h in std::iter::once(2u8).chain(11..=74) {
                 let mac = format!("02:00:00:00:00:{h:02x}");
-                n(&["neigh", "replace", &format!("10.77.0.{h}"), "lladdr", &mac, "dev", "t0", "nud", "permanent"])?;
-                n(&["-6", "neigh", "replace", &format!("fd77::{h:x}"), "lladdr", &mac, "dev", "t0", "nud", "permanent"])?;
+                batch += &format!("neigh replace 10.77.0.{h} lladdr {mac} dev t0 nud permanent\n");
+                batch += &format!("neigh replace fd77::{h:x} lladdr {mac} dev t0 nud permanent\n");
             }
+            let mut child = Command::new("ip")
+                .args(["-n", ns.as_str(), "-batch", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .context("running ip -batch")?;
+            use std::io::Write as _;
+            child.stdin.take().context("ip stdin")?.write_all(batch.as_bytes())?;
+            anyhow::ensure!(child.wait()?.success(), "ip -batch neighbours failed");
             let f = File::open(format!("/run/netns/{ns}")).context("opening the testbed netns")?;
             setns(f.as_fd(), CloneFlags::CLONE_NEWNET).context("entering the testbed netns")?;
             for p in [
