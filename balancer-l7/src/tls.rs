@@ -163,6 +163,8 @@ pub(crate) fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, Cer
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = l.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     cfg.ignore_client_order = true;
+    // Stateful resumption only (no tickets): nothing outlives the process's memory.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     Ok(Arc::new(cfg))
 }
 
