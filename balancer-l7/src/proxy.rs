@@ -80,6 +80,23 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
+/// Largest excess body read and discarded before a 413.
+const DRAIN_CAP: u64 = 1024 * 1024;
+
+/// Reads a request body to its end (at most [`DRAIN_CAP`] bytes past the limit, bounded in time).
+async fn drain(mut body: Incoming, within: Duration) {
+    let _ = tokio::time::timeout(within, async {
+        let mut n = 0u64;
+        while let Some(Ok(f)) = body.frame().await {
+            n += f.data_ref().map_or(0, |d| d.len() as u64);
+            if n > 2 * DRAIN_CAP {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Size of the request head as received (close enough for HTTP/2, where it is decoded).
 fn head_size(req: &Request<Incoming>) -> usize {
     let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
@@ -262,12 +279,17 @@ pub(crate) async fn handle(
     }
     let max_body = lcfg.max_body_bytes;
     if let Some(limit) = max_body
-        && req
+        && let Some(len) = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|n| n > limit)
+        && len > limit
     {
+        // Read (and discard) a moderate excess first, so the client that is still sending
+        // gets the 413 instead of a reset.
+        if len <= limit.saturating_add(DRAIN_CAP) {
+            drain(req.into_body(), Duration::from_secs(2)).await;
+        }
         return Ok(local(
             ex,
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -627,7 +627,23 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let ca = lab.ca_path.clone();
     let port = lab.port;
     let slow = tokio::spawn(async move { curl(&ca, "a.test", port, "/slow", &[]).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the request is in flight at the backend.
+    let deadline = Instant::now() + T;
+    while lab
+        .l7
+        .metrics()
+        .backends
+        .iter()
+        .map(|b| b.requests)
+        .sum::<u64>()
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "request never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(lab.l7.metrics().open_connections, 1);
     let start = Instant::now();
     lab.l7.shutdown(T).await;
