@@ -692,3 +692,45 @@ async fn idle_client_connection_is_closed() {
     }
     lab.l7.shutdown(T).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_routes_and_pools_atomically() {
+    let a = backend("A", None).await;
+    let b = backend("B", None).await;
+    let dir = TempDir::new("reroute");
+    let ca = Ca::new("test CA");
+    let ca_path = ca.write(&dir, "ca.pem");
+    let (c, k) = ca.leaf(&dir, "a", "a.test", &["a.test"]);
+    let base = listener_toml("web", &[(&c, &k, &["a.test"])], "");
+    let v1 = format!(
+        "{base}{}{}",
+        pool_toml("p", &[a.addr], ""),
+        route_toml("all", None, "/", "p")
+    );
+    let v2 = format!(
+        "{base}{}{}{}{}",
+        pool_toml("p", &[a.addr], ""),
+        pool_toml("q", &[b.addr], ""),
+        route_toml("all", None, "/", "p"),
+        route_toml("new", None, "/new", "q"),
+    );
+    let l7 = L7::start(config(&v1)).await.unwrap();
+    let port = l7.listener_addr("web").unwrap().port();
+    let (_, body, _) = curl(&ca_path, "a.test", port, "/new/x", &[]).await;
+    assert!(body.starts_with("id=A"), "{body}");
+    l7.reload(config(&v2)).await.unwrap();
+    let (_, body, _) = curl(&ca_path, "a.test", port, "/new/x", &[]).await;
+    assert!(body.starts_with("id=B"), "{body}");
+    // A configuration that does not validate, or moves a listener, changes nothing.
+    let bad = v2.replace("pool = \"q\"", "pool = \"missing\"");
+    let err = l7.reload(config(&bad)).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("\"missing\" is not defined"),
+        "{err:#}"
+    );
+    let moved = v2.replace("127.0.0.1:0", "127.0.0.2:0");
+    assert!(l7.reload(config(&moved)).await.is_err());
+    let (_, body, _) = curl(&ca_path, "a.test", port, "/new/x", &[]).await;
+    assert!(body.starts_with("id=B"), "{body}");
+    l7.shutdown(T).await;
+}
