@@ -347,6 +347,15 @@ pub const fn reduce(hash: u32, n: u32) -> u32 {
     ((hash as u64 * n as u64) >> 32) as u32
 }
 
+/// The first SNAT port a new NAT flow tries (the next ones follow it, wrapping in
+/// `lo..=hi`): derived from the flow hash, so a flow that lost its forward entry finds its own
+/// reply entry again.
+#[inline(always)]
+pub const fn snat_first_port(hash: u32, lo: u16, hi: u16) -> u16 {
+    let range = hi as u32 - lo as u32 + 1;
+    (lo as u32 + reduce(hash.rotate_left(16) ^ 0x9e37_79b9, range)) as u16
+}
+
 /// Index into the rings map of `slot` in ring half `half` of service `id`.
 #[inline(always)]
 pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {

@@ -18,7 +18,7 @@ use balancer_common::{
     BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
     FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey, NO_BACKEND,
     PROTO_TCP, PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey,
-    flow_hash, reduce, ring_index,
+    flow_hash, reduce, ring_index, snat_first_port,
 };
 use balancer_ebpf::{checksum, headers::*};
 
@@ -340,8 +340,7 @@ fn snat_port(
     if hi < lo || lo == 0 {
         return None;
     }
-    let range = hi - lo + 1;
-    let mut port = lo + reduce(h.rotate_left(16) ^ 0x9e37_79b9, range);
+    let mut port = snat_first_port(h, lo as u16, hi as u16) as u32;
     // Replies go back the way the request came: to the MAC it came from, out of the interface
     // it came in on.
     reply.new_src = p.key.dst;

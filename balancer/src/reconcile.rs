@@ -411,6 +411,25 @@ impl State {
         Ok(event)
     }
 
+    /// Sets a backend's health and writes the service if that changes anything.
+    pub fn set_health(&mut self, dp: &mut Dataplane, service: &str, backend: usize, health: Health) -> anyhow::Result<Option<Event>> {
+        let s = self.services.get_mut(service).ok_or_else(|| anyhow!("no service '{service}'"))?;
+        let b = s.backends.get_mut(backend).ok_or_else(|| anyhow!("no backend {backend}"))?;
+        if b.health == health {
+            return Ok(None);
+        }
+        b.health = health;
+        self.write_service(dp, service)
+    }
+
+    /// Sets a backend's operator state and writes the service.
+    pub fn set_admin(&mut self, dp: &mut Dataplane, service: &str, backend: usize, admin: AdminState) -> anyhow::Result<Option<Event>> {
+        let s = self.services.get_mut(service).ok_or_else(|| anyhow!("no service '{service}'"))?;
+        let b = s.backends.get_mut(backend).ok_or_else(|| anyhow!("no backend {backend}"))?;
+        b.admin = admin;
+        self.write_service(dp, service)
+    }
+
     /// Finds a backend by service name and address (or "address:port" / position).
     pub fn find(&self, service: &str, backend: &str) -> anyhow::Result<(String, usize)> {
         let s = self.services.get(service).ok_or_else(|| anyhow!("no service '{service}'"))?;

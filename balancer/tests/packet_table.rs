@@ -1,0 +1,434 @@
+//! BPF_PROG_TEST_RUN packet table: each row is input bytes → expected verdict and output.
+//! Expected frames are built independently with etherparse (full checksums), and every
+//! transmitted frame's checksums are recomputed by etherparse as well.
+//!
+//! Needs root (a network namespace per test, BPF). Runs in `cargo xtask test`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use balancer::{
+    bench::configured_testbed,
+    config::AdminState,
+    net::addr16,
+    reconcile::{Health, State},
+    testbed::{LB_MAC, Testbed, host_mac, packet},
+};
+use balancer_common::{FlowKey, PROTO_TCP, PROTO_UDP, flow_hash, reduce, snat_first_port};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn mac_of(ip: IpAddr) -> [u8; 6] {
+    let last = match ip {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    };
+    host_mac(last)
+}
+
+/// Recomputes IP and L4 checksums of a frame with etherparse and compares.
+fn assert_checksums(frame: &[u8]) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parsable frame");
+    let payload_of = |t: &TransportSlice| match t {
+        TransportSlice::Tcp(t) => t.payload().to_vec(),
+        TransportSlice::Udp(u) => u.payload().to_vec(),
+        _ => Vec::new(),
+    };
+    let transport = p.transport.as_ref().expect("transport");
+    match p.net.as_ref().expect("ip") {
+        NetSlice::Ipv4(ip) => {
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+            let (src, dst) = (h.source, h.destination);
+            match transport {
+                TransportSlice::Tcp(t) => {
+                    let c = t.to_header().calc_checksum_ipv4_raw(src, dst, &payload_of(transport)).unwrap();
+                    assert_eq!(t.checksum(), c, "TCP checksum (IPv4)");
+                }
+                TransportSlice::Udp(u) => {
+                    if u.checksum() != 0 {
+                        let c = u.to_header().calc_checksum_ipv4_raw(src, dst, &payload_of(transport)).unwrap();
+                        assert_eq!(u.checksum(), c, "UDP checksum (IPv4)");
+                    }
+                }
+                _ => panic!("unexpected transport"),
+            }
+        }
+        NetSlice::Ipv6(ip) => {
+            let h = ip.header().to_header();
+            let (src, dst) = (h.source, h.destination);
+            match transport {
+                TransportSlice::Tcp(t) => {
+                    let c = t.to_header().calc_checksum_ipv6_raw(src, dst, &payload_of(transport)).unwrap();
+                    assert_eq!(t.checksum(), c, "TCP checksum (IPv6)");
+                }
+                TransportSlice::Udp(u) => {
+                    let c = u.to_header().calc_checksum_ipv6_raw(src, dst, &payload_of(transport)).unwrap();
+                    assert_eq!(u.checksum(), c, "UDP checksum (IPv6)");
+                }
+                _ => panic!("unexpected transport"),
+            }
+        }
+        _ => panic!("unexpected net"),
+    }
+}
+
+/// Where the dataplane must send a new flow: the backend from the live ring, and the SNAT
+/// port it tries first.
+fn predict(tb: &Testbed, st: &State, svc: &str, client: SocketAddr, vip: SocketAddr, proto: u8) -> (SocketAddr, u16) {
+    let s = &st.services[svc];
+    let key = FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto,
+        pad: [0; 3],
+    };
+    let seed = tb.dp.services().into_iter().find(|(k, _)| *k == s.key).unwrap().1.seed;
+    let h = flow_hash(&key, seed);
+    let ring = tb.dp.read_ring(s.id, s.half, s.spec.ring_size);
+    let slot = ring[reduce(h, s.spec.ring_size) as usize];
+    let be = s.backends.iter().find(|b| b.slot == slot).expect("ring points at a backend");
+    (be.address, snat_first_port(h, st.snat_ports.0, st.snat_ports.1))
+}
+
+fn lb_addr(v6: bool) -> IpAddr {
+    if v6 { "fd77::1".parse().unwrap() } else { "10.77.0.1".parse().unwrap() }
+}
+
+struct Row {
+    name: &'static str,
+    input: Vec<u8>,
+    verdict: u32,
+    /// None: the output must equal the input.
+    output: Option<Vec<u8>>,
+}
+
+fn run_rows(tb: &Testbed, rows: &[Row]) {
+    for r in rows {
+        let (v, out) = tb.run(&r.input).unwrap();
+        assert_eq!(v, r.verdict, "{}: verdict", r.name);
+        match &r.output {
+            Some(exp) => {
+                assert_eq!(&out, exp, "{}: output bytes", r.name);
+                assert_checksums(&out);
+            }
+            None => assert_eq!(out, r.input, "{}: a packet the program does not balance is untouched", r.name),
+        }
+    }
+}
+
+#[test]
+fn nat_v4_syn_ack_and_reply() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40001");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1000, 0, packet::SYN, &[]);
+    let ack = packet::tcp(host_mac(2), LB_MAC, client, vip, 1001, 5001, packet::ACK, b"hello backend");
+    let reply = packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 5001, 1014, packet::ACK, b"hello client");
+    run_rows(
+        &tb,
+        &[
+            Row {
+                name: "IPv4 SYN to a nat VIP",
+                output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 1000, 0, packet::SYN, &[])),
+                input: syn,
+                verdict: XDP_TX,
+            },
+            Row {
+                name: "the next ACK stays on the same backend and SNAT port",
+                output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 1001, 5001, packet::ACK, b"hello backend")),
+                input: ack,
+                verdict: XDP_TX,
+            },
+            Row {
+                name: "the backend's reply goes back to the client from the VIP",
+                output: Some(packet::tcp(LB_MAC, host_mac(2), vip, client, 5001, 1014, packet::ACK, b"hello client")),
+                input: reply,
+                verdict: XDP_TX,
+            },
+        ],
+    );
+    let c = tb.dp.service_counters(st.services["web"].id);
+    assert_eq!((c.packets, c.new_flows), (3, 1));
+}
+
+#[test]
+fn nat_v6_syn_and_reply() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("[fd77::100]:7002");
+    let client = sa("[fd77::2]:40002");
+    let (be, port) = predict(&tb, &st, "web6", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(true), port);
+    run_rows(
+        &tb,
+        &[
+            Row {
+                name: "IPv6 SYN to a nat VIP",
+                input: packet::tcp(host_mac(2), LB_MAC, client, vip, 7, 0, packet::SYN, &[]),
+                verdict: XDP_TX,
+                output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 7, 0, packet::SYN, &[])),
+            },
+            Row {
+                name: "IPv6 reply reverse-NATed",
+                input: packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 99, 8, packet::ACK, b"x"),
+                verdict: XDP_TX,
+                output: Some(packet::tcp(LB_MAC, host_mac(2), vip, client, 99, 8, packet::ACK, b"x")),
+            },
+        ],
+    );
+}
+
+#[test]
+fn dsr_rewrites_only_macs() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7003");
+    let client = sa("10.77.0.2:40003");
+    let (be, _) = predict(&tb, &st, "direct", client, vip, PROTO_TCP);
+    run_rows(
+        &tb,
+        &[Row {
+            name: "dsr SYN: only the MACs change",
+            input: packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]),
+            verdict: XDP_TX,
+            output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), client, vip, 1, 0, packet::SYN, &[])),
+        }],
+    );
+}
+
+#[test]
+fn udp_vip_with_and_without_checksum() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:5353");
+    let client = sa("10.77.0.2:40004");
+    let (be, port) = predict(&tb, &st, "dns", client, vip, PROTO_UDP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let mut no_csum = packet::udp(host_mac(2), LB_MAC, client, vip, b"query");
+    no_csum[40] = 0;
+    no_csum[41] = 0;
+    let (v, out) = tb.run(&packet::udp(host_mac(2), LB_MAC, client, vip, b"query")).unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, packet::udp(LB_MAC, mac_of(be.ip()), snat, be, b"query"));
+    assert_checksums(&out);
+    let (v, out) = tb.run(&no_csum).unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_eq!(&out[40..42], &[0, 0], "a zero IPv4 UDP checksum stays zero");
+    let mut exp = packet::udp(LB_MAC, mac_of(be.ip()), snat, be, b"query");
+    exp[40] = 0;
+    exp[41] = 0;
+    assert_eq!(out, exp);
+}
+
+fn arp() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&host_mac(2));
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&host_mac(2));
+    f.extend_from_slice(&[10, 77, 0, 2, 0, 0, 0, 0, 0, 0, 10, 77, 0, 100]);
+    f
+}
+
+fn icmp_echo() -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(host_mac(2), LB_MAC)
+        .ipv4([10, 77, 0, 2], [10, 77, 0, 100], 64)
+        .icmpv4_echo_request(1, 1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ping").unwrap();
+    out
+}
+
+/// Same SYN with a 4-byte IPv4 option (NOPs): IHL 6.
+fn with_ip_options(syn: &[u8]) -> Vec<u8> {
+    let mut f = syn[..14].to_vec();
+    let mut ip = syn[14..34].to_vec();
+    ip[0] = 0x46;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) + 4;
+    ip[2..4].copy_from_slice(&tot.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[1, 1, 1, 1]);
+    f.extend_from_slice(&syn[34..]);
+    f
+}
+
+#[test]
+fn what_is_not_balanced_passes_untouched() {
+    let (tb, _st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40005");
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    let mut frag = syn.clone();
+    frag[20] |= 0x20; // more fragments
+    let mut frag2 = syn.clone();
+    frag2[21] = 8; // offset 64
+    let mut unknown_port = syn.clone();
+    unknown_port[36..38].copy_from_slice(&7999u16.to_be_bytes());
+    let rows = vec![
+        Row { name: "non-VIP TCP", input: packet::tcp(host_mac(2), LB_MAC, client, sa("10.77.0.1:22"), 1, 0, packet::SYN, &[]), verdict: XDP_PASS, output: None },
+        Row { name: "VIP address, port without a service", input: unknown_port, verdict: XDP_PASS, output: None },
+        Row { name: "ARP", input: arp(), verdict: XDP_PASS, output: None },
+        Row { name: "ICMP echo to the VIP", input: icmp_echo(), verdict: XDP_PASS, output: None },
+        Row { name: "IPv4 with options", input: with_ip_options(&syn), verdict: XDP_PASS, output: None },
+        Row { name: "first fragment", input: frag, verdict: XDP_PASS, output: None },
+        Row { name: "later fragment", input: frag2, verdict: XDP_PASS, output: None },
+    ];
+    run_rows(&tb, &rows);
+    // Cut at every length from a bare Ethernet header on (BPF_PROG_TEST_RUN refuses frames
+    // shorter than 14 bytes): never transmitted, never changed.
+    for v6 in [false, true] {
+        let (c, vip) = if v6 { (sa("[fd77::2]:40006"), sa("[fd77::100]:7002")) } else { (client, vip) };
+        let full = packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[]);
+        for len in 14..full.len() {
+            let cut = full[..len].to_vec();
+            let (v, out) = tb.run(&cut).unwrap();
+            assert!(v == XDP_PASS || v == XDP_DROP, "cut at {len} (v6 {v6}): verdict {v}");
+            assert_eq!(out, cut, "cut at {len} (v6 {v6}): changed");
+        }
+    }
+}
+
+#[test]
+fn vlan_tagged_syn_keeps_its_tag() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40007");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let tag = |f: Vec<u8>| {
+        let mut t = f[..12].to_vec();
+        t.extend_from_slice(&[0x81, 0x00, 0x00, 0x2a]);
+        t.extend_from_slice(&f[12..]);
+        t
+    };
+    let snat = SocketAddr::new(lb_addr(false), port);
+    run_rows(
+        &tb,
+        &[Row {
+            name: "802.1Q SYN",
+            input: tag(packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[])),
+            verdict: XDP_TX,
+            output: Some(tag(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 1, 0, packet::SYN, &[]))),
+        }],
+    );
+}
+
+/// Checks an RST the program built: addresses swapped, flags, seq/ack, checksums.
+fn assert_rst(out: &[u8], from: SocketAddr, to: SocketAddr, seq: u32, ack: Option<u32>) {
+    assert_eq!(&out[0..6], &host_mac(2), "RST goes back to the sender's MAC");
+    assert_eq!(&out[6..12], &LB_MAC);
+    let p = SlicedPacket::from_ethernet(out).unwrap();
+    let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("not TCP") };
+    assert!(t.rst());
+    assert!(t.payload().is_empty());
+    assert_eq!(t.sequence_number(), seq);
+    assert_eq!(t.ack(), ack.is_some());
+    if let Some(a) = ack {
+        assert_eq!(t.acknowledgment_number(), a);
+    }
+    assert_eq!((t.source_port(), t.destination_port()), (from.port(), to.port()));
+    match p.net.as_ref().unwrap() {
+        NetSlice::Ipv4(ip) => {
+            assert_eq!(IpAddr::from(ip.header().source_addr()), from.ip());
+            assert_eq!(IpAddr::from(ip.header().destination_addr()), to.ip());
+        }
+        NetSlice::Ipv6(ip) => {
+            assert_eq!(IpAddr::from(ip.header().source_addr()), from.ip());
+            assert_eq!(IpAddr::from(ip.header().destination_addr()), to.ip());
+        }
+        _ => panic!(),
+    }
+    assert_checksums(out);
+}
+
+#[test]
+fn flow_of_a_down_backend_is_reset_or_dropped() {
+    let (mut tb, mut st) = configured_testbed(65536).unwrap();
+    for (svc, vip, client) in [
+        ("web", sa("10.77.0.100:7002"), sa("10.77.0.2:40008")),
+        ("web6", sa("[fd77::100]:7002"), sa("[fd77::2]:40008")),
+    ] {
+        let (be, _) = predict(&tb, &st, svc, client, vip, PROTO_TCP);
+        let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 100, 0, packet::SYN, &[]);
+        assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+        let i = st.services[svc].backends.iter().position(|b| b.address == be).unwrap();
+        st.set_health(&mut tb.dp, svc, i, Health::Down).unwrap();
+        // An established segment with payload: RST with seq = its ack.
+        let data = packet::tcp(host_mac(2), LB_MAC, client, vip, 101, 777, packet::ACK, b"payload bytes");
+        let (v, out) = tb.run(&data).unwrap();
+        assert_eq!(v, XDP_TX, "{svc}: the down backend's flow is answered");
+        assert_rst(&out, vip, client, 777, None);
+        // The entry is gone: the next segment is a new flow to a live backend.
+        let (v, out) = tb.run(&data).unwrap();
+        assert_eq!(v, XDP_TX);
+        let p = SlicedPacket::from_ethernet(&out).unwrap();
+        let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!() };
+        assert!(!t.rst());
+        assert_ne!(&out[0..6], &mac_of(be.ip()), "{svc}: not the down backend");
+        st.set_health(&mut tb.dp, svc, i, Health::Up).unwrap();
+    }
+    // hl7 is configured with on_backend_down = "drop"; an RST from the client is never answered.
+    let vip = sa("10.77.0.100:6661");
+    let client = sa("10.77.0.2:40009");
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 100, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    st.set_health(&mut tb.dp, "hl7", 0, Health::Down).unwrap();
+    let data = packet::tcp(host_mac(2), LB_MAC, client, vip, 101, 1, packet::ACK, b"MSH|");
+    assert_eq!(tb.run(&data).unwrap().0, XDP_DROP, "drop, as configured");
+    let c = sa("10.77.0.2:40010");
+    let vip_web = sa("10.77.0.100:7002");
+    let (be, _) = predict(&tb, &st, "web", c, vip_web, PROTO_TCP);
+    assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, c, vip_web, 1, 0, packet::SYN, &[])).unwrap().0, XDP_TX);
+    let i = st.services["web"].backends.iter().position(|b| b.address == be).unwrap();
+    st.set_admin(&mut tb.dp, "web", i, AdminState::Disabled).unwrap();
+    let rst = packet::tcp(host_mac(2), LB_MAC, c, vip_web, 2, 1, packet::Flags { rst: true, ..Default::default() }, &[]);
+    assert_eq!(tb.run(&rst).unwrap().0, XDP_DROP, "an RST is never answered with an RST");
+}
+
+#[test]
+fn no_live_backend_refuses_at_once() {
+    let (mut tb, mut st) = configured_testbed(65536).unwrap();
+    for i in 0..3 {
+        st.set_health(&mut tb.dp, "web", i, Health::Down).unwrap();
+    }
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40011");
+    let (v, out) = tb.run(&packet::tcp(host_mac(2), LB_MAC, client, vip, 5000, 0, packet::SYN, &[])).unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_rst(&out, vip, client, 0, Some(5001));
+    let (v, _) = tb.run(&packet::udp(host_mac(2), LB_MAC, client, sa("10.77.0.100:5353"), b"q")).unwrap();
+    assert_eq!(v, XDP_TX, "the UDP service still has live backends");
+}
+
+#[test]
+fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
+    let (mut tb, mut st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40012");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[])).unwrap().0, XDP_TX);
+    let i = st.services["web"].backends.iter().position(|b| b.address == be).unwrap();
+    st.set_admin(&mut tb.dp, "web", i, AdminState::Drain).unwrap();
+    let snat = SocketAddr::new(lb_addr(false), port);
+    run_rows(
+        &tb,
+        &[Row {
+            name: "old flow continues on the draining backend",
+            input: packet::tcp(host_mac(2), LB_MAC, client, vip, 2, 9, packet::ACK, b"more"),
+            verdict: XDP_TX,
+            output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 2, 9, packet::ACK, b"more")),
+        }],
+    );
+    for p in 0..300u16 {
+        let c = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, (p >> 8) as u8, p as u8)), 2000 + p);
+        let (v, out) = tb.run(&packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[])).unwrap();
+        assert_eq!(v, XDP_TX);
+        assert_ne!(&out[0..6], &mac_of(be.ip()), "a new flow went to the draining backend");
+    }
+}
