@@ -270,7 +270,9 @@ pub(crate) async fn handle(
             "listener removed\n",
         ));
     };
+    // Refusals before routing count under the unrouted ("", "") pair.
     if head_size(&req) > lcfg.max_header_bytes {
+        ex.counters = Some(shared.registry.route("", ""));
         return Ok(local(
             ex,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -285,6 +287,7 @@ pub(crate) async fn handle(
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > limit
     {
+        ex.counters = Some(shared.registry.route("", ""));
         // Read (and discard) a moderate excess first, so the client that is still sending
         // gets the 413 instead of a reset.
         if len <= limit.saturating_add(DRAIN_CAP) {
@@ -325,14 +328,16 @@ pub(crate) async fn handle(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let xff = match parts
+    // Every earlier X-Forwarded-For line is kept, in order, then the client's address.
+    let mut xff: Vec<String> = parts
         .headers
-        .get(HeaderName::from_static("x-forwarded-for"))
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {}", client.ip()),
-        None => client.ip().to_string(),
-    };
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    xff.push(client.ip().to_string());
+    let xff = xff.join(", ");
     if let Ok(v) = HeaderValue::from_str(&xff) {
         parts.headers.insert("x-forwarded-for", v);
     }
