@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin clap front end over this library.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;

@@ -3,12 +3,12 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use balancer_common::{BE_DOWN, BE_DRAINING, Counters, PROTO_TCP};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{dataplane::Dataplane, net};
 
 /// Traffic counters.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Traffic {
     /// Packets forwarded.
     pub packets: u64,

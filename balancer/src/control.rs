@@ -1,0 +1,121 @@
+//! Messages between the control API (and metrics) and the daemon loop, and the status
+//! report they carry. The daemon owns all state; the API asks it through a channel.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::report::Traffic;
+
+/// What an operator (or the metrics endpoint) asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// The whole status.
+    Status,
+    /// No new flows to the backend; existing flows continue.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address ("10.77.0.11:7002") or IP.
+        backend: String,
+    },
+    /// Out of service: its flows are reset at once.
+    Disable {
+        /// Service name.
+        service: String,
+        /// Backend address or IP.
+        backend: String,
+    },
+    /// Back in service (subject to its health check).
+    Enable {
+        /// Service name.
+        service: String,
+        /// Backend address or IP.
+        backend: String,
+    },
+    /// Re-read the config file; a bad file is refused and the running config keeps serving.
+    Reload,
+}
+
+/// The daemon's answer: a JSON value, or an error message for the operator.
+pub type Reply = Result<serde_json::Value, String>;
+
+/// A request with the channel its reply goes back on.
+#[derive(Debug)]
+pub struct Message {
+    /// The request.
+    pub request: Request,
+    /// Where the reply goes.
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// One backend in the status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    /// Address.
+    pub address: SocketAddr,
+    /// Weight.
+    pub weight: u32,
+    /// Priority (failover).
+    pub priority: u32,
+    /// Operator state: up / drain / disabled.
+    pub admin: String,
+    /// Health: unchecked / up / down.
+    pub health: String,
+    /// What the dataplane does with it: up / draining / down.
+    pub state: String,
+    /// The failover service's active backend.
+    pub active: bool,
+    /// Last successful check latency in milliseconds.
+    pub check_latency_ms: Option<f64>,
+    /// Dataplane counters.
+    pub traffic: Traffic,
+}
+
+/// One service in the status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    /// Name.
+    pub name: String,
+    /// VIP.
+    pub vip: SocketAddr,
+    /// tcp / udp.
+    pub protocol: String,
+    /// nat / dsr.
+    pub forwarding: String,
+    /// maglev / failover.
+    pub scheduler: String,
+    /// Health check kind, if any.
+    pub health_check: Option<String>,
+    /// Active backend of a failover service.
+    pub active: Option<SocketAddr>,
+    /// Dataplane counters.
+    pub traffic: Traffic,
+    /// Backends.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// Everything `balancer status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Config file in use.
+    pub config: String,
+    /// Interfaces the program is attached to.
+    pub interfaces: Vec<String>,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Successful reloads.
+    pub reloads: u64,
+    /// Refused reloads (bad config).
+    pub config_errors: u64,
+    /// Failovers (active backend changes of failover services).
+    pub failovers: u64,
+    /// Flow-table entries.
+    pub flows: usize,
+    /// Global verdict reasons.
+    pub reasons: BTreeMap<String, u64>,
+    /// Services.
+    pub services: Vec<ServiceStatus>,
+}
