@@ -1,0 +1,481 @@
+//! Prometheus metrics: the daemon's [`Status`] snapshot in the OpenMetrics text format.
+//!
+//! Each scrape asks the daemon for a fresh status through the control channel and renders it
+//! into a new registry, so the endpoint holds no state of its own. Names (all prefixed
+//! `balancer_`):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `service_{packets,bytes,new_flows,resets,drops}_total` | counter | service |
+//! | `backend_{packets,bytes,new_flows,resets,drops}_total` | counter | service, backend |
+//! | `backend_health_up` (1 passing or unchecked, 0 failing) | gauge | service, backend |
+//! | `backend_serving` (1 when the dataplane sends it new flows) | gauge | service, backend |
+//! | `backend_state` (1 for the current state) | gauge | service, backend, state |
+//! | `backend_admin_state` (1 for the operator state) | gauge | service, backend, admin |
+//! | `backend_active` (1 for a failover service's active backend) | gauge | service, backend |
+//! | `backend_weight`, `backend_priority` | gauge | service, backend |
+//! | `backend_check_latency_seconds` (last successful check) | gauge | service, backend |
+//! | `service_active_backends` (failover: 0 means no live listener) | gauge | service |
+//! | `failovers_total`, `reloads_total`, `config_errors_total` | counter | |
+//! | `flow_table_entries`, `uptime_seconds` | gauge | |
+//! | `dataplane_verdicts_total` | counter | reason |
+
+use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request as HttpRequest, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{debug, info, warn};
+
+use crate::{
+    api::{AskError, ask},
+    control::{Message, Request, Status},
+    report::Traffic,
+};
+
+/// The content type of the OpenMetrics text format that [`render`] produces.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+type Counters = Family<Labels, Counter>;
+type Gauges = Family<Labels, Gauge>;
+type FloatGauges = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// The five traffic counters of one label set.
+#[derive(Default)]
+struct TrafficFamilies {
+    packets: Counters,
+    bytes: Counters,
+    new_flows: Counters,
+    resets: Counters,
+    drops: Counters,
+}
+
+impl TrafficFamilies {
+    fn add(&self, labels: &Labels, t: &Traffic) {
+        self.packets.get_or_create(labels).inc_by(t.packets);
+        self.bytes.get_or_create(labels).inc_by(t.bytes);
+        self.new_flows.get_or_create(labels).inc_by(t.new_flows);
+        self.resets.get_or_create(labels).inc_by(t.resets);
+        self.drops.get_or_create(labels).inc_by(t.drops);
+    }
+
+    fn register(self, reg: &mut Registry, what: &str) {
+        reg.register(
+            format!("{what}_packets"),
+            format!("Packets forwarded, per {what}"),
+            self.packets,
+        );
+        reg.register(
+            format!("{what}_bytes"),
+            format!("Bytes forwarded, per {what}"),
+            self.bytes,
+        );
+        reg.register(
+            format!("{what}_new_flows"),
+            format!("Flows created, per {what}"),
+            self.new_flows,
+        );
+        reg.register(
+            format!("{what}_resets"),
+            format!("TCP resets sent for flows of a down backend, per {what}"),
+            self.resets,
+        );
+        reg.register(
+            format!("{what}_drops"),
+            format!("Packets dropped, per {what}"),
+            self.drops,
+        );
+    }
+}
+
+/// A label value escaped for the text format (the encoder writes values as they are).
+fn esc(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn gauge(f: &Gauges, labels: &Labels, v: i64) {
+    f.get_or_create(labels).set(v);
+}
+
+/// Renders a status snapshot as OpenMetrics text (ends with `# EOF`).
+pub fn render(status: &Status) -> String {
+    let mut reg = Registry::with_prefix("balancer");
+
+    let service_traffic = TrafficFamilies::default();
+    let backend_traffic = TrafficFamilies::default();
+    let health_up = Gauges::default();
+    let serving = Gauges::default();
+    let state = Gauges::default();
+    let admin = Gauges::default();
+    let active = Gauges::default();
+    let weight = Gauges::default();
+    let priority = Gauges::default();
+    let latency = FloatGauges::default();
+    let active_backends = Gauges::default();
+
+    for s in &status.services {
+        let sl: Labels = vec![("service", esc(&s.name))];
+        service_traffic.add(&sl, &s.traffic);
+        gauge(
+            &active_backends,
+            &sl,
+            s.backends.iter().filter(|b| b.active).count() as i64,
+        );
+        for b in &s.backends {
+            let bl: Labels = vec![
+                ("service", esc(&s.name)),
+                ("backend", b.address.to_string()),
+            ];
+            backend_traffic.add(&bl, &b.traffic);
+            gauge(&health_up, &bl, i64::from(b.health != "down"));
+            gauge(&serving, &bl, i64::from(b.state == "up"));
+            let with = |key, value: &str| {
+                let mut l = bl.clone();
+                l.push((key, esc(value)));
+                l
+            };
+            gauge(&state, &with("state", &b.state), 1);
+            gauge(&admin, &with("admin", &b.admin), 1);
+            gauge(&active, &bl, i64::from(b.active));
+            gauge(&weight, &bl, i64::from(b.weight));
+            gauge(&priority, &bl, i64::from(b.priority));
+            if let Some(ms) = b.check_latency_ms {
+                latency.get_or_create(&bl).set(ms / 1e3);
+            }
+        }
+    }
+
+    service_traffic.register(&mut reg, "service");
+    backend_traffic.register(&mut reg, "backend");
+    reg.register(
+        "backend_health_up",
+        "Health check passing (1) or failing (0); unchecked counts as 1",
+        health_up,
+    );
+    reg.register(
+        "backend_serving",
+        "The dataplane sends new flows to the backend (1) or not (0)",
+        serving,
+    );
+    reg.register(
+        "backend_state",
+        "Dataplane state of the backend (up, draining, down): 1 for the current one",
+        state,
+    );
+    reg.register(
+        "backend_admin_state",
+        "Operator state of the backend (up, drain, disabled): 1 for the current one",
+        admin,
+    );
+    reg.register(
+        "backend_active",
+        "The active backend of a failover service (1)",
+        active,
+    );
+    reg.register("backend_weight", "Configured weight", weight);
+    reg.register("backend_priority", "Configured failover priority", priority);
+    reg.register_with_unit(
+        "backend_check_latency",
+        "Latency of the last successful health check",
+        Unit::Seconds,
+        latency,
+    );
+    reg.register(
+        "service_active_backends",
+        "Active backends of a service (failover: 0 means new connections are refused)",
+        active_backends,
+    );
+
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    reg.register(
+        "failovers",
+        "Active backend changes of failover services",
+        counter(status.failovers),
+    );
+    reg.register(
+        "reloads",
+        "Successful config reloads",
+        counter(status.reloads),
+    );
+    reg.register(
+        "config_errors",
+        "Refused config reloads",
+        counter(status.config_errors),
+    );
+    let g = |v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        g
+    };
+    reg.register(
+        "flow_table_entries",
+        "Entries in the dataplane flow table",
+        g(status.flows as i64),
+    );
+    reg.register_with_unit(
+        "uptime",
+        "Seconds since the daemon started",
+        Unit::Seconds,
+        g(i64::try_from(status.uptime_secs).unwrap_or(i64::MAX)),
+    );
+    let verdicts = Counters::default();
+    for (reason, n) in &status.reasons {
+        verdicts
+            .get_or_create(&vec![("reason", esc(reason))])
+            .inc_by(*n);
+    }
+    reg.register(
+        "dataplane_verdicts",
+        "Dataplane verdicts by reason",
+        verdicts,
+    );
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// How long a scrape may wait for the daemon.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` on `addr` until the listener fails; everything else is 404.
+pub async fn serve(addr: SocketAddr, tx: mpsc::Sender<Message>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics on {addr}"))?;
+    info!(addr = %listener.local_addr().unwrap_or(addr), "metrics listening");
+    serve_on(listener, tx).await
+}
+
+/// Serves metrics on an already bound listener (tests bind port 0 first).
+pub async fn serve_on(listener: TcpListener, tx: mpsc::Sender<Message>) -> anyhow::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Usually out of descriptors: back off instead of spinning or dying.
+                warn!(error = %e, "metrics accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let tx = tx.clone();
+                async move { Ok::<_, Infallible>(handle(req, &tx).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            match tokio::time::timeout(Duration::from_secs(120), conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(peer = %peer, error = %e, "metrics connection ended with an error")
+                }
+                Err(_) => {
+                    debug!(peer = %peer, "metrics connection closed after the connection timeout")
+                }
+            }
+        });
+    }
+}
+
+async fn handle(req: HttpRequest<Incoming>, tx: &mpsc::Sender<Message>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        );
+    }
+    let reply = tokio::time::timeout(SCRAPE_TIMEOUT, ask(tx, Request::Status)).await;
+    let status = match reply {
+        Ok(Ok(Ok(v))) => serde_json::from_value::<Status>(v)
+            .map_err(|e| format!("bad status from the daemon: {e}")),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(AskError::Gone)) => Err(AskError::Gone.to_string()),
+        Ok(Err(AskError::Timeout)) | Err(_) => Err(AskError::Timeout.to_string()),
+    };
+    match status {
+        Ok(s) => text(StatusCode::OK, CONTENT_TYPE, render(&s)),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+    use crate::api::tests::sample_status;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix} in\n{text}"))
+    }
+
+    #[test]
+    fn render_sample() {
+        let t = render(&sample_status());
+        println!("{t}");
+        assert!(t.ends_with("# EOF\n"));
+        assert!(t.contains("# TYPE balancer_service_packets counter"));
+        assert_eq!(
+            line(&t, "balancer_service_packets_total{service=\"web\"}"),
+            "balancer_service_packets_total{service=\"web\"} 3000000"
+        );
+        assert_eq!(
+            line(
+                &t,
+                "balancer_backend_bytes_total{service=\"web\",backend=\"10.77.0.12:7002\"}"
+            ),
+            "balancer_backend_bytes_total{service=\"web\",backend=\"10.77.0.12:7002\"} 3000000000"
+        );
+        assert!(t.contains(
+            "balancer_backend_health_up{service=\"hl7-listener\",backend=\"10.77.0.11:6661\"} 0\n"
+        ));
+        assert!(t.contains(
+            "balancer_backend_health_up{service=\"web\",backend=\"[fd00::13]:7002\"} 1\n"
+        ));
+        assert!(
+            t.contains("balancer_backend_serving{service=\"web\",backend=\"10.77.0.12:7002\"} 0\n")
+        );
+        assert!(t.contains("balancer_backend_state{service=\"web\",backend=\"10.77.0.12:7002\",state=\"draining\"} 1\n"));
+        assert!(t.contains("balancer_backend_admin_state{service=\"web\",backend=\"10.77.0.12:7002\",admin=\"drain\"} 1\n"));
+        assert!(t.contains(
+            "balancer_backend_active{service=\"hl7-listener\",backend=\"10.77.0.12:6661\"} 1\n"
+        ));
+        assert!(t.contains("balancer_service_active_backends{service=\"hl7-listener\"} 1\n"));
+        assert!(t.contains("# UNIT balancer_backend_check_latency_seconds seconds"));
+        let lat = line(
+            &t,
+            "balancer_backend_check_latency_seconds{service=\"hl7-listener\",backend=\"10.77.0.12:6661\"}",
+        );
+        let v: f64 = lat.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((v - 0.00084).abs() < 1e-9, "{lat}");
+        // No latency sample for a backend never checked successfully.
+        assert!(!t.contains("balancer_backend_check_latency_seconds{service=\"hl7-listener\",backend=\"10.77.0.11:6661\"}"));
+        assert!(t.contains("balancer_failovers_total 1\n"));
+        assert!(t.contains("balancer_reloads_total 2\n"));
+        assert!(t.contains("balancer_config_errors_total 1\n"));
+        assert!(t.contains("balancer_flow_table_entries 1234\n"));
+        assert!(t.contains("balancer_uptime_seconds 3723\n"));
+        assert!(t.contains("balancer_dataplane_verdicts_total{reason=\"no_backend\"} 3\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut s = sample_status();
+        s.services[0].name = "we\"ird\\name\n".into();
+        let t = render(&s);
+        assert!(t.contains("service=\"we\\\"ird\\\\name\\n\""), "{t}");
+    }
+
+    #[tokio::test]
+    async fn serve_scrape() {
+        let (tx, mut rx) = mpsc::channel::<Message>(4);
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let reply = match m.request {
+                    Request::Status => {
+                        serde_json::to_value(sample_status()).map_err(|e| e.to_string())
+                    }
+                    _ => Err("unexpected".into()),
+                };
+                let _ = m.reply.send(reply);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_on(listener, tx));
+
+        let get = move |req: &'static str| {
+            tokio::task::spawn_blocking(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(req.as_bytes()).unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+        };
+        let r = get("GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            r.contains("content-type: application/openmetrics-text"),
+            "{r}"
+        );
+        assert!(r.contains("balancer_backend_packets_total{service=\"web\",backend=\"10.77.0.11:7002\"} 1000000\n"), "{r}");
+        assert!(r.ends_with("# EOF\n"), "{r}");
+        let r = get("GET /other HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        let r = get(
+            "POST /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn daemon_gone_is_503() {
+        let (tx, rx) = mpsc::channel::<Message>(1);
+        drop(rx);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_on(listener, tx));
+        let r = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    }
+}
