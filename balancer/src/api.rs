@@ -376,6 +376,97 @@ async fn call_inner(path: &Path, method: Method, uri: &str) -> anyhow::Result<Va
     }
 }
 
+/// A CLI verb spoken over the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `balancer status [--json]`.
+    Status {
+        /// Print the API's JSON instead of the table.
+        json: bool,
+    },
+    /// `balancer drain SVC BACKEND`.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address or IP.
+        backend: String,
+    },
+    /// `balancer disable SVC BACKEND`.
+    Disable {
+        /// Service name.
+        service: String,
+        /// Backend address or IP.
+        backend: String,
+    },
+    /// `balancer enable SVC BACKEND`.
+    Enable {
+        /// Service name.
+        service: String,
+        /// Backend address or IP.
+        backend: String,
+    },
+    /// `balancer reload`.
+    Reload,
+}
+
+impl Command {
+    /// The method and URI of the verb.
+    pub fn request(&self) -> (Method, String) {
+        match self {
+            Command::Status { .. } => (Method::GET, "/v1/status".into()),
+            Command::Drain { service, backend } => {
+                (Method::POST, backend_uri(service, backend, "drain"))
+            }
+            Command::Disable { service, backend } => {
+                (Method::POST, backend_uri(service, backend, "disable"))
+            }
+            Command::Enable { service, backend } => {
+                (Method::POST, backend_uri(service, backend, "enable"))
+            }
+            Command::Reload => (Method::POST, "/v1/reload".into()),
+        }
+    }
+}
+
+/// Runs a verb against the daemon and returns what to print: the status table (or JSON),
+/// or the daemon's message. The error is the daemon's refusal, or why it could not be asked.
+pub async fn command(socket: &Path, cmd: &Command) -> anyhow::Result<String> {
+    let (method, uri) = cmd.request();
+    let v = call(socket, method, &uri).await?;
+    Ok(match cmd {
+        Command::Status { json: true } => format!("{}\n", serde_json::to_string_pretty(&v)?),
+        Command::Status { json: false } => {
+            let s: Status =
+                serde_json::from_value(v).context("the daemon's status has an unexpected shape")?;
+            status_table(&s)
+        }
+        _ => match v.get("message").and_then(Value::as_str) {
+            Some(m) => format!("{m}\n"),
+            None => format!("{v}\n"),
+        },
+    })
+}
+
+/// The CLI's entry for a verb: prints the result on stdout, or `balancer: <error>` on stderr,
+/// and returns the process exit code (0 or 1).
+pub fn cli(socket: &Path, cmd: &Command) -> i32 {
+    let out = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(command(socket, cmd)));
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("balancer: {e:#}");
+            1
+        }
+    }
+}
+
 /// Renders a status as the readable table of `balancer status`.
 pub fn status_table(s: &Status) -> String {
     let mut out = String::new();
@@ -444,7 +535,7 @@ pub fn status_table(s: &Status) -> String {
                 t.drops.to_string(),
             ],
         ];
-        out.push_str(&columns(&head, 7, ""));
+        out.push_str(&columns(&head, "lllllllrrrrr", ""));
         let mut rows = vec![
             [
                 "BACKEND",
@@ -484,13 +575,13 @@ pub fn status_table(s: &Status) -> String {
                 t.drops.to_string(),
             ]);
         }
-        out.push_str(&columns(&rows, 1, "  "));
+        out.push_str(&columns(&rows, "lrrllllrrrrrr", "  "));
     }
     out
 }
 
-/// Aligns rows in columns: the first `left` columns left-aligned, the rest right-aligned.
-fn columns(rows: &[Vec<String>], left: usize, indent: &str) -> String {
+/// Aligns rows in columns; `align` has one letter per column: `l`eft or `r`ight.
+fn columns(rows: &[Vec<String>], align: &str, indent: &str) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|i| {
@@ -509,7 +600,7 @@ fn columns(rows: &[Vec<String>], left: usize, indent: &str) -> String {
                 line.push_str("  ");
             }
             let w = widths[i];
-            if i < left {
+            if align.as_bytes().get(i) != Some(&b'r') {
                 let _ = write!(line, "{c:<w$}");
             } else {
                 let _ = write!(line, "{c:>w$}");

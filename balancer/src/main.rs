@@ -54,6 +54,51 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         calls: u32,
     },
+    /// Show services, backends, health, weights, the active listener and counters.
+    Status {
+        /// Print the control API's JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Send no new flows to a backend; its established flows continue.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address ("10.77.0.11:7002") or IP.
+        backend: String,
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Take a backend out of service and reset its flows at once.
+    Disable {
+        /// Service name.
+        service: String,
+        /// Backend address ("10.77.0.11:7002") or IP.
+        backend: String,
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Put a drained or disabled backend back in service (subject to its health check).
+    Enable {
+        /// Service name.
+        service: String,
+        /// Backend address ("10.77.0.11:7002") or IP.
+        backend: String,
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Re-read the config file (as SIGHUP does); a bad file is refused with its errors.
+    Reload {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 fn init_logging() {
@@ -114,5 +159,18 @@ fn main() -> anyhow::Result<()> {
             print!("{table}");
             Ok(())
         }
+        Cmd::Status { json, socket } => {
+            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Status { json }))
+        }
+        Cmd::Drain { service, backend, socket } => {
+            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Drain { service, backend }))
+        }
+        Cmd::Disable { service, backend, socket } => {
+            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Disable { service, backend }))
+        }
+        Cmd::Enable { service, backend, socket } => {
+            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Enable { service, backend }))
+        }
+        Cmd::Reload { socket } => std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload)),
     }
 }
