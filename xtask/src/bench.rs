@@ -1,0 +1,294 @@
+//! `cargo xtask bench`: bulk TCP throughput (iperf3) and short-connection rate (blb-client)
+//! through a namespace lab, directly, through the balancer (XDP, nat) and through an nftables
+//! DNAT balancer; then the balancer's own XDP ns/packet bench.
+//!
+//! Every path gets a fresh lab of its own. Numbers are printed, never asserted.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use balancer_tests::{ECHO_PORT, Host, Lab, LabChild, VIP_V4, balancer_bin, vip4};
+
+use crate::sigint;
+
+/// Port of the iperf3 service (one backend: iperf3's control and data connections must meet
+/// the same server).
+const IPERF_PORT: u16 = 5201;
+
+/// Bench options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Seconds per throughput and per rate measurement.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Parallel connection workers for the rate measurement.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// BPF_PROG_TEST_RUN calls per case for `balancer bench-xdp`.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub calls: u64,
+    /// Use the release binaries already built instead of building first.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Balancer,
+    Nftables,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::Direct => "direct (client -> backend)",
+            Path::Balancer => "balancer (XDP, nat)",
+            Path::Nftables => "nftables DNAT (jhash)",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Row {
+    gbit_per_s: Option<f64>,
+    conns_per_s: Option<f64>,
+    failed_conns: u64,
+    note: Option<String>,
+}
+
+/// Runs every bench and prints the tables.
+pub fn run(opts: &Options) -> Result<()> {
+    let paths = [Path::Direct, Path::Balancer, Path::Nftables];
+    let mut rows = Vec::new();
+    for path in paths {
+        sigint::check()?;
+        println!("\n== bench: {} ==", path.label());
+        let row = match measure(path, opts) {
+            Ok(r) => r,
+            Err(e) => {
+                sigint::check()?;
+                println!("  failed: {e:#}");
+                Row {
+                    note: Some(first_line(&format!("{e:#}"))),
+                    ..Row::default()
+                }
+            }
+        };
+        rows.push((path, row));
+    }
+    sigint::check()?;
+    print_table(&rows, opts);
+    sigint::check()?;
+    bench_xdp(opts.calls);
+    Ok(())
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(100).collect()
+}
+
+/// One lab: 3 backends with blb-echo and iperf3 on backend 1, the path's forwarding set up,
+/// then throughput and rate measured from the client.
+fn measure(path: Path, opts: &Options) -> Result<Row> {
+    let lab = Lab::new(3)?;
+    let _echo = lab.spawn_echo_all()?;
+    let _iperf = spawn_iperf_server(&lab)?;
+    let mut _balancer = None;
+    let (tput_to, rate_to): (SocketAddr, SocketAddr) = match path {
+        Path::Direct => {
+            let b1 = Host::Backend(1).v4().context("backend address")?;
+            ((b1, IPERF_PORT).into(), (b1, ECHO_PORT).into())
+        }
+        Path::Balancer => {
+            _balancer = Some(lab.start_balancer(&balancer_config(&lab))?);
+            (vip4(IPERF_PORT), vip4(ECHO_PORT))
+        }
+        Path::Nftables => {
+            nft_dnat(&lab)?;
+            (vip4(IPERF_PORT), vip4(ECHO_PORT))
+        }
+    };
+    let mut row = Row::default();
+    sigint::check()?;
+    match iperf(&lab, tput_to, opts.seconds) {
+        Ok(g) => {
+            println!("  throughput: {g:.2} Gbit/s");
+            row.gbit_per_s = Some(g);
+        }
+        Err(e) => println!("  throughput failed: {e:#}"),
+    }
+    sigint::check()?;
+    let r = lab.client_rate(rate_to, opts.seconds as f64, opts.concurrency)?;
+    println!(
+        "  rate: {:.0} conns/s ({} ok, {} failed, spread {:?})",
+        r.conns_per_sec, r.ok, r.failed, r.by_backend
+    );
+    row.conns_per_s = Some(r.conns_per_sec);
+    row.failed_conns = r.failed;
+    Ok(row)
+}
+
+fn spawn_iperf_server(lab: &Lab) -> Result<LabChild> {
+    let port = IPERF_PORT.to_string();
+    let mut s = lab.spawn(
+        Host::Backend(1),
+        &["iperf3", "-s", "-p", &port, "--forceflush"],
+    )?;
+    s.wait_for_output("Server listening", std::time::Duration::from_secs(10))?;
+    Ok(s)
+}
+
+/// Bulk TCP throughput from the client, in Gbit/s as received by the server.
+fn iperf(lab: &Lab, to: SocketAddr, seconds: u64) -> Result<f64> {
+    let out = lab.exec(
+        Host::Client,
+        &[
+            "iperf3",
+            "-c",
+            &to.ip().to_string(),
+            "-p",
+            &to.port().to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parsing iperf3 -J")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no end.sum_received.bits_per_second in iperf3 output")?;
+    Ok(bps / 1e9)
+}
+
+/// The balancer's config for the bench: iperf3 to backend 1, echo over all three.
+fn balancer_config(lab: &Lab) -> String {
+    let echo: Vec<String> = lab
+        .backend_hosts()
+        .iter()
+        .filter_map(|h| h.v4())
+        .map(|a| format!("{{ address = \"{a}:{ECHO_PORT}\" }}"))
+        .collect();
+    format!(
+        r#"[dataplane]
+interface = "eth0"
+xdp_mode = "auto"
+
+[[service]]
+name = "echo"
+vip = "{VIP_V4}:{ECHO_PORT}"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "maglev"
+backends = [ {} ]
+
+[[service]]
+name = "iperf"
+vip = "{VIP_V4}:{IPERF_PORT}"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "maglev"
+backends = [ {{ address = "10.77.0.11:{IPERF_PORT}" }} ]
+"#,
+        echo.join(", ")
+    )
+}
+
+/// An nftables balancer on the lb host: the VIP on eth0, DNAT by a jhash of the source over
+/// the backends, masquerade so replies come back through it (like the balancer's nat mode).
+fn nft_dnat(lab: &Lab) -> Result<()> {
+    lab.exec(
+        Host::Lb,
+        &["ip", "addr", "add", &format!("{VIP_V4}/32"), "dev", "eth0"],
+    )?;
+    let backends: Vec<String> = lab
+        .backend_hosts()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| h.v4().map(|a| format!("{i} : {a}")))
+        .collect();
+    let n = backends.len();
+    let rules = format!(
+        "table ip blb_bench {{
+  chain pre {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr {VIP_V4} tcp dport {ECHO_PORT} dnat to jhash ip saddr . tcp sport mod {n} map {{ {} }}
+    ip daddr {VIP_V4} tcp dport {IPERF_PORT} dnat to 10.77.0.11
+  }}
+  chain post {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ct status dnat ip daddr 10.77.0.0/24 masquerade
+  }}
+}}
+",
+        backends.join(", ")
+    );
+    let file = lab.write_file("bench.nft", &rules)?;
+    lab.exec(Host::Lb, &["nft", "-f", &file.to_string_lossy()])?;
+    Ok(())
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn num(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn print_table(rows: &[(Path, Row)], opts: &Options) {
+    let get = |p: Path| rows.iter().find(|(q, _)| *q == p).map(|(_, r)| r.clone());
+    let direct = get(Path::Direct).unwrap_or_default();
+    let nft = get(Path::Nftables).unwrap_or_default();
+    println!(
+        "\n== namespace lab: {} s each, iperf3 1 stream to 1 backend, rate with {} workers over 3 backends ==",
+        opts.seconds, opts.concurrency
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}",
+        "path", "Gbit/s", "vs direct", "vs nft", "conns/s", "vs direct", "vs nft", "failed"
+    );
+    for (path, r) in rows {
+        println!(
+            "{:<28} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}",
+            path.label(),
+            num(r.gbit_per_s, 2),
+            ratio(r.gbit_per_s, direct.gbit_per_s),
+            ratio(r.gbit_per_s, nft.gbit_per_s),
+            num(r.conns_per_s, 0),
+            ratio(r.conns_per_s, direct.conns_per_s),
+            ratio(r.conns_per_s, nft.conns_per_s),
+            r.failed_conns,
+        );
+        if let Some(n) = &r.note {
+            println!("{:<28} ({n})", "");
+        }
+    }
+}
+
+/// `balancer bench-xdp --calls N`, its table printed as it is.
+fn bench_xdp(calls: u64) {
+    println!("\n== XDP ns/packet (BPF_PROG_TEST_RUN, repeat=1) ==");
+    let result = (|| -> Result<()> {
+        let bin = balancer_bin()?;
+        let out = Command::new(&bin)
+            .args(["bench-xdp", "--calls", &calls.to_string()])
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("{}", first_line(stderr.trim()));
+        }
+        print!("{stdout}");
+        Ok(())
+    })();
+    if let Err(e) = result {
+        println!("bench-xdp: not available ({e:#})");
+    }
+}
