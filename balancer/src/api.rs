@@ -16,7 +16,7 @@ use std::{
     convert::Infallible,
     fmt::Write as _,
     io::ErrorKind,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::Path,
     time::Duration,
 };
@@ -132,7 +132,10 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    if nix::unistd::geteuid().is_root() {
+    // Created by root it is root's already: chown only otherwise (the unit's syscall filter
+    // and capability set leave no chown to a root daemon that does not need one).
+    let meta = std::fs::metadata(path).with_context(|| format!("inspecting {}", path.display()))?;
+    if nix::unistd::geteuid().is_root() && (meta.uid() != 0 || meta.gid() != 0) {
         std::os::unix::fs::chown(path, Some(0), Some(0))
             .with_context(|| format!("chown root {}", path.display()))?;
     }
