@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod install;
 mod setup;
 mod sigint;
 
@@ -39,6 +40,9 @@ enum Task {
     },
     /// Set up, build, then measure throughput and connection rate, and XDP ns/packet.
     Bench(bench::Options),
+    /// Build in release, then install the binary, the systemd unit, the default config
+    /// (never over an existing one) and the sysctl.d file; rate the unit's exposure.
+    Install(install::Options),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn run(task: Task) -> Result<()> {
             build_for_lab(opts.no_build)?;
             bench::run(&opts)
         }
+        Task::Install(opts) => install::install(&opts),
     }
 }
 
