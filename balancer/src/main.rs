@@ -48,6 +48,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Attach a bare XDP_PASS program (the peer end of a veth in a lab) and pin its link.
+    #[command(hide = true)]
+    XdpPass {
+        /// Interface.
+        #[arg(long)]
+        interface: String,
+        /// Where to pin the link (remove the file to detach).
+        #[arg(long)]
+        pin: PathBuf,
+    },
     /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
     BenchXdp {
         /// Calls per case (repeat = 1 each).
@@ -154,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::XdpPass { interface, pin } => balancer::dataplane::attach_pass(&interface, &pin),
         Cmd::BenchXdp { calls } => {
             let table = balancer::bench::xdp(calls).context("bench-xdp")?;
             print!("{table}");

@@ -128,6 +128,18 @@ pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
     }
 }
 
+/// Makes the kernel resolve a backend's link-layer address: the XDP program's FIB lookup
+/// only reads the neighbour table, it cannot fill it. An empty UDP datagram to the discard
+/// port is enough (health checks keep entries fresh too).
+pub fn prime_neighbour(ip: IpAddr) {
+    let bind: std::net::SocketAddr =
+        if ip.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    if let Ok(sock) = std::net::UdpSocket::bind(bind) {
+        let _ = sock.set_nonblocking(true);
+        let _ = sock.send_to(&[], (ip, 9));
+    }
+}
+
 /// Interface index by name (in this network namespace).
 pub fn ifindex(interface: &str) -> anyhow::Result<u32> {
     nix::net::if_::if_nametoindex(interface).with_context(|| format!("no interface '{interface}'"))
