@@ -103,14 +103,15 @@ fn is_transient(e: &std::io::Error) -> bool {
 
 /// Prepares the directory, removes a stale socket, binds and restricts the socket.
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-        }
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -156,7 +157,7 @@ async fn handle(
     }
     let request = match route(req.method(), req.uri().path()) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     debug!(method = %req.method(), path = %req.uri().path(), "control request");
     // Reload failures are a refused config; the other operations fail on bad input.
@@ -219,7 +220,7 @@ pub async fn ask(
 }
 
 /// Maps method and path to a daemon request, or to the 404 / 405 / 400 response.
-fn route(method: &Method, path: &str) -> Result<Request, Response<Full<Bytes>>> {
+fn route(method: &Method, path: &str) -> Result<Request, Box<Response<Full<Bytes>>>> {
     let segs: Vec<&str> = path.split('/').collect();
     let (allowed, request) = match segs.as_slice() {
         ["", "v1", "status"] => (Method::GET, Request::Status),
@@ -227,20 +228,20 @@ fn route(method: &Method, path: &str) -> Result<Request, Response<Full<Bytes>>> 
         ["", "v1", "services", service, "backends", backend, op] => {
             let (Some(service), Some(backend)) = (percent_decode(service), percent_decode(backend))
             else {
-                return Err(error(
+                return Err(Box::new(error(
                     StatusCode::BAD_REQUEST,
                     "bad percent-encoding in the path",
-                ));
+                )));
             };
             let r = match *op {
                 "drain" => Request::Drain { service, backend },
                 "disable" => Request::Disable { service, backend },
                 "enable" => Request::Enable { service, backend },
-                _ => return Err(error(StatusCode::NOT_FOUND, "no such route")),
+                _ => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
             };
             (Method::POST, r)
         }
-        _ => return Err(error(StatusCode::NOT_FOUND, "no such route")),
+        _ => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
     };
     if *method != allowed {
         let mut resp = error(
@@ -250,7 +251,7 @@ fn route(method: &Method, path: &str) -> Result<Request, Response<Full<Bytes>>> 
         if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
             resp.headers_mut().insert(header::ALLOW, v);
         }
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     Ok(request)
 }
