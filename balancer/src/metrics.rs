@@ -15,7 +15,7 @@
 //! | `backend_active` (1 for a failover service's active backend) | gauge | service, backend |
 //! | `backend_weight`, `backend_priority` | gauge | service, backend |
 //! | `backend_check_latency_seconds` (last successful check) | gauge | service, backend |
-//! | `service_active_backends` (failover: 0 means no live listener) | gauge | service |
+//! | `service_active_backends` (failover services; 0: no live listener) | gauge | service |
 //! | `failovers_total`, `reloads_total`, `config_errors_total` | counter | |
 //! | `flow_table_entries`, `uptime_seconds` | gauge | |
 //! | `dataplane_verdicts_total` | counter | reason |
@@ -135,11 +135,10 @@ pub fn render(status: &Status) -> String {
     for s in &status.services {
         let sl: Labels = vec![("service", esc(&s.name))];
         service_traffic.add(&sl, &s.traffic);
-        gauge(
-            &active_backends,
-            &sl,
-            s.backends.iter().filter(|b| b.active).count() as i64,
-        );
+        if s.scheduler == "failover" {
+            let n = s.backends.iter().filter(|b| b.active).count();
+            gauge(&active_backends, &sl, i64::try_from(n).unwrap_or(i64::MAX));
+        }
         for b in &s.backends {
             let bl: Labels = vec![
                 ("service", esc(&s.name)),
@@ -201,7 +200,7 @@ pub fn render(status: &Status) -> String {
     );
     reg.register(
         "service_active_backends",
-        "Active backends of a service (failover: 0 means new connections are refused)",
+        "Active backends of a failover service (0: new connections are refused)",
         active_backends,
     );
 
@@ -385,6 +384,7 @@ mod tests {
             "balancer_backend_active{service=\"hl7-listener\",backend=\"10.77.0.12:6661\"} 1\n"
         ));
         assert!(t.contains("balancer_service_active_backends{service=\"hl7-listener\"} 1\n"));
+        assert!(!t.contains("balancer_service_active_backends{service=\"web\"}"));
         assert!(t.contains("# UNIT balancer_backend_check_latency_seconds seconds"));
         let lat = line(
             &t,
