@@ -284,14 +284,22 @@ impl Daemon {
 }
 
 /// Starts the control socket and the metrics endpoint.
-fn start_endpoints(_d: &Daemon, _tx: &mpsc::Sender<Message>) {}
-
-/// sd_notify hooks.
-mod notify {
-    pub fn ready() {}
-    pub fn reloading() {}
-    pub fn stopping() {}
-    pub fn spawn_watchdog() {}
+fn start_endpoints(d: &Daemon, tx: &mpsc::Sender<Message>) {
+    let socket = d.cfg.raw.controller.socket.clone();
+    let t = tx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::api::serve(&socket, t).await {
+            error!(error = %e, "control socket failed");
+        }
+    });
+    if let Some(addr) = d.cfg.metrics {
+        let t = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, t).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
 }
 
 fn check_snat_ports(cfg: &Validated) -> anyhow::Result<()> {
@@ -317,37 +325,39 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         interfaces = ?d.cfg.interfaces,
         "balancer ready"
     );
-    notify::ready();
-    notify::spawn_watchdog();
-    let mut term = signal(SignalKind::terminate())?;
+    crate::systemd::ready();
+        let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut neigh = tokio::time::interval(Duration::from_secs(10));
+    // The watchdog is fed from this loop, so a stuck loop gets the daemon restarted.
+    let mut dog = tokio::time::interval(crate::systemd::watchdog_period().map(|p| p / 2).unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
+            _ = dog.tick() => crate::systemd::watchdog(),
             _ = neigh.tick() => d.prime_neighbours(false),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                notify::reloading();
+                crate::systemd::reloading();
                 let _ = d.reload();
-                notify::ready();
+                crate::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {
-                    notify::reloading();
+                    crate::systemd::reloading();
                 }
                 let reply = d.on_request(msg.request);
                 if reload {
-                    notify::ready();
+                    crate::systemd::ready();
                 }
                 let _ = msg.reply.send(reply);
             }
         }
     }
-    notify::stopping();
+    crate::systemd::stopping();
     info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
     Ok(())
 }

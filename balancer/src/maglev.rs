@@ -44,17 +44,85 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
     }
     let max_w = live.iter().map(|e| e.weight as u64).max().unwrap_or(1);
     let n = live.len();
+    let m32 = size;
     let mut pos = Vec::with_capacity(n);
     let mut skip = Vec::with_capacity(n);
     for e in &live {
         pos.push((hash64(e.name.as_bytes(), 0xdead_beef) % m as u64) as u32);
         skip.push((hash64(e.name.as_bytes(), 0x0bad_cafe) % (m as u64 - 1).max(1)) as u32 + 1);
     }
+    // Build over positions in `live` in a compact table (u16 when it fits: half the cache
+    // footprint of the random probes that dominate the build), then map to values.
+    const EMPTY: u16 = u16::MAX;
+    let mut slots = vec![EMPTY; m];
+    if n >= EMPTY as usize {
+        return build_wide(&live, &mut pos, &skip, max_w, size);
+    }
     let mut credit = vec![0u64; n];
     let mut filled = 0usize;
-    let m32 = size;
-    loop {
+    let equal = live.iter().all(|e| e.weight as u64 == max_w);
+    // Probing costs M/(empty slots) per fill, so the last few percent of the table would
+    // take most of the build. From `tail` on, a backend takes the first empty slot at or after
+    // its next permutation position instead: same turns (same balance), deterministic, and
+    // only those last slots can land differently from plain Maglev.
+    let tail = m - m / 64;
+    let mut empties: Option<std::collections::BTreeSet<u32>> = None;
+    'outer: loop {
         for i in 0..n {
+            if !equal {
+                credit[i] += live[i].weight as u64;
+                if credit[i] < max_w {
+                    continue;
+                }
+                credit[i] -= max_w;
+            }
+            let (mut p, k) = (pos[i], skip[i]);
+            if let Some(free) = empties.as_mut() {
+                let c = free.range(p..).next().or_else(|| free.iter().next()).copied();
+                let Some(c) = c else { break 'outer };
+                free.remove(&c);
+                slots[c as usize] = i as u16;
+                p += k;
+                p -= if p >= m32 { m32 } else { 0 };
+            } else {
+                let base = slots.as_mut_ptr();
+                loop {
+                    let c = p as usize;
+                    p += k;
+                    p -= if p >= m32 { m32 } else { 0 };
+                    // SAFETY: `c < m` always: positions start below m and stay below it
+                    // (p + k < 2m, reduced once), and `slots` has m elements.
+                    let cell = unsafe { &mut *base.add(c) };
+                    if *cell == EMPTY {
+                        *cell = i as u16;
+                        break;
+                    }
+                }
+            }
+            pos[i] = p;
+            filled += 1;
+            if filled == m {
+                break 'outer;
+            }
+            if filled == tail && empties.is_none() {
+                empties = Some((0..m32).filter(|c| slots[*c as usize] == EMPTY).collect());
+            }
+        }
+    }
+    for (t, s) in table.iter_mut().zip(&slots) {
+        *t = live[*s as usize].value;
+    }
+    table
+}
+
+/// The same fill for more than 65534 live backends (u32 positions).
+fn build_wide(live: &[&Entry], pos: &mut [u32], skip: &[u32], max_w: u64, size: u32) -> Vec<u32> {
+    let m = size as usize;
+    let mut table = vec![NO_BACKEND; m];
+    let mut credit = vec![0u64; live.len()];
+    let mut filled = 0usize;
+    loop {
+        for i in 0..live.len() {
             credit[i] += live[i].weight as u64;
             if credit[i] < max_w {
                 continue;
@@ -63,12 +131,11 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
             loop {
                 let c = pos[i];
                 pos[i] += skip[i];
-                if pos[i] >= m32 {
-                    pos[i] -= m32;
+                if pos[i] >= size {
+                    pos[i] -= size;
                 }
-                let slot = &mut table[c as usize];
-                if *slot == NO_BACKEND {
-                    *slot = live[i].value;
+                if table[c as usize] == NO_BACKEND {
+                    table[c as usize] = live[i].value;
                     filled += 1;
                     break;
                 }

@@ -100,7 +100,11 @@ pub fn remove_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
 fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
     let cur = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     if cur.trim() != value {
-        std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
+        std::fs::write(path, value).with_context(|| {
+            format!(
+                "writing {path}: the XDP FIB lookup needs forwarding on; under the hardened unit /proc/sys is read-only, so install packaging/99-balancer.conf in /etc/sysctl.d"
+            )
+        })?;
         tracing::info!(sysctl = path, value, "sysctl set");
     }
     Ok(())
