@@ -445,6 +445,23 @@ impl Lab {
         serde_json::from_str(&out).with_context(|| format!("parsing rate report {out:?}"))
     }
 
+    /// Makes `from` resolve the link-layer address of every other host (one ping each, v4
+    /// and v6), as traffic or health checks would. Fails if a host does not answer.
+    pub fn resolve_neighbours(&self, from: Host) -> Result<()> {
+        for h in self.hosts().into_iter().filter(|h| *h != from) {
+            for addr in [h.v4().map(IpAddr::V4), h.v6().map(IpAddr::V6)]
+                .into_iter()
+                .flatten()
+            {
+                self.exec(
+                    from,
+                    &["ping", "-q", "-c", "1", "-W", "2", &addr.to_string()],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `contents` to a new file in [`Lab::dir`] and returns its path.
     pub fn write_file(&self, name_hint: &str, contents: &str) -> Result<PathBuf> {
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);

@@ -140,3 +140,30 @@ fn a_stream_reports_a_dead_backend() {
     assert!(!r.ok, "{r:?}");
     assert!(r.error.is_some());
 }
+
+#[test]
+fn neighbours_resolve_from_the_balancer_host() {
+    let lab = Lab::new(2).unwrap();
+    lab.resolve_neighbours(Host::Lb).unwrap();
+    let neigh = lab
+        .exec(Host::Lb, &["ip", "neigh", "show", "dev", "eth0"])
+        .unwrap();
+    for a in ["10.77.0.2 ", "10.77.0.11 ", "10.77.0.12 ", "fd77::12 "] {
+        assert!(neigh.contains(a), "{a} missing from\n{neigh}");
+    }
+}
+
+#[test]
+fn stale_labs_of_dead_processes_are_removed() {
+    // pid 0 never runs in /proc: a lab named after it is stale by definition.
+    let ns = "blb0x424242-sw";
+    let out = std::process::Command::new("ip")
+        .args(["netns", "add", ns])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    assert!(Path::new("/run/netns").join(ns).exists());
+    let removed = Lab::cleanup_stale().unwrap();
+    assert!(removed >= 1);
+    assert!(!Path::new("/run/netns").join(ns).exists());
+}

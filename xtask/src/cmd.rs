@@ -91,10 +91,19 @@ pub fn point_lab_at_release() {
     }
 }
 
-/// `cargo test --workspace --release <args>`, output streamed, then one summary line.
+/// `cargo test --workspace --release --no-fail-fast <args>` (no `--workspace` when the args
+/// name packages), output streamed, then one summary line over every test binary.
 pub fn test(args: &[String]) -> Result<()> {
     let mut c = cargo();
-    c.args(["test", "--workspace", "--release"]).args(args);
+    c.args(["test", "--release", "--no-fail-fast"]);
+    let picks_packages = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p"));
+    if !picks_packages {
+        c.arg("--workspace");
+    }
+    c.args(args);
     println!("$ {}", show(&c));
     let mut child = c
         .stdout(Stdio::piped())

@@ -173,7 +173,7 @@ fn http_through_vip(demo: &mut Demo) -> Result<()> {
 
 fn counters(demo: &mut Demo) -> Result<()> {
     match demo.lab.counters() {
-        Ok(v) => print_json_readably(&v, 1),
+        Ok(v) => print_counters(&v),
         Err(e) => println!(
             "  counters not available: {}",
             first_line(&format!("{e:#}"))
@@ -184,6 +184,63 @@ fn counters(demo: &mut Demo) -> Result<()> {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
+}
+
+/// Prints `balancer counters --json` as tables: per service, per backend, and the non-zero
+/// verdict reasons. Falls back to an outline for a shape it does not know.
+pub fn print_counters(v: &serde_json::Value) {
+    let Some(services) = v.get("services").and_then(|s| s.as_array()) else {
+        print_json_readably(v, 1);
+        return;
+    };
+    let n = |v: &serde_json::Value, k: &str| v.get(k).map(scalar).unwrap_or_else(|| "-".into());
+    for svc in services {
+        println!(
+            "  service {} {} ({}): {} packets, {} bytes, {} new flows, {} drops",
+            svc.get("name")
+                .or_else(|| svc.get("id"))
+                .map(scalar)
+                .unwrap_or_default(),
+            n(svc, "vip"),
+            n(svc, "protocol"),
+            n(svc, "packets"),
+            n(svc, "bytes"),
+            n(svc, "new_flows"),
+            n(svc, "drops"),
+        );
+        println!(
+            "    {:<22} {:<9} {:>9} {:>11} {:>9} {:>7} {:>7}",
+            "backend", "state", "packets", "bytes", "new flows", "drops", "resets"
+        );
+        for b in svc
+            .get("backends")
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "    {:<22} {:<9} {:>9} {:>11} {:>9} {:>7} {:>7}",
+                n(b, "address"),
+                n(b, "state"),
+                n(b, "packets"),
+                n(b, "bytes"),
+                n(b, "new_flows"),
+                n(b, "drops"),
+                n(b, "resets"),
+            );
+        }
+    }
+    if let Some(f) = v.get("flows") {
+        println!("  flow table entries: {}", scalar(f));
+    }
+    if let Some(reasons) = v.get("reasons").and_then(|r| r.as_object()) {
+        let nonzero: Vec<String> = reasons
+            .iter()
+            .filter(|(_, c)| c.as_u64() != Some(0))
+            .map(|(k, c)| format!("{k}={}", scalar(c)))
+            .collect();
+        println!("  verdicts: {}", nonzero.join("  "));
+    }
 }
 
 /// Prints JSON as an indented outline: objects as `key: value`, arrays of objects as rows.

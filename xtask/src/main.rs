@@ -49,6 +49,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.task) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if sigint::interrupted() => {
+            eprintln!("xtask: interrupted; the lab was cleaned up");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
