@@ -32,6 +32,8 @@ pub struct Config {
     /// Layer-4 services.
     #[serde(default, rename = "service")]
     pub services: Vec<Service>,
+    /// Layer-7 (TLS-terminating HTTP proxy): listeners, routes, pools, redirects.
+    pub l7: Option<Spanned<balancer_l7::L7Config>>,
 }
 
 /// `[dataplane]`.
@@ -511,6 +513,18 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 health: s.health.as_ref().map(|h| h.get_ref().clone()),
                 backends,
             });
+        }
+    }
+    if let Some(l7) = &raw.l7 {
+        if let Err(errs) = l7.get_ref().validate() {
+            for e in errs {
+                d.at(l7.span(), format!("l7: {e}"));
+            }
+        }
+        for l in &l7.get_ref().listeners {
+            if services.iter().any(|s: &ServiceSpec| s.vip == l.address && s.protocol == Protocol::Tcp) {
+                d.at(l7.span(), format!("l7 listener {} is also an L4 service VIP:port", l.address));
+            }
         }
     }
     if total_backends > balancer_common::MAX_BACKENDS as usize {

@@ -41,6 +41,8 @@ pub struct Daemon {
     state: State,
     monitor: Monitor,
     targets: HashMap<TargetId, (String, usize)>,
+    l7: Option<balancer_l7::L7>,
+    l7_targets: HashMap<TargetId, (String, std::net::SocketAddr)>,
     started: Instant,
     reloads: u64,
     config_errors: u64,
@@ -55,7 +57,7 @@ fn target_id(service_id: u32, backend: usize) -> TargetId {
 
 impl Daemon {
     /// Loads, adopts or attaches, and applies the config.
-    pub fn start(opts: RunOptions, events: mpsc::UnboundedSender<HealthEvent>) -> anyhow::Result<Self> {
+    pub async fn start(opts: RunOptions, events: mpsc::UnboundedSender<HealthEvent>) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pin = opts.pin_path.clone().unwrap_or_else(|| cfg.raw.dataplane.pin_path.clone());
         check_snat_ports(&cfg)?;
@@ -72,6 +74,13 @@ impl Daemon {
             dp.attach(iface, cfg.raw.dataplane.xdp_mode)
                 .with_context(|| format!("attaching to {iface}"))?;
         }
+        let l7 = match &cfg.raw.l7 {
+            Some(l7) => {
+                add_l7_addresses(&cfg)?;
+                Some(balancer_l7::L7::start(l7.get_ref().clone()).await.context("starting the L7 proxy")?)
+            }
+            None => None,
+        };
         let mut d = Daemon {
             opts,
             cfg,
@@ -79,6 +88,8 @@ impl Daemon {
             state,
             monitor: Monitor::new(events),
             targets: HashMap::new(),
+            l7,
+            l7_targets: HashMap::new(),
             started: Instant::now(),
             reloads: 0,
             config_errors: 0,
@@ -101,10 +112,24 @@ impl Daemon {
         }
     }
 
-    /// (Re)registers a health check for every backend of every service that has one.
+    /// (Re)registers a health check for every backend of every service (and L7 pool) that
+    /// has one.
     fn register_checks(&mut self) {
         for id in std::mem::take(&mut self.targets).into_keys() {
             self.monitor.remove(id);
+        }
+        for id in std::mem::take(&mut self.l7_targets).into_keys() {
+            self.monitor.remove(id);
+        }
+        if let Some(l7) = &self.cfg.raw.l7 {
+            for (p, pool) in l7.get_ref().pools.iter().enumerate() {
+                let Some(spec) = &pool.health else { continue };
+                for (i, b) in pool.backends.iter().enumerate() {
+                    let id = (1u64 << 63) | ((p as u64) << 32) | i as u64;
+                    self.monitor.add(id, b.address, spec.clone(), Checked::Up);
+                    self.l7_targets.insert(id, (pool.name.clone(), b.address));
+                }
+            }
         }
         for (name, s) in &self.state.services {
             let Some(table) = &s.spec.health else { continue };
@@ -137,6 +162,13 @@ impl Daemon {
 
     /// Applies one health change.
     pub fn on_health(&mut self, ev: HealthEvent) {
+        if let Some((pool, addr)) = self.l7_targets.get(&ev.target) {
+            if let Some(l7) = &self.l7 {
+                l7.set_backend_health(pool, *addr, ev.health.is_up());
+                info!(pool = %pool, backend = %addr, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
+            }
+            return;
+        }
         let Some((service, idx)) = self.targets.get(&ev.target).cloned() else { return };
         let new = if ev.health.is_up() { Health::Up } else { Health::Down };
         let Some(old) = self.state.services.get(&service).and_then(|s| s.backends.get(idx)).map(|b| b.health) else {
@@ -168,7 +200,7 @@ impl Daemon {
     }
 
     /// Re-reads the config file; a bad file changes nothing.
-    pub fn reload(&mut self) -> Result<String, String> {
+    pub async fn reload(&mut self) -> Result<String, String> {
         let new = match config::load(&self.opts.config) {
             Ok(c) => c,
             Err(e) => {
@@ -184,6 +216,25 @@ impl Daemon {
         if new.interfaces != self.cfg.interfaces || new.raw.dataplane.pin_path != self.cfg.raw.dataplane.pin_path {
             self.config_errors += 1;
             return Err("interfaces and pin_path change only with a restart".into());
+        }
+        // L7 first: it refuses a bad certificate as a whole, before anything else changes.
+        match (&self.l7, &new.raw.l7) {
+            (Some(l7), Some(c)) => {
+                if let Err(e) = add_l7_addresses(&new) {
+                    self.config_errors += 1;
+                    return Err(e.to_string());
+                }
+                if let Err(e) = l7.reload(c.get_ref().clone()).await {
+                    self.config_errors += 1;
+                    error!(error = %e, "reload refused by the L7 proxy: the running config keeps serving");
+                    return Err(format!("l7 refused, nothing changed: {e:#}"));
+                }
+            }
+            (None, None) => {}
+            _ => {
+                self.config_errors += 1;
+                return Err("adding or removing the [l7] section needs a restart".into());
+            }
         }
         match State::apply_config(&mut self.dp, &new, Some(self.state.clone())) {
             Ok(s) => {
@@ -204,7 +255,7 @@ impl Daemon {
     }
 
     /// Answers an operator request.
-    pub fn on_request(&mut self, req: Request) -> Result<serde_json::Value, String> {
+    pub async fn on_request(&mut self, req: Request) -> Result<serde_json::Value, String> {
         let admin = |op: &str| match op {
             "drain" => AdminState::Drain,
             "disable" => AdminState::Disabled,
@@ -212,7 +263,7 @@ impl Daemon {
         };
         let (op, service, backend) = match req {
             Request::Status => return serde_json::to_value(self.status()).map_err(|e| e.to_string()),
-            Request::Reload => return self.reload().map(|m| serde_json::json!({ "ok": true, "message": m })),
+            Request::Reload => return self.reload().await.map(|m| serde_json::json!({ "ok": true, "message": m })),
             Request::Drain { service, backend } => ("drain", service, backend),
             Request::Disable { service, backend } => ("disable", service, backend),
             Request::Enable { service, backend } => ("enable", service, backend),
@@ -302,6 +353,22 @@ fn start_endpoints(d: &Daemon, tx: &mpsc::Sender<Message>) {
     }
 }
 
+/// Puts the L7 listeners' and redirects' addresses on the interface (like VIPs), so the proxy
+/// can bind them and the kernel answers ARP / ND for them.
+fn add_l7_addresses(cfg: &Validated) -> anyhow::Result<()> {
+    let Some(l7) = &cfg.raw.l7 else { return Ok(()) };
+    let Some(iface) = cfg.interfaces.first() else { return Ok(()) };
+    let addrs = l7.get_ref().listeners.iter().map(|l| l.address).chain(l7.get_ref().redirects.iter().map(|r| r.address));
+    for a in addrs {
+        let ip = a.ip();
+        if ip.is_unspecified() || ip.is_loopback() {
+            continue;
+        }
+        net::add_vip(iface, ip).with_context(|| format!("adding L7 address {ip}"))?;
+    }
+    Ok(())
+}
+
 fn check_snat_ports(cfg: &Validated) -> anyhow::Result<()> {
     let (eph_lo, eph_hi) = net::ephemeral_ports()?;
     let [lo, hi] = *cfg.raw.dataplane.snat_ports.get_ref();
@@ -317,7 +384,7 @@ fn check_snat_ports(cfg: &Validated) -> anyhow::Result<()> {
 /// (everything is pinned); `balancer teardown` removes it.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut d = Daemon::start(opts, ev_tx)?;
+    let mut d = Daemon::start(opts, ev_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     start_endpoints(&d, &ctl_tx);
     info!(
@@ -340,7 +407,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 crate::systemd::reloading();
-                let _ = d.reload();
+                let _ = d.reload().await;
                 crate::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
@@ -349,7 +416,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 if reload {
                     crate::systemd::reloading();
                 }
-                let reply = d.on_request(msg.request);
+                let reply = d.on_request(msg.request).await;
                 if reload {
                     crate::systemd::ready();
                 }
@@ -358,6 +425,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     crate::systemd::stopping();
+    if let Some(l7) = d.l7.take() {
+        l7.shutdown(Duration::from_secs(10)).await;
+    }
     info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
     Ok(())
 }
