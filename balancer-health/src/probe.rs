@@ -58,6 +58,7 @@ pub(crate) struct Prober {
 
 impl Prober {
     pub(crate) fn new(addr: SocketAddr, spec: HealthSpec) -> Self {
+        let addr = spec.port.map_or(addr, |p| SocketAddr::new(addr.ip(), p));
         let tls = match &spec.kind {
             CheckKind::Https {
                 ca_file, insecure, ..

@@ -44,6 +44,7 @@ pub const DEFAULT_EXPECT_STATUS: [u16; 1] = [200];
 /// | `ca_file` | https | none: the operating system's trust store |
 /// | `insecure` | https | `false`; `true` skips certificate verification |
 /// | `sni` | https | `host` without its port, else the target IP |
+/// | `port` | all | the backend's own port; set it to check another port of the same host |
 /// | `message` | mllp | [`crate::mllp::ping`]: an MSH-only `NMQ^N01`, no patient data |
 ///
 /// Unknown keys, and keys that do not belong to the chosen kind, are errors. Deserializing
@@ -64,6 +65,8 @@ pub struct HealthSpec {
     /// Each check starts at a random offset in `[0, jitter)` after its slot, so that many
     /// targets added together do not probe in lockstep. The slots themselves never drift.
     pub jitter: Duration,
+    /// Port to check instead of the target's own (HAProxy's `port`, F5's alias port).
+    pub port: Option<u16>,
 }
 
 /// What a check does. The `kind` key of the config table chooses the variant.
@@ -149,6 +152,7 @@ impl HealthSpec {
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
             jitter: default_jitter(DEFAULT_INTERVAL),
+            port: None,
         }
     }
 
@@ -157,6 +161,9 @@ impl HealthSpec {
     /// no `ca_file` together with `insecure`, a well-formed `sni`, an MLLP message starting
     /// with `MSH`. Returns a short human-readable message on the first problem.
     pub fn validate(&self) -> Result<(), String> {
+        if self.port == Some(0) {
+            return Err("port must be 1..=65535".into());
+        }
         if self.interval < Duration::from_millis(1) {
             return Err("interval must be at least 1ms".into());
         }
@@ -294,6 +301,7 @@ struct RawSpec {
     insecure: Option<bool>,
     sni: Option<String>,
     message: Option<String>,
+    port: Option<u16>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -360,6 +368,7 @@ impl TryFrom<RawSpec> for HealthSpec {
             rise: r.rise.unwrap_or(DEFAULT_RISE),
             fall: r.fall.unwrap_or(DEFAULT_FALL),
             jitter: r.jitter.unwrap_or_else(|| default_jitter(interval)),
+            port: r.port,
         };
         spec.validate()?;
         Ok(spec)

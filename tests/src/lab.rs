@@ -205,8 +205,14 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         // XDP_TX/XDP_REDIRECT frames from the balancer's eth0 are only delivered when its
-        // veth peer runs NAPI: GRO on (or an XDP program) there.
-        self.exec(Host::Switch, &["ethtool", "-K", "lb", "gro", "on"])?;
+        // veth peer runs NAPI. GRO alone was seen to stall after a few dozen flows on this
+        // kernel; a pass-through XDP program on the peer is reliable. Its link is pinned in
+        // the lab's pin directory as `link-pass-lb`, which teardown removes.
+        let pass_pin = self.pin_path().join("link-pass-lb");
+        let bin = balancer_bin()?;
+        let bin = bin.to_string_lossy();
+        let pin = pass_pin.to_string_lossy();
+        self.exec(Host::Switch, &[&bin, "xdp-pass", "--interface", "lb", "--pin", &pin])?;
         self.exec(
             Host::Lb,
             &[
