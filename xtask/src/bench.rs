@@ -95,6 +95,8 @@ fn measure(path: Path, opts: &Options) -> Result<Row> {
     let lab = Lab::new(3)?;
     let _echo = lab.spawn_echo_all()?;
     let _iperf = spawn_iperf_server(&lab)?;
+    // Every path starts with warm neighbour tables, as it would after a health-check round.
+    lab.resolve_neighbours(Host::Lb)?;
     let mut _balancer = None;
     let (tput_to, rate_to): (SocketAddr, SocketAddr) = match path {
         Path::Direct => {
@@ -152,6 +154,8 @@ fn iperf(lab: &Lab, to: SocketAddr, seconds: u64) -> Result<f64> {
             &to.port().to_string(),
             "-t",
             &seconds.to_string(),
+            "--connect-timeout",
+            "3000",
             "-J",
         ],
     )?;

@@ -25,6 +25,15 @@ protocol = "tcp"
 forwarding = "nat"
 scheduler = "maglev"
 backends = [ { address = "10.77.0.11:7002", weight = 1 }, { address = "10.77.0.12:7002" }, { address = "10.77.0.13:7002" } ]
+
+# The backends' small HTTP servers, for curl.
+[[service]]
+name = "web-http"
+vip = "10.77.0.100:8080"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "maglev"
+backends = [ { address = "10.77.0.11:8080" }, { address = "10.77.0.12:8080" }, { address = "10.77.0.13:8080" } ]
 "#;
 
 /// Everything a demo step can use. Dropping it stops the balancer and tears the lab down.
@@ -161,13 +170,13 @@ fn long_lived(demo: &mut Demo) -> Result<()> {
 }
 
 fn http_through_vip(demo: &mut Demo) -> Result<()> {
-    // The sample config balances port 7002 only; HTTP goes to a backend directly here, through
-    // the VIP once a web service on the HTTP port is configured.
-    let url = format!("http://10.77.0.11:{HTTP_PORT}/");
-    let body = demo
-        .lab
-        .exec(Host::Client, &["curl", "-s", "-m", "5", &url])?;
-    println!("  curl {url}: {}", body.trim());
+    let url = format!("http://10.77.0.100:{HTTP_PORT}/");
+    for _ in 0..6 {
+        let body = demo
+            .lab
+            .exec(Host::Client, &["curl", "-s", "-m", "5", &url])?;
+        println!("  curl {url}  ->  {}", body.trim());
+    }
     Ok(())
 }
 
