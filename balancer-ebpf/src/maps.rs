@@ -45,6 +45,7 @@ pub struct Scratch {
     pub flow: Flow,
     pub reply: Flow,
     pub rkey: FlowKey,
+    pub okey: FlowKey,
 }
 
 #[map(name = "BLB_GLOBALS")]

@@ -208,8 +208,12 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<u32, Reason> {
             }
             let backend = f.backend;
             let _ = FLOWS.remove(&p.key);
-            let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
-            return Ok(refuse(ctx, p, svc.id, Some(backend), dropping, Reason::ResetBackendDown));
+            // A fresh SYN on a reused client port is a new connection, not a packet of the
+            // dead flow: it gets a live backend. Anything else of the dead flow is refused.
+            if p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
+                return Ok(refuse(ctx, p, svc.id, Some(backend), dropping, Reason::ResetBackendDown));
+            }
         }
     }
     match new_flow(ctx, p, svc) {
@@ -304,7 +308,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
         return Err(v);
     }
     if nat {
-        let Some(port) = snat_port(ctx, p, svc, be, be_idx, h, &mut scratch.reply, &mut scratch.rkey) else {
+        let Some(port) = snat_port(ctx, p, svc, be, be_idx, h, &mut scratch.reply, &mut scratch.rkey, &mut scratch.okey) else {
             count(Reason::DropSnatExhausted);
             account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
             return Err(xdp_action::XDP_DROP);
@@ -334,6 +338,7 @@ fn snat_port(
     h: u32,
     reply: &mut Flow,
     rkey: &mut FlowKey,
+    okey: &mut FlowKey,
 ) -> Option<u16> {
     let lo = svc.snat_port_lo as u32;
     let hi = svc.snat_port_hi as u32;
@@ -361,6 +366,10 @@ fn snat_port(
     rkey.sport = be.port;
     rkey.proto = p.key.proto;
     rkey.pad = [0; 3];
+    // A free port first; a port whose flow is over only when none of the probed ports is
+    // free (its old flow's forward entry goes too, so a late packet of that flow cannot reach
+    // the new one).
+    let mut fallback: u32 = 0;
     for _ in 0..8 {
         rkey.dport = (port as u16).to_be();
         if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
@@ -374,12 +383,33 @@ fn snat_port(
                 && e.new_dport == reply.new_dport
                 && e.new_src == reply.new_src
                 && e.new_sport == reply.new_sport;
-            if same_client || reusable(e, p.key.proto, now) {
+            if same_client {
                 let _ = FLOWS.insert(&*rkey, &*reply, BPF_ANY as u64);
                 return Some(rkey.dport);
             }
+            if fallback == 0 && reusable(e, p.key.proto, now) {
+                fallback = port;
+            }
         }
         port = if port >= hi { lo } else { port + 1 };
+    }
+    if fallback == 0 {
+        return None;
+    }
+    rkey.dport = (fallback as u16).to_be();
+    if let Some(e) = FLOWS.get_ptr(&*rkey) {
+        // SAFETY: valid for this run; copied into the scratch key before the delete.
+        let e = unsafe { &*e };
+        okey.src = e.new_dst;
+        okey.dst = e.new_src;
+        okey.sport = e.new_dport;
+        okey.dport = e.new_sport;
+        okey.proto = p.key.proto;
+        okey.pad = [0; 3];
+        let _ = FLOWS.remove(&*okey);
+    }
+    if FLOWS.insert(&*rkey, &*reply, BPF_ANY as u64).is_ok() {
+        return Some(rkey.dport);
     }
     None
 }

@@ -148,6 +148,17 @@ impl Daemon {
                 self.targets.insert(id, (name.clone(), i));
             }
         }
+        // A checked backend starts up (it needs `fall` failures to go down), as the monitor
+        // sees it; both states mean the same to the dataplane, so no map write.
+        for s in self.state.services.values_mut() {
+            if s.spec.health.is_some() {
+                for b in &mut s.backends {
+                    if b.health == Health::Unchecked {
+                        b.health = Health::Up;
+                    }
+                }
+            }
+        }
     }
 
     fn note(&mut self, ev: Option<Event>) {
@@ -309,7 +320,7 @@ impl Daemon {
                         priority: b.priority,
                         admin: format!("{:?}", b.admin).to_lowercase(),
                         health: format!("{:?}", b.health).to_lowercase(),
-                        state: report::state_name(b.dataplane_state()).to_string(),
+                        state: s.state_name(i).to_string(),
                         active: s.active == Some(i),
                         check_latency_ms: self
                             .monitor

@@ -395,16 +395,17 @@ impl State {
             snat_addr: s.snat,
         };
         // Backends that become usable must be writable before the ring points at them.
-        for b in &s.backends {
-            if b.dataplane_state() != BE_DOWN {
-                dp.put_backend(b.slot, &slot_value(s.id, b))?;
+        let states: Vec<u32> = (0..s.backends.len()).map(|i| s.effective_state(i)).collect();
+        for (b, st) in s.backends.iter().zip(&states) {
+            if *st != BE_DOWN {
+                dp.put_backend(b.slot, &slot_value(s.id, b, *st))?;
             }
         }
         dp.put_service(&s.key, &svc)?;
         s.half = spare;
-        for b in &s.backends {
-            if b.dataplane_state() == BE_DOWN {
-                dp.put_backend(b.slot, &slot_value(s.id, b))?;
+        for (b, st) in s.backends.iter().zip(&states) {
+            if *st == BE_DOWN {
+                dp.put_backend(b.slot, &slot_value(s.id, b, *st))?;
             }
         }
         self.last_apply = Some(Instant::now());
@@ -450,19 +451,43 @@ fn old_vips(old: &BTreeMap<String, ServiceState>) -> Option<Vec<IpAddr>> {
     }
 }
 
-fn slot_value(service: u32, b: &BackendState) -> Backend {
+fn slot_value(service: u32, b: &BackendState, state: u32) -> Backend {
     Backend {
         addr: net::addr16(b.address.ip()),
         port: b.address.port().to_be(),
         ipv6: b.address.is_ipv6() as u8,
         used: 1,
-        state: b.dataplane_state(),
+        state,
         generation: b.generation,
         service,
     }
 }
 
 impl ServiceState {
+    /// What the dataplane does with backend `i`. In a failover service only the active
+    /// backend keeps flows: the others are "down" to the dataplane (their flows are reset),
+    /// so that after a failover or a failback every sender ends up on the one live listener.
+    /// A drained standby keeps its existing flows.
+    pub fn effective_state(&self, i: usize) -> u32 {
+        let b = &self.backends[i];
+        let own = b.dataplane_state();
+        if self.spec.scheduler != Scheduler::Failover || self.active == Some(i) || own == BE_DOWN {
+            return own;
+        }
+        if own == BE_DRAINING { BE_DRAINING } else { BE_DOWN }
+    }
+
+    /// A name for backend `i`'s dataplane state: up, draining, down, or standby (a healthy
+    /// backend of a failover service that is not the active one).
+    pub fn state_name(&self, i: usize) -> &'static str {
+        let st = self.effective_state(i);
+        if st == BE_DOWN && self.backends[i].dataplane_state() == BE_UP {
+            "standby"
+        } else {
+            crate::report::state_name(st)
+        }
+    }
+
     /// Failover: keeps the active backend while it is eligible (and, with failback, while no
     /// eligible backend has a better priority); else the eligible one with the best priority.
     fn choose_active(&mut self) -> Option<Event> {
