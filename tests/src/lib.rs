@@ -21,8 +21,10 @@
 //! - `<p>` is `blb<pid>x<n>`, unique per lab, so labs run in parallel. The veths are
 //!   created inside `<p>-sw` with the peer moved straight into the host namespace, so no
 //!   interface name ever collides in the root namespace.
-//! - GRO is on for the switch port `lb`: frames the XDP program sends back out of the
-//!   balancer's `eth0` (XDP_TX/XDP_REDIRECT) are only delivered when that veth peer runs NAPI.
+//! - The switch port `lb` runs a pass-through XDP program (`balancer xdp-pass`, pinned as
+//!   `<pin_path>/link-pass-lb`): frames the XDP program sends back out of the balancer's
+//!   `eth0` (XDP_TX/XDP_REDIRECT) are only delivered when that veth peer runs NAPI, and GRO
+//!   alone was seen to stall after a few dozen flows. So a lab needs the balancer binary.
 //! - TX checksum offload is off on every `eth0` (see [`LabConfig::tx_checksum_offload`]).
 //! - IPv6 addresses are added with `nodad` (usable at once); the lb namespace forwards IPv4
 //!   and IPv6, with rp_filter and ICMP redirects off.
