@@ -166,9 +166,11 @@ pub const FLOW_F_DSR: u32 = 1 << 1;
 pub const FLOW_F_NEXTHOP: u32 = 1 << 2;
 /// A FIN or RST went through in this direction: the SNAT port may be reused soon.
 pub const FLOW_F_CLOSING: u32 = 1 << 3;
-/// Seconds after the last packet before a closing flow's SNAT port may be taken again (only
-/// when no free port is found): longer than a backend's TIME_WAIT (60 s on Linux).
-pub const CLOSING_REUSE_SECS: u32 = 120;
+/// Seconds after the last packet before a closing flow's SNAT port may be taken again, when
+/// none of the probed ports is free (the controller also expires closed flows).
+pub const CLOSING_REUSE_SECS: u32 = 10;
+/// Smallest SNAT port range (the probe sequence needs room).
+pub const MIN_SNAT_PORTS: u32 = 1024;
 /// Default idle time (s) after which a TCP flow's SNAT port may be reused.
 pub const DEFAULT_TCP_IDLE_SECS: u32 = 3600;
 /// Default idle time (s) after which a UDP flow's SNAT port may be reused.

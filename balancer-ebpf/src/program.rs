@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use balancer_common::{
-    BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
+    BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, MIN_SNAT_PORTS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
     FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey, NO_BACKEND,
     PROTO_TCP, PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey,
     flow_hash, reduce, ring_index, snat_first_port,
@@ -29,6 +29,8 @@ use crate::maps::{
 
 const AF_INET: u8 = 2;
 const MAX_HDR_OFFSET: usize = 128;
+/// SNAT ports tried for a new flow.
+const SNAT_PROBES: u32 = 16;
 const AF_INET6: u8 = 10;
 
 /// What the parser learnt of a packet.
@@ -345,7 +347,10 @@ fn snat_port(
     if hi < lo || lo == 0 {
         return None;
     }
-    let mut port = snat_first_port(h, lo as u16, hi as u16) as u32;
+    if hi < lo + MIN_SNAT_PORTS - 1 {
+        return None;
+    }
+    let port = snat_first_port(h, lo as u16, hi as u16) as u32;
     // Replies go back the way the request came: to the MAC it came from, out of the interface
     // it came in on.
     reply.new_src = p.key.dst;
@@ -370,7 +375,15 @@ fn snat_port(
     // free (its old flow's forward entry goes too, so a late packet of that flow cannot reach
     // the new one).
     let mut fallback: u32 = 0;
-    for _ in 0..8 {
+    let range = hi - lo + 1;
+    let first = port - lo;
+    for i in 0..SNAT_PROBES {
+        // Triangular probing (first, +1, +3, +6, …): no primary clusters to run into.
+        let mut off = first + i * (i + 1) / 2;
+        if off >= range {
+            off -= range;
+        }
+        let port = lo + off;
         rkey.dport = (port as u16).to_be();
         if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
             return Some(rkey.dport);
@@ -391,7 +404,6 @@ fn snat_port(
                 fallback = port;
             }
         }
-        port = if port >= hi { lo } else { port + 1 };
     }
     if fallback == 0 {
         return None;

@@ -433,8 +433,11 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         }
     }
     let [lo, hi] = *raw.dataplane.snat_ports.get_ref();
-    if lo < 1024 || hi < lo {
-        d.at(raw.dataplane.snat_ports.span(), "snat_ports must be [first, last] with 1024 <= first <= last");
+    if lo < 1024 || (hi as u32) < lo as u32 + balancer_common::MIN_SNAT_PORTS - 1 {
+        d.at(
+            raw.dataplane.snat_ports.span(),
+            "snat_ports must be [first, last] with first >= 1024 and at least 1024 ports",
+        );
     }
     if raw.dataplane.flow_table_size < 1024 {
         d.at(0..0, "[dataplane] flow_table_size must be at least 1024");

@@ -58,6 +58,9 @@ pub struct RateReport {
     pub conns_per_sec: f64,
     /// Completed connections per backend name.
     pub by_backend: BTreeMap<String, u64>,
+    /// The first few errors (kind and connection), for diagnosis.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 impl ConnsReport {

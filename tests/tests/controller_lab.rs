@@ -195,7 +195,7 @@ fn reload_good_and_bad_restart_and_kill9_keep_a_stream_byte_exact() {
     let cfg = header(&lab) + &web_service(&lab, "");
     let mut b = lab.start_balancer(&cfg).unwrap();
     let stream = lab.spawn_stream(vip4(ECHO_PORT), 12.0, 20).unwrap();
-    let load = spawn_tool(&lab, Host::Client, "blb-client", &["rate", "--to", &vip4(ECHO_PORT).to_string(), "--seconds", "3", "--concurrency", "2"]);
+    let load = spawn_tool(&lab, Host::Client, "blb-client", &["rate", "--to", &vip4(ECHO_PORT).to_string(), "--seconds", "3", "--concurrency", "1", "--timeout-ms", "5000"]);
     // A bad file is refused with its place, and the running config keeps serving.
     std::fs::write(b.config_path(), cfg.replace("name = \"web\"", "name = \"web\"\nschedular = \"maglev\"")).unwrap();
     let err = cli(&lab, &["reload"]).unwrap_err().to_string();
@@ -205,9 +205,11 @@ fn reload_good_and_bad_restart_and_kill9_keep_a_stream_byte_exact() {
     std::fs::write(b.config_path(), cfg.replace("{ address = \"10.77.0.11:7002\" }", "{ address = \"10.77.0.11:7002\", weight = 3 }")).unwrap();
     assert!(cli(&lab, &["reload"]).unwrap().contains("reloaded"));
     assert_eq!(backend(&status(&lab), "web", "10.77.0.11:7002")["weight"], 3);
+    // A SYN lost to a busy lab host is retried by TCP within the 5 s connect timeout; a reset
+    // or a blackholed flow would still fail.
     let rate = load.wait_output(Duration::from_secs(20)).unwrap();
     let rate: balancer_tests::RateReport = serde_json::from_str(&rate.stdout).unwrap();
-    assert_eq!(rate.failed, 0, "{rate:?}");
+    assert_eq!(rate.failed, 0, "{rate:?} {}", lab.counters().unwrap()["reasons"]);
     // A clean stop and a new start adopt the pinned dataplane.
     b.stop().unwrap();
     sleep(Duration::from_millis(500));

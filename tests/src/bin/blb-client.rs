@@ -370,6 +370,7 @@ fn rate(to: SocketAddr, seconds: f64, concurrency: usize, timeout: Duration) -> 
     let ok = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
     let by = Mutex::new(BTreeMap::<String, u64>::new());
+    let errors = Mutex::new(Vec::<String>::new());
     thread::scope(|sc| {
         for _ in 0..concurrency {
             sc.spawn(|| {
@@ -380,8 +381,13 @@ fn rate(to: SocketAddr, seconds: f64, concurrency: usize, timeout: Duration) -> 
                             ok.fetch_add(1, Ordering::Relaxed);
                             *mine.entry(b).or_default() += 1;
                         }
-                        Err(_) => {
+                        Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut v) = errors.lock()
+                                && v.len() < 10
+                            {
+                                v.push(format!("{:.3}s: {e:#}", start.elapsed().as_secs_f64()));
+                            }
                         }
                     }
                 }
@@ -401,6 +407,7 @@ fn rate(to: SocketAddr, seconds: f64, concurrency: usize, timeout: Duration) -> 
         seconds: secs,
         conns_per_sec: ok as f64 / secs,
         by_backend: by.into_inner().unwrap_or_default(),
+        errors: errors.into_inner().unwrap_or_default(),
     }
 }
 
