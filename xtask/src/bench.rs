@@ -127,6 +127,9 @@ fn measure(path: Path, opts: &Options) -> Result<Row> {
         "  rate: {:.0} conns/s ({} ok, {} failed, spread {:?})",
         r.conns_per_sec, r.ok, r.failed, r.by_backend
     );
+    for e in r.errors.iter().take(3) {
+        println!("  rate error: {e}");
+    }
     row.conns_per_s = Some(r.conns_per_sec);
     row.failed_conns = r.failed;
     Ok(row)
