@@ -29,9 +29,9 @@
 //! - IPv6 addresses are added with `nodad` (usable at once); the lb namespace forwards IPv4
 //!   and IPv6, with rp_filter and ICMP redirects off.
 //! - Commands run through `nsenter --net=/run/netns/<ns>`, which keeps the host's mount
-//!   namespace: a restarted balancer sees the pins it left in /sys/fs/bpf/<p>.
+//!   namespace: a restarted balancer sees the pins it left in `/sys/fs/bpf/<p>`.
 //! - Dropping the [`Lab`] (also while unwinding from a panic) kills every process in its
-//!   namespaces, runs `balancer teardown`, removes /sys/fs/bpf/<p> and deletes the namespaces.
+//!   namespaces, runs `balancer teardown`, removes `/sys/fs/bpf/<p>` and deletes the namespaces.
 //!   [`Lab::cleanup_stale`] removes what a killed earlier run left behind.
 //!
 //! # Example

@@ -20,13 +20,13 @@ struct Args {
     /// Name announced in the 8-byte header (space-padded) and in HTTP replies.
     #[arg(long)]
     name: String,
-    /// TCP echo address (repeatable), e.g. 0.0.0.0:7002 or [::]:7002.
+    /// TCP echo address (repeatable), e.g. `0.0.0.0:7002` or `[::]:7002`.
     #[arg(long)]
     tcp: Vec<SocketAddr>,
     /// UDP echo address (repeatable).
     #[arg(long)]
     udp: Vec<SocketAddr>,
-    /// HTTP address (repeatable): GET /health → 200 "ok", GET / → "served-by <name>".
+    /// HTTP address (repeatable): `GET /health` → 200 "ok", `GET /` → "served-by NAME".
     #[arg(long)]
     http: Vec<SocketAddr>,
 }
