@@ -43,6 +43,8 @@ pub struct Daemon {
     targets: HashMap<TargetId, (String, usize)>,
     l7: Option<balancer_l7::L7>,
     l7_targets: HashMap<TargetId, (String, std::net::SocketAddr)>,
+    gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::gc::Timeouts>>,
+    _gc: crate::gc::Collector,
     started: Instant,
     reloads: u64,
     config_errors: u64,
@@ -74,6 +76,8 @@ impl Daemon {
             dp.attach(iface, cfg.raw.dataplane.xdp_mode)
                 .with_context(|| format!("attaching to {iface}"))?;
         }
+        let gc_timeouts = std::sync::Arc::new(std::sync::Mutex::new(timeouts(&cfg)));
+        let gc = crate::gc::Collector::start(&pin, gc_timeouts.clone(), Duration::from_secs(5))?;
         let l7 = match &cfg.raw.l7 {
             Some(l7) => {
                 add_l7_addresses(&cfg)?;
@@ -90,6 +94,8 @@ impl Daemon {
             targets: HashMap::new(),
             l7,
             l7_targets: HashMap::new(),
+            gc_timeouts,
+            _gc: gc,
             started: Instant::now(),
             reloads: 0,
             config_errors: 0,
@@ -250,6 +256,9 @@ impl Daemon {
         match State::apply_config(&mut self.dp, &new, Some(self.state.clone())) {
             Ok(s) => {
                 self.state = s;
+                if let Ok(mut t) = self.gc_timeouts.lock() {
+                    *t = timeouts(&new);
+                }
                 self.cfg = new;
                 self.reloads += 1;
                 self.register_checks();
@@ -378,6 +387,13 @@ fn add_l7_addresses(cfg: &Validated) -> anyhow::Result<()> {
         net::add_vip(iface, ip).with_context(|| format!("adding L7 address {ip}"))?;
     }
     Ok(())
+}
+
+fn timeouts(cfg: &Validated) -> crate::gc::Timeouts {
+    crate::gc::Timeouts {
+        tcp_idle: cfg.raw.dataplane.tcp_idle_timeout.as_secs() as u32,
+        udp_idle: cfg.raw.dataplane.udp_idle_timeout.as_secs() as u32,
+    }
 }
 
 fn check_snat_ports(cfg: &Validated) -> anyhow::Result<()> {

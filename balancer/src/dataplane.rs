@@ -464,6 +464,11 @@ impl Dataplane {
         self.flows.iter().filter_map(Result::ok).collect()
     }
 
+    /// One expiry pass over the flow table (the daemon runs [`crate::gc::Collector`]).
+    pub fn sweep_flows(&mut self, t: crate::gc::Timeouts, now: u32) -> crate::gc::Sweep {
+        crate::gc::sweep(&mut self.flows, t, now)
+    }
+
     /// Removes a flow-table entry (tests).
     pub fn remove_flow(&mut self, key: &FlowKey) {
         let _ = self.flows.remove(key);

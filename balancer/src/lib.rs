@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod gc;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -432,3 +432,27 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
         assert_ne!(&out[0..6], &mac_of(be.ip()), "a new flow went to the draining backend");
     }
 }
+
+#[test]
+fn closed_and_idle_flows_expire_with_their_reply_entries() {
+    let (mut tb, _st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let t = balancer::gc::Timeouts { tcp_idle: 3600, udp_idle: 300 };
+    let closed = sa("10.77.0.2:40020");
+    let idle = sa("10.77.0.2:40021");
+    for c in [closed, idle] {
+        assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[])).unwrap().0, XDP_TX);
+    }
+    let fin = packet::Flags { fin: true, ack: true, ..Default::default() };
+    assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, closed, vip, 2, 1, fin, &[])).unwrap().0, XDP_TX);
+    assert_eq!(tb.dp.flows().len(), 4);
+    let atime = tb.dp.flows().values().map(|f| f.atime).max().unwrap();
+    let s = tb.dp.sweep_flows(t, atime + 5);
+    assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
+    let s = tb.dp.sweep_flows(t, atime + balancer::gc::CLOSED_LINGER_SECS + 1);
+    assert_eq!((s.closed, s.idle), (1, 0));
+    assert_eq!(tb.dp.flows().len(), 2, "the closed flow left with its reply entry");
+    let s = tb.dp.sweep_flows(t, atime + 3600);
+    assert_eq!((s.closed, s.idle), (0, 1));
+    assert!(tb.dp.flows().is_empty());
+}

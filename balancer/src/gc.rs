@@ -1,0 +1,174 @@
+//! Flow expiry: closed and idle flows leave the flow table, so their SNAT ports are free for
+//! new flows long before LRU pressure would evict them (like conntrack's timers).
+//!
+//! Runs on its own thread with its own handle to the pinned flow table, so a sweep of a big
+//! table never delays health changes in the daemon loop. Deleting concurrently with the XDP
+//! program is safe: each element is replaced or removed atomically.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData};
+use balancer_common::{FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, Flow, FlowKey, MAP_FLOWS, PROTO_TCP};
+use tracing::debug;
+
+/// Seconds a closed flow stays (stray retransmissions of its last segments still pass).
+pub const CLOSED_LINGER_SECS: u32 = 10;
+
+/// Expiry settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Idle seconds before a TCP flow goes.
+    pub tcp_idle: u32,
+    /// Idle seconds before a UDP flow goes.
+    pub udp_idle: u32,
+}
+
+/// Monotonic seconds on the clock the XDP program stamps flows with
+/// (`bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE).
+pub fn now_secs() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// The reverse (reply) key of a NAT forward entry.
+pub fn reply_key(f: &Flow, proto: u8) -> FlowKey {
+    FlowKey {
+        src: f.new_dst,
+        dst: f.new_src,
+        sport: f.new_dport,
+        dport: f.new_sport,
+        proto,
+        pad: [0; 3],
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries looked at.
+    pub seen: u64,
+    /// Flows removed because they were closed.
+    pub closed: u64,
+    /// Flows removed because they were idle.
+    pub idle: u64,
+}
+
+/// One pass over the table.
+pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32) -> Sweep {
+    let mut s = Sweep::default();
+    let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        s.seen += 1;
+        let Ok(f) = flows.get(&k, 0) else { continue };
+        let idle_limit = if k.proto == PROTO_TCP { t.tcp_idle } else { t.udp_idle };
+        if f.flags & FLOW_F_FORWARD != 0 {
+            let nat = f.flags & FLOW_F_DSR == 0;
+            let rk = reply_key(&f, k.proto);
+            // The reply entry counts only if it belongs to this client.
+            let r = if nat {
+                flows.get(&rk, 0).ok().filter(|r| r.new_dst == k.src && r.new_dport == k.sport)
+            } else {
+                None
+            };
+            let closing = f.flags & FLOW_F_CLOSING != 0 || r.is_some_and(|r| r.flags & FLOW_F_CLOSING != 0);
+            let last = r.map_or(f.atime, |r| latest(f.atime, r.atime));
+            let idle = now.wrapping_sub(last);
+            let expired_closed = closing && idle >= CLOSED_LINGER_SECS;
+            if expired_closed || (idle_limit != 0 && idle >= idle_limit) {
+                let _ = flows.remove(&k);
+                if r.is_some() {
+                    let _ = flows.remove(&rk);
+                }
+                if expired_closed { s.closed += 1 } else { s.idle += 1 }
+            }
+        } else {
+            // A reply entry whose forward entry is gone (evicted or expired): judged alone.
+            let fk = FlowKey { src: f.new_dst, dst: f.new_src, sport: f.new_dport, dport: f.new_sport, proto: k.proto, pad: [0; 3] };
+            if flows.get(&fk, 0).is_ok() {
+                continue;
+            }
+            let idle = now.wrapping_sub(f.atime);
+            let closing = f.flags & FLOW_F_CLOSING != 0;
+            if (closing && idle >= CLOSED_LINGER_SECS) || (idle_limit != 0 && idle >= idle_limit) {
+                let _ = flows.remove(&k);
+                if closing { s.closed += 1 } else { s.idle += 1 }
+            }
+        }
+    }
+    s
+}
+
+/// The later of two stamps on a wrapping seconds clock.
+fn latest(a: u32, b: u32) -> u32 {
+    if b.wrapping_sub(a) < u32::MAX / 2 { b } else { a }
+}
+
+/// A running expiry thread; stops when dropped.
+pub struct Collector {
+    stop: Arc<AtomicBool>,
+    /// Flows removed so far.
+    pub removed: Arc<AtomicU64>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    /// Starts sweeping the flow table pinned under `pin_dir` every `every`.
+    pub fn start(pin_dir: &Path, timeouts: Arc<std::sync::Mutex<Timeouts>>, every: Duration) -> anyhow::Result<Self> {
+        let data = MapData::from_pin(pin_dir.join(MAP_FLOWS)).context("opening the pinned flow table")?;
+        let mut flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let removed = Arc::new(AtomicU64::new(0));
+        let (st, rm) = (stop.clone(), removed.clone());
+        let handle = thread::Builder::new().name("flow-gc".into()).spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let mut waited = Duration::ZERO;
+                while waited < every && !st.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(100));
+                    waited += Duration::from_millis(100);
+                }
+                let t = match timeouts.lock() {
+                    Ok(t) => *t,
+                    Err(_) => break,
+                };
+                let s = sweep(&mut flows, t, now_secs());
+                rm.fetch_add(s.closed + s.idle, Ordering::Relaxed);
+                if s.closed + s.idle > 0 {
+                    debug!(seen = s.seen, closed = s.closed, idle = s.idle, "expired flows");
+                }
+            }
+        })?;
+        Ok(Collector { stop, removed, handle: Some(handle) })
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_handles_wrap() {
+        assert_eq!(latest(5, 7), 7);
+        assert_eq!(latest(7, 5), 7);
+        assert_eq!(latest(u32::MAX - 1, 2), 2);
+    }
+}
