@@ -212,7 +212,10 @@ impl Lab {
         let bin = balancer_bin()?;
         let bin = bin.to_string_lossy();
         let pin = pass_pin.to_string_lossy();
-        self.exec(Host::Switch, &[&bin, "xdp-pass", "--interface", "lb", "--pin", &pin])?;
+        self.exec(
+            Host::Switch,
+            &[&bin, "xdp-pass", "--interface", "lb", "--pin", &pin],
+        )?;
         self.exec(
             Host::Lb,
             &[

@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_tests::{ECHO_PORT, HTTP_PORT, Host, Lab, LabChild, balancer_bin, stream_report, tool_bin, vip4};
+use balancer_tests::{
+    ECHO_PORT, HTTP_PORT, Host, Lab, LabChild, balancer_bin, stream_report, tool_bin, vip4,
+};
 use serde_json::Value;
 
 const HL7_PORT: u16 = 6661;
@@ -80,7 +82,8 @@ fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Durat
 fn spawn_tool(lab: &Lab, host: Host, tool: &str, args: &[&str]) -> LabChild {
     let mut cmd = lab.command(host, tool_bin(tool).unwrap());
     cmd.args(args);
-    lab.spawn_command(cmd, &format!("[{host}] {tool} {}", args.join(" "))).unwrap()
+    lab.spawn_command(cmd, &format!("[{host}] {tool} {}", args.join(" ")))
+        .unwrap()
 }
 
 #[test]
@@ -90,29 +93,49 @@ fn web_backend_killed_under_load_leaves_within_fall_times_interval() {
     let health = format!(
         "health = {{ kind = \"http\", path = \"/health\", port = {HTTP_PORT}, interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n"
     );
-    let _b = lab.start_balancer(&(header(&lab) + &web_service(&lab, &health))).unwrap();
+    let _b = lab
+        .start_balancer(&(header(&lab) + &web_service(&lab, &health)))
+        .unwrap();
     wait_until(Duration::from_secs(5), "all backends up", || {
         let st = status(&lab);
-        st["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["health"] == "up")
+        st["services"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["health"] == "up")
     });
     let vip = vip4(ECHO_PORT).to_string();
-    let load = spawn_tool(&lab, Host::Client, "blb-client", &["rate", "--to", &vip, "--seconds", "5", "--concurrency", "4"]);
+    let load = spawn_tool(
+        &lab,
+        Host::Client,
+        "blb-client",
+        &["rate", "--to", &vip, "--seconds", "5", "--concurrency", "4"],
+    );
     sleep(Duration::from_secs(1));
     echo[1].kill(); // be2
     let be2 = format!("{}:{ECHO_PORT}", Host::Backend(2).v4().unwrap());
     let took = wait_until(Duration::from_secs(5), "be2 marked down", || {
         backend(&status(&lab), "web", &be2)["state"] == "down"
     });
-    assert!(took <= Duration::from_millis(2 * 200 + 1000), "detection took {took:?}");
+    assert!(
+        took <= Duration::from_millis(2 * 200 + 1000),
+        "detection took {took:?}"
+    );
     // From now on nothing goes to be2 and nothing fails.
     let r = lab.client_conns(vip4(ECHO_PORT), 200, 1000, 4).unwrap();
     assert_eq!(r.failed, 0, "{:?}", r.errors);
     assert!(!r.by_backend.contains_key("be2"), "{:?}", r.by_backend);
     let done = load.wait_output(Duration::from_secs(20)).unwrap();
     let rate: balancer_tests::RateReport = serde_json::from_str(&done.stdout).unwrap();
-    assert!(rate.by_backend.contains_key("be1") && rate.by_backend.contains_key("be3"), "{rate:?}");
+    assert!(
+        rate.by_backend.contains_key("be1") && rate.by_backend.contains_key("be3"),
+        "{rate:?}"
+    );
     // Only connections that were sent to be2 before the detection may have failed.
-    assert!(rate.failed as f64 <= rate.conns_per_sec * 1.5 + 10.0, "{rate:?}");
+    assert!(
+        rate.failed as f64 <= rate.conns_per_sec * 1.5 + 10.0,
+        "{rate:?}"
+    );
 }
 
 fn hl7_config(lab: &Lab, failback: bool) -> String {
@@ -136,47 +159,94 @@ backends = [
 }
 
 fn active(lab: &Lab) -> String {
-    status(lab)["services"][0]["active"].as_str().unwrap_or("").to_string()
+    status(lab)["services"][0]["active"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[test]
 fn hl7_failover_resets_the_sender_and_the_standby_acks_then_failback_only_when_asked() {
     let lab = Lab::new(2).unwrap();
     let listen = |i: usize, name: &str| {
-        let mut c = spawn_tool(&lab, Host::Backend(i), "blb-mllp", &["listen", "--name", name, "--addr", &format!("0.0.0.0:{HL7_PORT}")]);
-        c.wait_for_output("blb-mllp ready", Duration::from_secs(10)).unwrap();
+        let mut c = spawn_tool(
+            &lab,
+            Host::Backend(i),
+            "blb-mllp",
+            &[
+                "listen",
+                "--name",
+                name,
+                "--addr",
+                &format!("0.0.0.0:{HL7_PORT}"),
+            ],
+        );
+        c.wait_for_output("blb-mllp ready", Duration::from_secs(10))
+            .unwrap();
         c
     };
     let _a = listen(1, "hl7a");
     let _b = listen(2, "hl7b");
     let mut bal = lab.start_balancer(&hl7_config(&lab, false)).unwrap();
-    wait_until(Duration::from_secs(5), "hl7a active", || active(&lab) == "10.77.0.11:6661");
+    wait_until(Duration::from_secs(5), "hl7a active", || {
+        active(&lab) == "10.77.0.11:6661"
+    });
     let marker = "ZZTESTPATIENT^MARKER";
     let sender = spawn_tool(
         &lab,
         Host::Client,
         "blb-mllp",
-        &["send", "--to", &format!("10.77.0.100:{HL7_PORT}"), "--seconds", "14", "--interval-ms", "50", "--ack-timeout", "5", "--patient", marker],
+        &[
+            "send",
+            "--to",
+            &format!("10.77.0.100:{HL7_PORT}"),
+            "--seconds",
+            "14",
+            "--interval-ms",
+            "50",
+            "--ack-timeout",
+            "5",
+            "--patient",
+            marker,
+        ],
     );
     sleep(Duration::from_secs(2));
     // The active listener's server drops off the network: no FIN, no RST from it.
-    lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"]).unwrap();
-    let failover = wait_until(Duration::from_secs(5), "failover to hl7b", || active(&lab) == "10.77.0.12:6661");
-    assert!(failover < Duration::from_secs(1) + Duration::from_millis(300), "failover took {failover:?}");
+    lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"])
+        .unwrap();
+    let failover = wait_until(Duration::from_secs(5), "failover to hl7b", || {
+        active(&lab) == "10.77.0.12:6661"
+    });
+    assert!(
+        failover < Duration::from_secs(1) + Duration::from_millis(300),
+        "failover took {failover:?}"
+    );
     sleep(Duration::from_secs(1));
-    lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "up"]).unwrap();
+    lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "up"])
+        .unwrap();
     wait_until(Duration::from_secs(5), "hl7a healthy again", || {
         backend(&status(&lab), "hl7-listener", "10.77.0.11:6661")["health"] == "up"
     });
     sleep(Duration::from_secs(2));
-    assert_eq!(active(&lab), "10.77.0.12:6661", "failback = false: the recovered listener waits");
+    assert_eq!(
+        active(&lab),
+        "10.77.0.12:6661",
+        "failback = false: the recovered listener waits"
+    );
     std::fs::write(bal.config_path(), hl7_config(&lab, true)).unwrap();
     let out = cli(&lab, &["reload"]).unwrap();
     assert!(out.contains("reloaded"), "{out}");
-    wait_until(Duration::from_secs(3), "failback to hl7a", || active(&lab) == "10.77.0.11:6661");
+    wait_until(Duration::from_secs(3), "failback to hl7a", || {
+        active(&lab) == "10.77.0.11:6661"
+    });
     let done = sender.wait_output(Duration::from_secs(30)).unwrap();
     let r: Value = serde_json::from_str(&done.stdout).unwrap();
-    let seq: Vec<String> = r["sequence"].as_array().unwrap().iter().map(|s| s[0].as_str().unwrap().to_string()).collect();
+    let seq: Vec<String> = r["sequence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(seq, ["hl7a", "hl7b", "hl7a"], "{r}");
     assert_eq!(r["timeouts"], 0, "a sender was left hanging: {r}");
     assert!(r["resets"].as_u64().unwrap() >= 2, "{r}");
@@ -184,7 +254,10 @@ fn hl7_failover_resets_the_sender_and_the_standby_acks_then_failback_only_when_a
     assert!(r["errors"].as_array().unwrap().is_empty(), "{r}");
     // Patient data never reaches a log.
     bal.stop().unwrap();
-    assert!(!bal.logs().contains("ZZTESTPATIENT"), "marker in the balancer's log");
+    assert!(
+        !bal.logs().contains("ZZTESTPATIENT"),
+        "marker in the balancer's log"
+    );
     assert!(bal.logs().contains("failover: new active backend"));
 }
 
@@ -195,31 +268,72 @@ fn reload_good_and_bad_restart_and_kill9_keep_a_stream_byte_exact() {
     let cfg = header(&lab) + &web_service(&lab, "");
     let mut b = lab.start_balancer(&cfg).unwrap();
     let stream = lab.spawn_stream(vip4(ECHO_PORT), 12.0, 20).unwrap();
-    let load = spawn_tool(&lab, Host::Client, "blb-client", &["rate", "--to", &vip4(ECHO_PORT).to_string(), "--seconds", "3", "--concurrency", "1", "--timeout-ms", "5000"]);
+    let load = spawn_tool(
+        &lab,
+        Host::Client,
+        "blb-client",
+        &[
+            "rate",
+            "--to",
+            &vip4(ECHO_PORT).to_string(),
+            "--seconds",
+            "3",
+            "--concurrency",
+            "1",
+            "--timeout-ms",
+            "5000",
+        ],
+    );
     // A bad file is refused with its place, and the running config keeps serving.
-    std::fs::write(b.config_path(), cfg.replace("name = \"web\"", "name = \"web\"\nschedular = \"maglev\"")).unwrap();
+    std::fs::write(
+        b.config_path(),
+        cfg.replace("name = \"web\"", "name = \"web\"\nschedular = \"maglev\""),
+    )
+    .unwrap();
     let err = cli(&lab, &["reload"]).unwrap_err().to_string();
-    assert!(err.contains("balancer.toml:") && err.contains("schedular"), "{err}");
+    assert!(
+        err.contains("balancer.toml:") && err.contains("schedular"),
+        "{err}"
+    );
     assert_eq!(status(&lab)["config_errors"], 1);
     // A good one applies.
-    std::fs::write(b.config_path(), cfg.replace("{ address = \"10.77.0.11:7002\" }", "{ address = \"10.77.0.11:7002\", weight = 3 }")).unwrap();
+    std::fs::write(
+        b.config_path(),
+        cfg.replace(
+            "{ address = \"10.77.0.11:7002\" }",
+            "{ address = \"10.77.0.11:7002\", weight = 3 }",
+        ),
+    )
+    .unwrap();
     assert!(cli(&lab, &["reload"]).unwrap().contains("reloaded"));
-    assert_eq!(backend(&status(&lab), "web", "10.77.0.11:7002")["weight"], 3);
+    assert_eq!(
+        backend(&status(&lab), "web", "10.77.0.11:7002")["weight"],
+        3
+    );
     // A SYN lost to a busy lab host is retried by TCP within the 5 s connect timeout; a reset
     // or a blackholed flow would still fail.
     let rate = load.wait_output(Duration::from_secs(20)).unwrap();
     let rate: balancer_tests::RateReport = serde_json::from_str(&rate.stdout).unwrap();
-    assert_eq!(rate.failed, 0, "{rate:?} {}", lab.counters().unwrap()["reasons"]);
+    assert_eq!(
+        rate.failed,
+        0,
+        "{rate:?} {}",
+        lab.counters().unwrap()["reasons"]
+    );
     // A clean stop and a new start adopt the pinned dataplane.
     b.stop().unwrap();
     sleep(Duration::from_millis(500));
-    let mut b = lab.start_balancer(&std::fs::read_to_string(b.config_path()).unwrap()).unwrap();
+    let mut b = lab
+        .start_balancer(&std::fs::read_to_string(b.config_path()).unwrap())
+        .unwrap();
     assert!(b.logs().contains("adopted pinned maps"), "{}", b.logs());
     // kill -9 and start again.
     sleep(Duration::from_millis(500));
     b.kill9();
     sleep(Duration::from_millis(500));
-    let b2 = lab.start_balancer(&std::fs::read_to_string(b.config_path()).unwrap()).unwrap();
+    let b2 = lab
+        .start_balancer(&std::fs::read_to_string(b.config_path()).unwrap())
+        .unwrap();
     assert!(b2.logs().contains("adopted pinned maps"));
     let rep = stream_report(stream, Duration::from_secs(30)).unwrap();
     assert!(rep.ok, "stream broke: {:?}", rep.error);
@@ -232,18 +346,34 @@ fn reload_good_and_bad_restart_and_kill9_keep_a_stream_byte_exact() {
 fn cli_status_drain_disable_enable_and_socket_is_root_only() {
     let lab = Lab::new(3).unwrap();
     let _echo = lab.spawn_echo_all().unwrap();
-    let _b = lab.start_balancer(&(header(&lab) + &web_service(&lab, ""))).unwrap();
+    let _b = lab
+        .start_balancer(&(header(&lab) + &web_service(&lab, "")))
+        .unwrap();
     let table = cli(&lab, &["status"]).unwrap();
-    assert!(table.contains("web") && table.contains("10.77.0.11:7002"), "{table}");
+    assert!(
+        table.contains("web") && table.contains("10.77.0.11:7002"),
+        "{table}"
+    );
     cli(&lab, &["drain", "web", "10.77.0.11:7002"]).unwrap();
-    assert_eq!(backend(&status(&lab), "web", "10.77.0.11:7002")["state"], "draining");
+    assert_eq!(
+        backend(&status(&lab), "web", "10.77.0.11:7002")["state"],
+        "draining"
+    );
     let stream = lab.spawn_stream(vip4(ECHO_PORT), 4.0, 20).unwrap();
     cli(&lab, &["disable", "web", "10.77.0.12"]).unwrap();
     let r = lab.client_conns(vip4(ECHO_PORT), 60, 500, 4).unwrap();
     assert_eq!(r.failed, 0, "{:?}", r.errors);
-    assert_eq!(r.by_backend.keys().collect::<Vec<_>>(), ["be3"], "{:?}", r.by_backend);
+    assert_eq!(
+        r.by_backend.keys().collect::<Vec<_>>(),
+        ["be3"],
+        "{:?}",
+        r.by_backend
+    );
     let rep = stream_report(stream, Duration::from_secs(20)).unwrap();
-    assert!(rep.ok || rep.backend == "be2", "a stream on a live backend broke: {rep:?}");
+    assert!(
+        rep.ok || rep.backend == "be2",
+        "a stream on a live backend broke: {rep:?}"
+    );
     cli(&lab, &["enable", "web", "10.77.0.11:7002"]).unwrap();
     cli(&lab, &["enable", "web", "10.77.0.12:7002"]).unwrap();
     let r = lab.client_conns(vip4(ECHO_PORT), 90, 500, 4).unwrap();
@@ -267,12 +397,21 @@ fn sd_notify_messages() {
     let _echo = lab.spawn_echo_all().unwrap();
     let sock_path = lab.dir().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let cfg = lab.write_file("b.toml", &(header(&lab) + &web_service(&lab, ""))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let cfg = lab
+        .write_file("b.toml", &(header(&lab) + &web_service(&lab, "")))
+        .unwrap();
     let mut cmd = lab.command(Host::Lb, balancer_bin().unwrap());
-    cmd.args(["run", "--config"]).arg(&cfg).arg("--pin-path").arg(lab.pin_path());
-    cmd.env("NOTIFY_SOCKET", &sock_path).env("WATCHDOG_USEC", "400000");
-    let mut b = lab.spawn_command(cmd, "[lb] balancer run (notify)").unwrap();
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .arg("--pin-path")
+        .arg(lab.pin_path());
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut b = lab
+        .spawn_command(cmd, "[lb] balancer run (notify)")
+        .unwrap();
     let mut seen = Vec::new();
     let mut recv = |want: &str| {
         let t = Instant::now();

@@ -23,7 +23,10 @@ fn assert_spread(by: &std::collections::BTreeMap<String, u64>, total: u64, n: u6
     assert_eq!(by.len() as u64, n, "every backend served: {by:?}");
     for (b, c) in by {
         let dev = (*c as f64 - ideal).abs() / ideal;
-        assert!(dev <= 0.30, "backend {b} got {c} of {total} (ideal {ideal:.0}): {by:?}");
+        assert!(
+            dev <= 0.30,
+            "backend {b} got {c} of {total} (ideal {ideal:.0}): {by:?}"
+        );
     }
 }
 
@@ -50,21 +53,38 @@ fn stream_survives_removal(forwarding: &str) {
     }
     let cfg = sample_config(&lab, forwarding);
     let mut b = lab.start_balancer(&cfg).unwrap();
-    let mut stream = lab.spawn_stream(vip4(ECHO_PORT), 6.0, 20).unwrap();
-    let on = stream.stderr().split("stream connected to ").nth(1).unwrap().trim().to_string();
+    let stream = lab.spawn_stream(vip4(ECHO_PORT), 6.0, 20).unwrap();
+    let on = stream
+        .stderr()
+        .split("stream connected to ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
     let i: usize = on.trim_start_matches("be").parse().unwrap();
-    let other = lab.backend_hosts().into_iter().find(|h| *h != Host::Backend(i)).unwrap();
+    let other = lab
+        .backend_hosts()
+        .into_iter()
+        .find(|h| *h != Host::Backend(i))
+        .unwrap();
     let removed = format!("{{ address = \"{}:{ECHO_PORT}\" }}", other.v4().unwrap());
-    let fewer = cfg.replace(&format!("{removed}, "), "").replace(&format!(", {removed}"), "");
+    let fewer = cfg
+        .replace(&format!("{removed}, "), "")
+        .replace(&format!(", {removed}"), "");
     assert_ne!(fewer, cfg);
     std::fs::write(b.config_path(), &fewer).unwrap();
     sleep(Duration::from_millis(800));
     b.signal(libc::SIGHUP).unwrap();
-    b.wait_for_log("config reloaded", Duration::from_secs(10)).unwrap();
+    b.wait_for_log("config reloaded", Duration::from_secs(10))
+        .unwrap();
     // New connections go to the remaining backends only.
     let r = lab.client_conns(vip4(ECHO_PORT), 60, 500, 4).unwrap();
     assert_eq!(r.failed, 0, "{:?}", r.errors);
-    assert!(!r.by_backend.contains_key(&other.echo_name()), "{:?}", r.by_backend);
+    assert!(
+        !r.by_backend.contains_key(&other.echo_name()),
+        "{:?}",
+        r.by_backend
+    );
     let rep = stream_report(stream, Duration::from_secs(20)).unwrap();
     assert!(rep.ok, "stream broke: {:?}", rep.error);
     assert_eq!(rep.backend, on);
@@ -79,10 +99,16 @@ fn nat_long_lived_flow_stays_while_another_backend_is_removed() {
 /// DSR backends hold the VIP on a loopback and must not answer ARP for it.
 fn prepare_dsr_backends(lab: &Lab) {
     for h in lab.backend_hosts() {
-        lab.exec(h, &["ip", "addr", "add", "10.77.0.100/32", "dev", "lo"]).unwrap();
+        lab.exec(h, &["ip", "addr", "add", "10.77.0.100/32", "dev", "lo"])
+            .unwrap();
         lab.exec(
             h,
-            &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"],
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
+            ],
         )
         .unwrap();
     }

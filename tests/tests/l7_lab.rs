@@ -12,15 +12,34 @@ fn openssl_cert(lab: &Lab) -> (String, String) {
     let cert = dir.join("lb.pem");
     let key = dir.join("lb.key");
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=lb.example.org", "-addext", "subjectAltName=DNS:lb.example.org"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=lb.example.org",
+            "-addext",
+            "subjectAltName=DNS:lb.example.org",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert.display().to_string(), key.display().to_string())
 }
 
@@ -31,7 +50,8 @@ fn curl(lab: &Lab, url: &str, extra: &[&str]) -> String {
     args.extend_from_slice(&["--resolve", "lb.example.org:443:10.77.0.100"]);
     args.extend_from_slice(extra);
     args.push(url);
-    lab.exec(Host::Client, &args).unwrap_or_else(|e| format!("ERROR {e}"))
+    lab.exec(Host::Client, &args)
+        .unwrap_or_else(|e| format!("ERROR {e}"))
 }
 
 #[test]
@@ -42,7 +62,12 @@ fn tls_terminated_on_the_vip_routes_to_healthy_backends() {
     let backends: Vec<String> = lab
         .backend_hosts()
         .into_iter()
-        .map(|h| format!("  [[l7.pool.backend]]\n  address = \"{}:{HTTP_PORT}\"\n", h.v4().unwrap()))
+        .map(|h| {
+            format!(
+                "  [[l7.pool.backend]]\n  address = \"{}:{HTTP_PORT}\"\n",
+                h.v4().unwrap()
+            )
+        })
         .collect();
     let l4: Vec<String> = lab
         .backend_hosts()
@@ -95,11 +120,26 @@ health = {{ kind = "http", path = "/health", interval = "200ms", timeout = "150m
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     // TLS 1.1 is refused.
-    let old = curl(&lab, "https://lb.example.org/", &["--tls-max", "1.1", "--tlsv1.1"]);
+    let old = curl(
+        &lab,
+        "https://lb.example.org/",
+        &["--tls-max", "1.1", "--tlsv1.1"],
+    );
     assert!(old.starts_with("ERROR"), "TLS 1.1 accepted: {old}");
     // HTTP redirects to HTTPS.
     let r = lab
-        .exec(Host::Client, &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "http://10.77.0.100/x"])
+        .exec(
+            Host::Client,
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{redirect_url}",
+                "http://10.77.0.100/x",
+            ],
+        )
         .unwrap();
     assert!(r.starts_with("301") || r.starts_with("308"), "{r}");
     // The L4 service on the same VIP still works next to the proxy.
@@ -110,8 +150,14 @@ health = {{ kind = "http", path = "/health", interval = "200ms", timeout = "150m
     sleep(Duration::from_millis(1200));
     for _ in 0..20 {
         let body = curl(&lab, "https://lb.example.org/", &[]);
-        assert!(body.starts_with("served-by be2") || body.starts_with("served-by be3"), "{body}");
+        assert!(
+            body.starts_with("served-by be2") || body.starts_with("served-by be3"),
+            "{body}"
+        );
     }
     b.stop().unwrap();
-    assert!(!b.logs().contains("ZZQUERYMARKER"), "a query string reached the log");
+    assert!(
+        !b.logs().contains("ZZQUERYMARKER"),
+        "a query string reached the log"
+    );
 }

@@ -144,7 +144,13 @@ struct SendReport {
     errors: Vec<String>,
 }
 
-fn send(to: SocketAddr, seconds: f64, interval: Duration, patient: &str, ack_timeout: f64) -> Result<SendReport> {
+fn send(
+    to: SocketAddr,
+    seconds: f64,
+    interval: Duration,
+    patient: &str,
+    ack_timeout: f64,
+) -> Result<SendReport> {
     let mut r = SendReport::default();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut conn: Option<TcpStream> = None;
@@ -174,7 +180,9 @@ fn send(to: SocketAddr, seconds: f64, interval: Duration, patient: &str, ack_tim
         let msg = format!(
             "MSH|^~\\&|BLB|SENDER|HL7|LISTENER|20260101000000||ADT^A01|MSG{seq:08}|P|2.5\rEVN|A01|20260101000000\rPID|1||{seq:06}^^^HOSP^MR||{patient}||19700101|F\r"
         );
-        let outcome = s.write_all(&frame(msg.as_bytes())).and_then(|_| read_frame(s, 1 << 20));
+        let outcome = s
+            .write_all(&frame(msg.as_bytes()))
+            .and_then(|_| read_frame(s, 1 << 20));
         r.sent += 1;
         match outcome {
             Ok(Some(ack)) => {
@@ -198,8 +206,12 @@ fn send(to: SocketAddr, seconds: f64, interval: Duration, patient: &str, ack_tim
             }
             Err(e) => {
                 match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => r.timeouts += 1,
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => r.resets += 1,
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        r.timeouts += 1
+                    }
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+                        r.resets += 1
+                    }
                     k => r.errors.push(format!("{k:?}")),
                 }
                 conn = None;
@@ -213,11 +225,23 @@ fn send(to: SocketAddr, seconds: f64, interval: Duration, patient: &str, ack_tim
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Listen { name, addr, code } => listen(&name, addr, &code),
-        Cmd::Send { to, seconds, interval_ms, patient, ack_timeout } => {
+        Cmd::Send {
+            to,
+            seconds,
+            interval_ms,
+            patient,
+            ack_timeout,
+        } => {
             if !(0.0..=600.0).contains(&seconds) {
                 bail!("--seconds must be within 0..=600");
             }
-            let r = send(to, seconds, Duration::from_millis(interval_ms), &patient, ack_timeout)?;
+            let r = send(
+                to,
+                seconds,
+                Duration::from_millis(interval_ms),
+                &patient,
+                ack_timeout,
+            )?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
