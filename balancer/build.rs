@@ -9,6 +9,10 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("no workspace root"))?
         .join("balancer-ebpf");
     let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-    let package = aya_build::Package { name: "balancer-ebpf", root_dir: root, ..Default::default() };
+    let package = aya_build::Package {
+        name: "balancer-ebpf",
+        root_dir: root,
+        ..Default::default()
+    };
     aya_build::build_ebpf([package], aya_build::Toolchain::default())
 }

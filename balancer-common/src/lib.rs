@@ -321,8 +321,14 @@ impl Reason {
 pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     #[inline(always)]
     fn mix(h: u32, k: u32) -> u32 {
-        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
     }
     let w = |a: &Addr, i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
     let mut h = seed;
@@ -396,7 +402,12 @@ mod tests {
 
     #[test]
     fn hash_depends_on_every_field_and_seed() {
-        let k = FlowKey { sport: 1000u16.to_be(), dport: 80u16.to_be(), proto: 6, ..Default::default() };
+        let k = FlowKey {
+            sport: 1000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
         let h = flow_hash(&k, 1);
         assert_ne!(h, flow_hash(&k, 2));
         let mut k2 = k;

@@ -82,7 +82,10 @@ mod tests {
     }
 
     fn words(bytes: &[u8]) -> Vec<u16> {
-        bytes.chunks(2).map(|c| u16::from_ne_bytes([c[0], c[1]])).collect()
+        bytes
+            .chunks(2)
+            .map(|c| u16::from_ne_bytes([c[0], c[1]]))
+            .collect()
     }
 
     fn full(bytes: &[u8]) -> u16 {
@@ -96,7 +99,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
     }

@@ -7,24 +7,23 @@ use core::mem::{size_of, transmute, zeroed};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
-        bpf_fib_lookup, xdp_action,
+        BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup,
+        xdp_action,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
 };
 use balancer_common::{
-    BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, MIN_SNAT_PORTS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
-    FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey,
-    flow_hash, reduce, ring_index, snat_first_port,
+    BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
+    FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey, MIN_SNAT_PORTS, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey, flow_hash,
+    reduce, ring_index, snat_first_port,
 };
 use balancer_ebpf::{checksum, headers::*};
 
 use crate::maps::{
-    BACKEND_STATS, BACKENDS, FLOWS, GLOBALS, REASON_COUNTS, RINGS, SCRATCH, SERVICE_STATS,
-    SERVICES,
+    BACKEND_STATS, BACKENDS, FLOWS, GLOBALS, REASON_COUNTS, RINGS, SCRATCH, SERVICE_STATS, SERVICES,
 };
 
 const AF_INET: u8 = 2;
@@ -103,7 +102,12 @@ fn v4_of(w: &[u16; 8]) -> [u16; 2] {
 
 fn try_balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let p = parse(ctx)?;
-    let skey = ServiceKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, pad: 0 };
+    let skey = ServiceKey {
+        addr: p.key.dst,
+        port: p.key.dport,
+        proto: p.key.proto,
+        pad: 0,
+    };
     if let Some(svc) = SERVICES.get_ptr(&skey) {
         // SAFETY: map values stay valid for the whole program run (RCU); the controller
         // replaces a service by a whole-element update.
@@ -186,7 +190,16 @@ fn parse(ctx: &XdpContext) -> Result<Pkt, Reason> {
     } else {
         return Err(Reason::PassNotTcpUdp);
     }
-    Ok(Pkt { l3off, l4off, v6, vlan, tcp_flags, key, src_mac, dst_mac })
+    Ok(Pkt {
+        l3off,
+        l4off,
+        v6,
+        vlan,
+        tcp_flags,
+        key,
+        src_mac,
+        dst_mac,
+    })
 }
 
 #[inline(always)]
@@ -214,7 +227,14 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<u32, Reason> {
             // dead flow: it gets a live backend. Anything else of the dead flow is refused.
             if p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
                 let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
-                return Ok(refuse(ctx, p, svc.id, Some(backend), dropping, Reason::ResetBackendDown));
+                return Ok(refuse(
+                    ctx,
+                    p,
+                    svc.id,
+                    Some(backend),
+                    dropping,
+                    Reason::ResetBackendDown,
+                ));
             }
         }
     }
@@ -277,7 +297,11 @@ fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u32> {
     let h = flow_hash(&p.key, svc.seed);
-    let size = if svc.ring_size > RING_MAX { RING_MAX } else { svc.ring_size };
+    let size = if svc.ring_size > RING_MAX {
+        RING_MAX
+    } else {
+        svc.ring_size
+    };
     let slot = reduce(h, size);
     let i = ring_index(svc.id, svc.ring_half & 1, slot);
     let be_idx = match RINGS.get(i >> 1) {
@@ -299,7 +323,11 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
     flow.new_dst = be.addr;
     flow.new_sport = p.key.sport;
     flow.new_dport = if nat { be.port } else { p.key.dport };
-    flow.flags = if nat { FLOW_F_FORWARD | FLOW_F_NEXTHOP } else { FLOW_F_FORWARD | FLOW_F_DSR | FLOW_F_NEXTHOP };
+    flow.flags = if nat {
+        FLOW_F_FORWARD | FLOW_F_NEXTHOP
+    } else {
+        FLOW_F_FORWARD | FLOW_F_DSR | FLOW_F_NEXTHOP
+    };
     flow.backend = be_idx;
     flow.generation = be.generation;
     flow.service = svc.id;
@@ -310,7 +338,17 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
         return Err(v);
     }
     if nat {
-        let Some(port) = snat_port(ctx, p, svc, be, be_idx, h, &mut scratch.reply, &mut scratch.rkey, &mut scratch.okey) else {
+        let Some(port) = snat_port(
+            ctx,
+            p,
+            svc,
+            be,
+            be_idx,
+            h,
+            &mut scratch.reply,
+            &mut scratch.rkey,
+            &mut scratch.okey,
+        ) else {
             count(Reason::DropSnatExhausted);
             account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
             return Err(xdp_action::XDP_DROP);
@@ -451,7 +489,12 @@ fn next_hop(ctx: &XdpContext, p: &Pkt, flow: &mut Flow) -> Result<(), u32> {
     }
     // SAFETY: helper call with a valid context and a stack buffer of the right size.
     let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     } as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         flow.ifindex = fib.ifindex;
@@ -471,7 +514,14 @@ fn next_hop(ctx: &XdpContext, p: &Pkt, flow: &mut Flow) -> Result<(), u32> {
 #[inline(always)]
 fn transmit(ctx: &XdpContext, p: &Pkt, flow: &Flow) -> Result<u32, Reason> {
     if flow.flags & FLOW_F_DSR == 0 {
-        rewrite(ctx, p, &words(&flow.new_src), &words(&flow.new_dst), flow.new_sport, flow.new_dport)?;
+        rewrite(
+            ctx,
+            p,
+            &words(&flow.new_src),
+            &words(&flow.new_dst),
+            flow.new_sport,
+            flow.new_dport,
+        )?;
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked.
@@ -570,7 +620,11 @@ fn refuse(
         }
         return xdp_action::XDP_TX;
     }
-    count(if reason == Reason::ResetBackendDown { Reason::DropBackendDown } else { reason });
+    count(if reason == Reason::ResetBackendDown {
+        Reason::DropBackendDown
+    } else {
+        reason
+    });
     account(&SERVICE_STATS, svc, |c| c.drops += 1);
     xdp_action::XDP_DROP
 }

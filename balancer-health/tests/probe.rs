@@ -46,11 +46,20 @@ async fn port_override_checks_another_port_of_the_same_host() {
     let up = common::tcp_listener().await;
     let down = common::closed_port().await;
     // The target is the closed port; the check goes to the listening one.
-    let s = HealthSpec { port: Some(up.port()), ..spec(CheckKind::Tcp) };
+    let s = HealthSpec {
+        port: Some(up.port()),
+        ..spec(CheckKind::Tcp)
+    };
     run(down, &s).await.unwrap();
-    let s = HealthSpec { port: Some(down.port()), ..spec(CheckKind::Tcp) };
+    let s = HealthSpec {
+        port: Some(down.port()),
+        ..spec(CheckKind::Tcp)
+    };
     assert_eq!(run(up, &s).await.unwrap_err(), "connect refused");
-    let bad = HealthSpec { port: Some(0), ..spec(CheckKind::Tcp) };
+    let bad = HealthSpec {
+        port: Some(0),
+        ..spec(CheckKind::Tcp)
+    };
     assert!(bad.validate().is_err());
 }
 

@@ -52,10 +52,12 @@ backends = [ { address = "10.77.0.11:6661", priority = 1 }, { address = "10.77.0
 /// A testbed with [`TESTBED_CONFIG`] applied.
 pub fn configured_testbed(flow_entries: u32) -> anyhow::Result<(Testbed, State)> {
     let mut tb = Testbed::new(flow_entries)?;
-    let backends: Vec<String> =
-        (11..=74).map(|h| format!("{{ address = \"10.77.0.{h}:7010\" }}")).collect();
+    let backends: Vec<String> = (11..=74)
+        .map(|h| format!("{{ address = \"10.77.0.{h}:7010\" }}"))
+        .collect();
     let text = TESTBED_CONFIG.replace("BENCH_BACKENDS", &backends.join(", "));
-    let cfg = config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg =
+        config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let st = State::apply_config(&mut tb.dp, &cfg, None)?;
     Ok((tb, st))
 }
@@ -68,12 +70,28 @@ fn sa(s: &str) -> SocketAddr {
 pub fn xdp(calls: u32) -> anyhow::Result<String> {
     let (mut tb, _st) = configured_testbed(balancer_common::DEFAULT_FLOW_ENTRIES)?;
     let mut out = String::new();
-    let _ = writeln!(out, "XDP ns/packet (BPF_PROG_TEST_RUN, repeat=1, {calls} calls each, kernel-measured)");
+    let _ = writeln!(
+        out,
+        "XDP ns/packet (BPF_PROG_TEST_RUN, repeat=1, {calls} calls each, kernel-measured)"
+    );
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40000");
-    let nonvip = packet::tcp(host_mac(2), LB_MAC, client, sa("10.77.0.1:22"), 1, 0, packet::ACK, &[]);
+    let nonvip = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        sa("10.77.0.1:22"),
+        1,
+        0,
+        packet::ACK,
+        &[],
+    );
 
-    let time = |prog: &aya::programs::Xdp, pkt: &mut Vec<u8>, ifindex: u32, vary: bool| -> anyhow::Result<(f64, u32)> {
+    let time = |prog: &aya::programs::Xdp,
+                pkt: &mut Vec<u8>,
+                ifindex: u32,
+                vary: bool|
+     -> anyhow::Result<(f64, u32)> {
         let mut total = 0u128;
         let mut verdict = 0;
         for i in 0..calls {
@@ -103,7 +121,16 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
     let (ns, v) = time(prog, &mut p, ifindex, false)?;
     rows.push(("non-VIP packet (pass)", ns, v));
     // New flows spread over a 64-backend service, as a busy farm would.
-    let mut syn = packet::tcp(host_mac(2), LB_MAC, client, sa("10.77.0.100:7010"), 1000, 0, packet::SYN, &[]);
+    let mut syn = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        sa("10.77.0.100:7010"),
+        1000,
+        0,
+        packet::SYN,
+        &[],
+    );
     let (ns, v) = time(prog, &mut syn, ifindex, true)?;
     rows.push(("new TCP flow (SYN, full NAT)", ns, v));
     let mut ack = packet::tcp(host_mac(2), LB_MAC, client, vip, 1001, 1, packet::ACK, &[]);
@@ -112,7 +139,12 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
     rows.push(("established flow (ACK, full NAT)", ns, v));
     // The reply to that flow: from the backend the ACK went to, to the SNAT port it got.
     if v0 != 3 {
-        let reasons: Vec<_> = tb.dp.reasons().into_iter().filter(|(_, n)| *n > 0).collect();
+        let reasons: Vec<_> = tb
+            .dp
+            .reasons()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
         anyhow::bail!("the ACK was not transmitted (verdict {v0}); reasons so far: {reasons:?}");
     }
     let be = SocketAddr::new(
@@ -123,7 +155,13 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
         std::net::Ipv4Addr::new(out0[26], out0[27], out0[28], out0[29]).into(),
         u16::from_be_bytes([out0[34], out0[35]]),
     );
-    let last = be.ip().to_string().rsplit('.').next().and_then(|x| x.parse().ok()).unwrap_or(11);
+    let last = be
+        .ip()
+        .to_string()
+        .rsplit('.')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(11);
     let mut reply = packet::tcp(host_mac(last), LB_MAC, be, snat, 1, 1002, packet::ACK, &[]);
     let (ns, v) = time(prog, &mut reply, ifindex, false)?;
     rows.push(("reply (reverse NAT)", ns, v));
@@ -151,7 +189,11 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
     let _ = writeln!(out, "\nMaglev table build, M=65537 (median of 15)");
     for n in [10u32, 100, 1000] {
         let entries: Vec<maglev::Entry> = (0..n)
-            .map(|i| maglev::Entry { name: format!("10.{}.{}.{}:7002", i / 65536, (i / 256) % 256, i % 256), weight: 1, value: i })
+            .map(|i| maglev::Entry {
+                name: format!("10.{}.{}.{}:7002", i / 65536, (i / 256) % 256, i % 256),
+                weight: 1,
+                value: i,
+            })
             .collect();
         let mut times: Vec<f64> = (0..15)
             .map(|_| {

@@ -103,7 +103,10 @@ fn default_socket() -> PathBuf {
 
 impl Default for Controller {
     fn default() -> Self {
-        Controller { socket: default_socket(), metrics: None }
+        Controller {
+            socket: default_socket(),
+            metrics: None,
+        }
     }
 }
 
@@ -305,7 +308,11 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
     }
 }
 
@@ -334,7 +341,12 @@ struct Diags<'a> {
 impl Diags<'_> {
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, span.start);
-        self.out.push(Diagnostic { file: self.file.clone(), line, column, message: message.into() });
+        self.out.push(Diagnostic {
+            file: self.file.clone(),
+            line,
+            column,
+            message: message.into(),
+        });
     }
 }
 
@@ -361,7 +373,11 @@ pub fn load(path: &Path) -> Result<Validated, ConfigError> {
 
 /// Validates the text of a file.
 pub fn parse(text: &str, path: &Path) -> Result<Validated, ConfigError> {
-    let mut d = Diags { file: path.display().to_string(), text, out: Vec::new() };
+    let mut d = Diags {
+        file: path.display().to_string(),
+        text,
+        out: Vec::new(),
+    };
     let raw: Config = match toml::from_str(text) {
         Ok(c) => c,
         Err(e) => {
@@ -371,14 +387,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Validated, ConfigError> {
         }
     };
     let v = validate(raw, path, &mut d);
-    if d.out.is_empty() { Ok(v) } else { Err(ConfigError(d.out)) }
+    if d.out.is_empty() {
+        Ok(v)
+    } else {
+        Err(ConfigError(d.out))
+    }
 }
 
 fn parse_ip(d: &mut Diags, s: &Spanned<String>, what: &str) -> Option<IpAddr> {
     match s.get_ref().parse::<IpAddr>() {
         Ok(ip) => Some(ip),
         Err(_) => {
-            d.at(s.span(), format!("{what}: '{}' is not an IP address", s.get_ref()));
+            d.at(
+                s.span(),
+                format!("{what}: '{}' is not an IP address", s.get_ref()),
+            );
             None
         }
     }
@@ -415,22 +438,38 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
     if interfaces.is_empty() {
         d.at(0..0, "[dataplane]: set `interface` (or `interfaces`)");
     }
-    for i in raw.dataplane.interface.iter().chain(raw.dataplane.interfaces.iter()) {
+    for i in raw
+        .dataplane
+        .interface
+        .iter()
+        .chain(raw.dataplane.interfaces.iter())
+    {
         if i.get_ref().is_empty() || i.get_ref().len() > 15 || i.get_ref().contains('/') {
-            d.at(i.span(), format!("'{}' is not an interface name", i.get_ref()));
+            d.at(
+                i.span(),
+                format!("'{}' is not an interface name", i.get_ref()),
+            );
         }
     }
-    let snat_ipv4 = raw.dataplane.snat_ipv4.as_ref().and_then(|s| parse_ip(d, s, "snat_ipv4"));
-    if let (Some(ip), Some(s)) = (snat_ipv4, &raw.dataplane.snat_ipv4) {
-        if !ip.is_ipv4() {
-            d.at(s.span(), "snat_ipv4 must be an IPv4 address");
-        }
+    let snat_ipv4 = raw
+        .dataplane
+        .snat_ipv4
+        .as_ref()
+        .and_then(|s| parse_ip(d, s, "snat_ipv4"));
+    if let (Some(ip), Some(s)) = (snat_ipv4, &raw.dataplane.snat_ipv4)
+        && !ip.is_ipv4()
+    {
+        d.at(s.span(), "snat_ipv4 must be an IPv4 address");
     }
-    let snat_ipv6 = raw.dataplane.snat_ipv6.as_ref().and_then(|s| parse_ip(d, s, "snat_ipv6"));
-    if let (Some(ip), Some(s)) = (snat_ipv6, &raw.dataplane.snat_ipv6) {
-        if !ip.is_ipv6() {
-            d.at(s.span(), "snat_ipv6 must be an IPv6 address");
-        }
+    let snat_ipv6 = raw
+        .dataplane
+        .snat_ipv6
+        .as_ref()
+        .and_then(|s| parse_ip(d, s, "snat_ipv6"));
+    if let (Some(ip), Some(s)) = (snat_ipv6, &raw.dataplane.snat_ipv6)
+        && !ip.is_ipv6()
+    {
+        d.at(s.span(), "snat_ipv6 must be an IPv6 address");
     }
     let [lo, hi] = *raw.dataplane.snat_ports.get_ref();
     if lo < 1024 || (hi as u32) < lo as u32 + balancer_common::MIN_SNAT_PORTS - 1 {
@@ -442,32 +481,55 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
     if raw.dataplane.flow_table_size < 1024 {
         d.at(0..0, "[dataplane] flow_table_size must be at least 1024");
     }
-    let metrics = raw.controller.metrics.as_ref().and_then(|s| parse_sock(d, s, "metrics"));
+    let metrics = raw
+        .controller
+        .metrics
+        .as_ref()
+        .and_then(|s| parse_sock(d, s, "metrics"));
 
     let mut services = Vec::new();
     let mut names = HashSet::new();
     let mut vips: BTreeMap<(SocketAddr, Protocol), String> = BTreeMap::new();
     let mut total_backends = 0usize;
     if raw.services.len() > balancer_common::MAX_SERVICES as usize {
-        d.at(0..0, format!("at most {} services", balancer_common::MAX_SERVICES));
+        d.at(
+            0..0,
+            format!("at most {} services", balancer_common::MAX_SERVICES),
+        );
     }
     for s in &raw.services {
         let name = s.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            d.at(s.name.span(), "service name: use letters, digits, '-', '_' and '.'");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            d.at(
+                s.name.span(),
+                "service name: use letters, digits, '-', '_' and '.'",
+            );
         }
         if !names.insert(name.clone()) {
             d.at(s.name.span(), format!("service '{name}' is defined twice"));
         }
         let vip = parse_sock(d, &s.vip, "vip");
-        if let Some(v) = vip {
-            if let Some(other) = vips.insert((v, s.protocol), name.clone()) {
-                d.at(s.vip.span(), format!("vip {v} ({:?}) is already used by service '{other}'", s.protocol));
-            }
+        if let Some(v) = vip
+            && let Some(other) = vips.insert((v, s.protocol), name.clone())
+        {
+            d.at(
+                s.vip.span(),
+                format!(
+                    "vip {v} ({:?}) is already used by service '{other}'",
+                    s.protocol
+                ),
+            );
         }
         let ring = *s.ring_size.get_ref();
         if ring > balancer_common::RING_MAX || !crate::maglev::is_prime(ring) {
-            d.at(s.ring_size.span(), format!("ring_size {ring} must be a prime no larger than 65537"));
+            d.at(
+                s.ring_size.span(),
+                format!("ring_size {ring} must be a prime no larger than 65537"),
+            );
         }
         if s.backends.get_ref().is_empty() {
             d.at(s.backends.span(), "a service needs at least one backend");
@@ -476,16 +538,24 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         let mut backends = Vec::new();
         for (i, b) in s.backends.get_ref().iter().enumerate() {
             total_backends += 1;
-            let Some(addr) = parse_sock(d, &b.address, "backend address") else { continue };
+            let Some(addr) = parse_sock(d, &b.address, "backend address") else {
+                continue;
+            };
             if !seen.insert(addr) {
                 d.at(b.address.span(), format!("backend {addr} is listed twice"));
             }
             if let Some(v) = vip {
                 if v.is_ipv4() != addr.is_ipv4() {
-                    d.at(b.address.span(), "backend and vip must be of the same address family");
+                    d.at(
+                        b.address.span(),
+                        "backend and vip must be of the same address family",
+                    );
                 }
                 if s.forwarding == Forwarding::Dsr && addr.port() != v.port() {
-                    d.at(b.address.span(), "dsr cannot change the port: the backend port must equal the vip port");
+                    d.at(
+                        b.address.span(),
+                        "dsr cannot change the port: the backend port must equal the vip port",
+                    );
                 }
             }
             if b.weight > 65535 {
@@ -498,10 +568,10 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 state: b.state,
             });
         }
-        if let Some(h) = &s.health {
-            if let Err(e) = crate::health::spec_from_table(h.get_ref()) {
-                d.at(h.span(), format!("health: {e}"));
-            }
+        if let Some(h) = &s.health
+            && let Err(e) = crate::health::spec_from_table(h.get_ref())
+        {
+            d.at(h.span(), format!("health: {e}"));
         }
         if let Some(vip) = vip {
             services.push(ServiceSpec {
@@ -525,13 +595,22 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             }
         }
         for l in &l7.get_ref().listeners {
-            if services.iter().any(|s: &ServiceSpec| s.vip == l.address && s.protocol == Protocol::Tcp) {
-                d.at(l7.span(), format!("l7 listener {} is also an L4 service VIP:port", l.address));
+            if services
+                .iter()
+                .any(|s: &ServiceSpec| s.vip == l.address && s.protocol == Protocol::Tcp)
+            {
+                d.at(
+                    l7.span(),
+                    format!("l7 listener {} is also an L4 service VIP:port", l.address),
+                );
             }
         }
     }
     if total_backends > balancer_common::MAX_BACKENDS as usize {
-        d.at(0..0, format!("at most {} backends in all", balancer_common::MAX_BACKENDS));
+        d.at(
+            0..0,
+            format!("at most {} backends in all", balancer_common::MAX_BACKENDS),
+        );
     }
     Validated {
         path: path.to_path_buf(),
@@ -609,7 +688,10 @@ backends = [
         let bad = GOOD
             .replace("10.77.0.11:7002", "[fd77::11]:7002")
             .replace("ring_size", "x")
-            .replace("forwarding = \"nat\"", "forwarding = \"dsr\"\nring_size = 65536")
+            .replace(
+                "forwarding = \"nat\"",
+                "forwarding = \"dsr\"\nring_size = 65536",
+            )
             .replace("10.77.0.12:7002", "10.77.0.12:80");
         let e = p(&bad).unwrap_err();
         assert!(e.0.len() >= 3, "{e}");
@@ -620,6 +702,9 @@ backends = [
         let two = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[service]]").unwrap()..]);
         let e = p(&two).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("defined twice") && s.contains("already used"), "{s}");
+        assert!(
+            s.contains("defined twice") && s.contains("already used"),
+            "{s}"
+        );
     }
 }

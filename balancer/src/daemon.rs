@@ -59,9 +59,15 @@ fn target_id(service_id: u32, backend: usize) -> TargetId {
 
 impl Daemon {
     /// Loads, adopts or attaches, and applies the config.
-    pub async fn start(opts: RunOptions, events: mpsc::UnboundedSender<HealthEvent>) -> anyhow::Result<Self> {
+    pub async fn start(
+        opts: RunOptions,
+        events: mpsc::UnboundedSender<HealthEvent>,
+    ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let pin = opts.pin_path.clone().unwrap_or_else(|| cfg.raw.dataplane.pin_path.clone());
+        let pin = opts
+            .pin_path
+            .clone()
+            .unwrap_or_else(|| cfg.raw.dataplane.pin_path.clone());
         check_snat_ports(&cfg)?;
         let mut dp = Dataplane::load(&LoadOptions {
             pin_path: Some(pin.clone()),
@@ -81,7 +87,11 @@ impl Daemon {
         let l7 = match &cfg.raw.l7 {
             Some(l7) => {
                 add_l7_addresses(&cfg)?;
-                Some(balancer_l7::L7::start(l7.get_ref().clone()).await.context("starting the L7 proxy")?)
+                Some(
+                    balancer_l7::L7::start(l7.get_ref().clone())
+                        .await
+                        .context("starting the L7 proxy")?,
+                )
             }
             None => None,
         };
@@ -138,7 +148,9 @@ impl Daemon {
             }
         }
         for (name, s) in &self.state.services {
-            let Some(table) = &s.spec.health else { continue };
+            let Some(table) = &s.spec.health else {
+                continue;
+            };
             let spec = match health::spec_from_table(table) {
                 Ok(spec) => spec,
                 Err(e) => {
@@ -149,7 +161,11 @@ impl Daemon {
             };
             for (i, b) in s.backends.iter().enumerate() {
                 let id = target_id(s.id, i);
-                let initial = if b.health == Health::Down { Checked::Down } else { Checked::Up };
+                let initial = if b.health == Health::Down {
+                    Checked::Down
+                } else {
+                    Checked::Up
+                };
                 self.monitor.add(id, b.address, spec.clone(), initial);
                 self.targets.insert(id, (name.clone(), i));
             }
@@ -171,8 +187,12 @@ impl Daemon {
         if let Some(Event::Failover { service, from, to }) = ev {
             self.failovers += 1;
             match to {
-                Some(to) => info!(service = %service, from = ?from, to = %to, "failover: new active backend"),
-                None => warn!(service = %service, from = ?from, "failover: no healthy backend left; new connections are refused"),
+                Some(to) => {
+                    info!(service = %service, from = ?from, to = %to, "failover: new active backend")
+                }
+                None => {
+                    warn!(service = %service, from = ?from, "failover: no healthy backend left; new connections are refused")
+                }
             }
         }
     }
@@ -186,9 +206,21 @@ impl Daemon {
             }
             return;
         }
-        let Some((service, idx)) = self.targets.get(&ev.target).cloned() else { return };
-        let new = if ev.health.is_up() { Health::Up } else { Health::Down };
-        let Some(old) = self.state.services.get(&service).and_then(|s| s.backends.get(idx)).map(|b| b.health) else {
+        let Some((service, idx)) = self.targets.get(&ev.target).cloned() else {
+            return;
+        };
+        let new = if ev.health.is_up() {
+            Health::Up
+        } else {
+            Health::Down
+        };
+        let Some(old) = self
+            .state
+            .services
+            .get(&service)
+            .and_then(|s| s.backends.get(idx))
+            .map(|b| b.health)
+        else {
             return;
         };
         if old == new {
@@ -212,7 +244,9 @@ impl Daemon {
                 );
                 self.note(e);
             }
-            Err(e) => error!(service = %service, backend = %ev.addr, error = %e, "cannot apply health change"),
+            Err(e) => {
+                error!(service = %service, backend = %ev.addr, error = %e, "cannot apply health change")
+            }
         }
     }
 
@@ -230,7 +264,9 @@ impl Daemon {
             self.config_errors += 1;
             return Err(e.to_string());
         }
-        if new.interfaces != self.cfg.interfaces || new.raw.dataplane.pin_path != self.cfg.raw.dataplane.pin_path {
+        if new.interfaces != self.cfg.interfaces
+            || new.raw.dataplane.pin_path != self.cfg.raw.dataplane.pin_path
+        {
             self.config_errors += 1;
             return Err("interfaces and pin_path change only with a restart".into());
         }
@@ -282,15 +318,28 @@ impl Daemon {
             _ => AdminState::Up,
         };
         let (op, service, backend) = match req {
-            Request::Status => return serde_json::to_value(self.status()).map_err(|e| e.to_string()),
-            Request::Reload => return self.reload().await.map(|m| serde_json::json!({ "ok": true, "message": m })),
+            Request::Status => {
+                return serde_json::to_value(self.status()).map_err(|e| e.to_string());
+            }
+            Request::Reload => {
+                return self
+                    .reload()
+                    .await
+                    .map(|m| serde_json::json!({ "ok": true, "message": m }));
+            }
             Request::Drain { service, backend } => ("drain", service, backend),
             Request::Disable { service, backend } => ("disable", service, backend),
             Request::Enable { service, backend } => ("enable", service, backend),
         };
-        let (svc, idx) = self.state.find(&service, &backend).map_err(|e| e.to_string())?;
+        let (svc, idx) = self
+            .state
+            .find(&service, &backend)
+            .map_err(|e| e.to_string())?;
         let old = self.state.services[&svc].backends[idx].admin;
-        let ev = self.state.set_admin(&mut self.dp, &svc, idx, admin(op)).map_err(|e| e.to_string())?;
+        let ev = self
+            .state
+            .set_admin(&mut self.dp, &svc, idx, admin(op))
+            .map_err(|e| e.to_string())?;
         let addr = self.state.services[&svc].backends[idx].address;
         info!(service = %svc, backend = %addr, old = ?old, new = ?admin(op), reason = "operator", "backend admin state changed");
         self.note(ev);
@@ -348,7 +397,11 @@ impl Daemon {
             config_errors: self.config_errors,
             failovers: self.failovers,
             flows: rep.flows,
-            reasons: rep.reasons.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            reasons: rep
+                .reasons
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             services,
         }
     }
@@ -377,8 +430,15 @@ fn start_endpoints(d: &Daemon, tx: &mpsc::Sender<Message>) {
 /// can bind them and the kernel answers ARP / ND for them.
 fn add_l7_addresses(cfg: &Validated) -> anyhow::Result<()> {
     let Some(l7) = &cfg.raw.l7 else { return Ok(()) };
-    let Some(iface) = cfg.interfaces.first() else { return Ok(()) };
-    let addrs = l7.get_ref().listeners.iter().map(|l| l.address).chain(l7.get_ref().redirects.iter().map(|r| r.address));
+    let Some(iface) = cfg.interfaces.first() else {
+        return Ok(());
+    };
+    let addrs = l7
+        .get_ref()
+        .listeners
+        .iter()
+        .map(|l| l.address)
+        .chain(l7.get_ref().redirects.iter().map(|r| r.address));
     for a in addrs {
         let ip = a.ip();
         if ip.is_unspecified() || ip.is_loopback() {
@@ -420,12 +480,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "balancer ready"
     );
     crate::systemd::ready();
-        let mut term = signal(SignalKind::terminate())?;
+    let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut neigh = tokio::time::interval(Duration::from_secs(10));
     // The watchdog is fed from this loop, so a stuck loop gets the daemon restarted.
-    let mut dog = tokio::time::interval(crate::systemd::watchdog_period().map(|p| p / 2).unwrap_or(Duration::from_secs(3600)));
+    let mut dog = tokio::time::interval(
+        crate::systemd::watchdog_period()
+            .map(|p| p / 2)
+            .unwrap_or(Duration::from_secs(3600)),
+    );
     loop {
         tokio::select! {
             _ = dog.tick() => crate::systemd::watchdog(),

@@ -25,8 +25,8 @@ use aya::{
 use balancer_common::{
     ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey,
-    ring_index,
+    MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service,
+    ServiceKey, ring_index,
 };
 use tracing::{info, warn};
 
@@ -48,11 +48,17 @@ pub fn attach_pass(interface: &str, pin: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut ebpf = Ebpf::load(PASS_OBJECT).context("loading the pass object")?;
-    let prog: &mut Xdp = ebpf.program_mut("pass").ok_or_else(|| anyhow!("pass missing"))?.try_into()?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("pass")
+        .ok_or_else(|| anyhow!("pass missing"))?
+        .try_into()?;
     prog.load()?;
-    let id = prog.attach(interface, XdpMode::Driver).with_context(|| format!("attaching pass to {interface}"))?;
+    let id = prog
+        .attach(interface, XdpMode::Driver)
+        .with_context(|| format!("attaching pass to {interface}"))?;
     let link = FdLink::try_from(prog.take_link(id)?).context("pass link")?;
-    link.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
 }
 
@@ -102,7 +108,9 @@ fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     <T as TryFrom<Map>>::Error: std::error::Error + Send + Sync + 'static,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -111,12 +119,20 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let root = Path::new("/sys/fs/bpf");
     let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+            .unwrap_or(false)
     };
     if dir.starts_with(root) && !is_bpffs(root) {
         fs::create_dir_all(root).ok();
-        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("mounting bpffs on /sys/fs/bpf")?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting bpffs on /sys/fs/bpf")?;
         info!("mounted bpffs on /sys/fs/bpf");
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -132,25 +148,39 @@ fn pinned_mismatch(dir: &Path, flow_entries: u32) -> Option<String> {
     if !g.exists() {
         return None;
     }
-    let globals = match MapData::from_pin(&g).map(Map::Array).and_then(Array::<_, Globals>::try_from) {
+    let globals = match MapData::from_pin(&g)
+        .map(Map::Array)
+        .and_then(Array::<_, Globals>::try_from)
+    {
         Ok(a) => a,
         Err(e) => return Some(format!("globals map unreadable: {e}")),
     };
     match globals.get(&0, 0) {
         Ok(v) if v.abi_version == ABI_VERSION => {}
-        Ok(v) => return Some(format!("ABI {} pinned, {} here", v.abi_version, ABI_VERSION)),
+        Ok(v) => {
+            return Some(format!(
+                "ABI {} pinned, {} here",
+                v.abi_version, ABI_VERSION
+            ));
+        }
         Err(e) => return Some(format!("globals unreadable: {e}")),
     }
     match MapData::from_pin(dir.join(MAP_FLOWS)).and_then(|m| m.info()) {
         Ok(info) if info.max_entries() == flow_entries => None,
-        Ok(info) => Some(format!("flow table of {} entries pinned, {} configured", info.max_entries(), flow_entries)),
+        Ok(info) => Some(format!(
+            "flow table of {} entries pinned, {} configured",
+            info.max_entries(),
+            flow_entries
+        )),
         Err(e) => Some(format!("flow table unreadable: {e}")),
     }
 }
 
 /// Removes every pinned object under `dir` (links first, which detaches the program).
 pub fn remove_pins(dir: &Path) -> anyhow::Result<()> {
-    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         let p = e.path();
         let name = e.file_name().to_string_lossy().to_string();
@@ -201,14 +231,24 @@ impl Dataplane {
                 .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
                 .try_into()?;
             if let Err(e) = prog.load() {
-                if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = &e {
-                    bail!("the kernel refused the XDP program ({io_error}); verifier log:\n{verifier_log}");
+                if let aya::programs::ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } = &e
+                {
+                    bail!(
+                        "the kernel refused the XDP program ({io_error}); verifier log:\n{verifier_log}"
+                    );
                 }
                 return Err(e).context("loading the XDP program");
             }
         }
-        let rings_map = ebpf.take_map(MAP_RINGS).ok_or_else(|| anyhow!("ring map missing"))?;
-        let Map::Array(rings_data) = &rings_map else { bail!("ring map has an unexpected type") };
+        let rings_map = ebpf
+            .take_map(MAP_RINGS)
+            .ok_or_else(|| anyhow!("ring map missing"))?;
+        let Map::Array(rings_data) = &rings_map else {
+            bail!("ring map has an unexpected type")
+        };
         let rings = map_rings(rings_data.fd().as_fd().as_raw_fd())?;
         drop(rings_map);
         let mut dp = Dataplane {
@@ -225,7 +265,10 @@ impl Dataplane {
             adopted,
         };
         if !adopted {
-            dp.set_globals(Globals { abi_version: ABI_VERSION, ..Globals::default() })?;
+            dp.set_globals(Globals {
+                abi_version: ABI_VERSION,
+                ..Globals::default()
+            })?;
         }
         Ok(dp)
     }
@@ -235,11 +278,20 @@ impl Dataplane {
         if !dir.join(MAP_GLOBALS).exists() {
             bail!("no dataplane pinned at {}", dir.display());
         }
-        if let Some(why) = pinned_mismatch(dir, MapData::from_pin(dir.join(MAP_FLOWS))?.info()?.max_entries()) {
-            bail!("pinned dataplane at {} is of another version: {why}", dir.display());
+        if let Some(why) = pinned_mismatch(
+            dir,
+            MapData::from_pin(dir.join(MAP_FLOWS))?
+                .info()?
+                .max_entries(),
+        ) {
+            bail!(
+                "pinned dataplane at {} is of another version: {why}",
+                dir.display()
+            );
         }
         let open = |n: &str| -> anyhow::Result<Map> {
-            let data = MapData::from_pin(dir.join(n)).with_context(|| format!("opening pinned map {n}"))?;
+            let data = MapData::from_pin(dir.join(n))
+                .with_context(|| format!("opening pinned map {n}"))?;
             Ok(match n {
                 MAP_SERVICES => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
@@ -248,7 +300,9 @@ impl Dataplane {
             })
         };
         let rings_map = open(MAP_RINGS)?;
-        let Map::Array(rings_data) = &rings_map else { bail!("ring map has an unexpected type") };
+        let Map::Array(rings_data) = &rings_map else {
+            bail!("ring map has an unexpected type")
+        };
         let rings = map_rings(rings_data.fd().as_fd().as_raw_fd())?;
         Ok(Dataplane {
             services: HashMap::try_from(open(MAP_SERVICES)?)?,
@@ -267,7 +321,10 @@ impl Dataplane {
 
     /// A bare XDP_PASS program from the same object, loaded, for benchmarks.
     pub fn baseline_program(&mut self) -> anyhow::Result<&Xdp> {
-        let ebpf = self.ebpf.as_mut().ok_or_else(|| anyhow!("no program loaded"))?;
+        let ebpf = self
+            .ebpf
+            .as_mut()
+            .ok_or_else(|| anyhow!("no program loaded"))?;
         let prog: &mut Xdp = ebpf
             .program_mut("pass_baseline")
             .ok_or_else(|| anyhow!("pass_baseline missing"))?
@@ -302,26 +359,38 @@ impl Dataplane {
     /// Attaches to `interface`: through the pinned link when there is one (atomic program
     /// swap), else a new link (driver mode, or skb mode as configured or as a fallback).
     pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> anyhow::Result<()> {
-        let link_pin = self.pin_path.as_ref().map(|d| d.join(format!("link-{interface}")));
-        if let Some(lp) = &link_pin {
-            if lp.exists() {
-                let pinned = PinnedLink::from_pin(lp).context("opening the pinned XDP link")?;
-                let fd_link: FdLink = pinned.into();
-                let xdp_link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
-                let prog = self.program_mut()?;
-                let id = prog.attach_to_link(xdp_link).context("swapping the program into the pinned link")?;
-                // The pin keeps the link; forget our handle so dropping it detaches nothing.
-                let link = prog.take_link(id)?;
-                std::mem::forget(link);
-                info!(interface, "xdp program swapped into the pinned link (flows untouched)");
-                return Ok(());
-            }
+        let link_pin = self
+            .pin_path
+            .as_ref()
+            .map(|d| d.join(format!("link-{interface}")));
+        if let Some(lp) = &link_pin
+            && lp.exists()
+        {
+            let pinned = PinnedLink::from_pin(lp).context("opening the pinned XDP link")?;
+            let fd_link: FdLink = pinned.into();
+            let xdp_link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
+            let prog = self.program_mut()?;
+            let id = prog
+                .attach_to_link(xdp_link)
+                .context("swapping the program into the pinned link")?;
+            // The pin keeps the link; forget our handle so dropping it detaches nothing.
+            let link = prog.take_link(id)?;
+            std::mem::forget(link);
+            info!(
+                interface,
+                "xdp program swapped into the pinned link (flows untouched)"
+            );
+            return Ok(());
         }
         let try_mode = |prog: &mut Xdp, m: XdpMode| prog.attach(interface, m);
         let prog = self.program_mut()?;
         let id = match mode {
-            config::XdpMode::Driver => try_mode(prog, XdpMode::Driver).context("attaching in driver mode")?,
-            config::XdpMode::Skb => try_mode(prog, XdpMode::Skb).context("attaching in skb mode")?,
+            config::XdpMode::Driver => {
+                try_mode(prog, XdpMode::Driver).context("attaching in driver mode")?
+            }
+            config::XdpMode::Skb => {
+                try_mode(prog, XdpMode::Skb).context("attaching in skb mode")?
+            }
             config::XdpMode::Auto => match try_mode(prog, XdpMode::Driver) {
                 Ok(id) => {
                     info!(interface, mode = "driver", "xdp attached");
@@ -336,7 +405,9 @@ impl Dataplane {
         let link = prog.take_link(id)?;
         match (link_pin, FdLink::try_from(link)) {
             (Some(lp), Ok(fd_link)) => {
-                fd_link.pin(&lp).with_context(|| format!("pinning the link at {}", lp.display()))?;
+                fd_link
+                    .pin(&lp)
+                    .with_context(|| format!("pinning the link at {}", lp.display()))?;
             }
             (None, Ok(fd_link)) => {
                 // Private dataplane (tests): keep the link alive as long as this process.
@@ -361,7 +432,9 @@ impl Dataplane {
 
     /// Inserts or replaces a service (its `ring_half` must already hold a ring).
     pub fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> anyhow::Result<()> {
-        self.services.insert(key, svc, 0).context("writing the service map")
+        self.services
+            .insert(key, svc, 0)
+            .context("writing the service map")
     }
 
     /// Removes a service: its VIP goes to the kernel again.
@@ -379,7 +452,9 @@ impl Dataplane {
 
     /// Writes a backend slot.
     pub fn put_backend(&mut self, idx: u32, be: &Backend) -> anyhow::Result<()> {
-        self.backends.set(idx, be, 0).context("writing the backend array")
+        self.backends
+            .set(idx, be, 0)
+            .context("writing the backend array")
     }
 
     /// Every backend slot that is in use.
@@ -392,7 +467,9 @@ impl Dataplane {
 
     /// One backend slot.
     pub fn backend(&self, idx: u32) -> anyhow::Result<Backend> {
-        self.backends.get(&idx, 0).context("reading the backend array")
+        self.backends
+            .get(&idx, 0)
+            .context("reading the backend array")
     }
 
     /// Copies a ring into half `half` of service `id` (not live until the service flips).
@@ -422,26 +499,38 @@ impl Dataplane {
 
     /// Summed per-CPU counters of a service.
     pub fn service_counters(&self, id: u32) -> Counters {
-        sum(self.svc_stats.get(&id, 0).ok().map(|v| v.iter().copied().collect()))
+        sum(self
+            .svc_stats
+            .get(&id, 0)
+            .ok()
+            .map(|v| v.iter().copied().collect()))
     }
 
     /// Summed per-CPU counters of a backend.
     pub fn backend_counters(&self, idx: u32) -> Counters {
-        sum(self.be_stats.get(&idx, 0).ok().map(|v| v.iter().copied().collect()))
+        sum(self
+            .be_stats
+            .get(&idx, 0)
+            .ok()
+            .map(|v| v.iter().copied().collect()))
     }
 
     /// Zeroes a backend's counters (when its slot is given to another backend).
     pub fn reset_backend_counters(&mut self, idx: u32) -> anyhow::Result<()> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])?;
-        self.be_stats.set(idx, zero, 0).context("resetting backend counters")
+        self.be_stats
+            .set(idx, zero, 0)
+            .context("resetting backend counters")
     }
 
     /// Zeroes a service's counters (when its id is given to another service).
     pub fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])?;
-        self.svc_stats.set(id, zero, 0).context("resetting service counters")
+        self.svc_stats
+            .set(id, zero, 0)
+            .context("resetting service counters")
     }
 
     /// Summed per-CPU reason counters.
@@ -493,7 +582,10 @@ fn map_rings(fd: i32) -> anyhow::Result<Rings> {
     if ptr == libc::MAP_FAILED {
         bail!("mmap of the ring map: {}", std::io::Error::last_os_error());
     }
-    Ok(Rings { ptr: ptr.cast(), len })
+    Ok(Rings {
+        ptr: ptr.cast(),
+        len,
+    })
 }
 
 fn sum(v: Option<Vec<Counters>>) -> Counters {
@@ -507,4 +599,3 @@ fn sum(v: Option<Vec<Counters>>) -> Counters {
     }
     c
 }
-

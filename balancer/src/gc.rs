@@ -17,7 +17,9 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData};
-use balancer_common::{FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, Flow, FlowKey, MAP_FLOWS, PROTO_TCP};
+use balancer_common::{
+    FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, Flow, FlowKey, MAP_FLOWS, PROTO_TCP,
+};
 use tracing::debug;
 
 /// Seconds a closed flow stays (stray retransmissions of its last segments still pass).
@@ -35,7 +37,10 @@ pub struct Timeouts {
 /// Monotonic seconds on the clock the XDP program stamps flows with
 /// (`bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE).
 pub fn now_secs() -> u32 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
@@ -71,17 +76,25 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
     for k in keys {
         s.seen += 1;
         let Ok(f) = flows.get(&k, 0) else { continue };
-        let idle_limit = if k.proto == PROTO_TCP { t.tcp_idle } else { t.udp_idle };
+        let idle_limit = if k.proto == PROTO_TCP {
+            t.tcp_idle
+        } else {
+            t.udp_idle
+        };
         if f.flags & FLOW_F_FORWARD != 0 {
             let nat = f.flags & FLOW_F_DSR == 0;
             let rk = reply_key(&f, k.proto);
             // The reply entry counts only if it belongs to this client.
             let r = if nat {
-                flows.get(&rk, 0).ok().filter(|r| r.new_dst == k.src && r.new_dport == k.sport)
+                flows
+                    .get(&rk, 0)
+                    .ok()
+                    .filter(|r| r.new_dst == k.src && r.new_dport == k.sport)
             } else {
                 None
             };
-            let closing = f.flags & FLOW_F_CLOSING != 0 || r.is_some_and(|r| r.flags & FLOW_F_CLOSING != 0);
+            let closing =
+                f.flags & FLOW_F_CLOSING != 0 || r.is_some_and(|r| r.flags & FLOW_F_CLOSING != 0);
             let last = r.map_or(f.atime, |r| latest(f.atime, r.atime));
             let idle = now.wrapping_sub(last);
             let expired_closed = closing && idle >= CLOSED_LINGER_SECS;
@@ -90,11 +103,22 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
                 if r.is_some() {
                     let _ = flows.remove(&rk);
                 }
-                if expired_closed { s.closed += 1 } else { s.idle += 1 }
+                if expired_closed {
+                    s.closed += 1
+                } else {
+                    s.idle += 1
+                }
             }
         } else {
             // A reply entry whose forward entry is gone (evicted or expired): judged alone.
-            let fk = FlowKey { src: f.new_dst, dst: f.new_src, sport: f.new_dport, dport: f.new_sport, proto: k.proto, pad: [0; 3] };
+            let fk = FlowKey {
+                src: f.new_dst,
+                dst: f.new_src,
+                sport: f.new_dport,
+                dport: f.new_sport,
+                proto: k.proto,
+                pad: [0; 3],
+            };
             if flows.get(&fk, 0).is_ok() {
                 continue;
             }
@@ -111,7 +135,11 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
 
 /// The later of two stamps on a wrapping seconds clock.
 fn latest(a: u32, b: u32) -> u32 {
-    if b.wrapping_sub(a) < u32::MAX / 2 { b } else { a }
+    if b.wrapping_sub(a) < u32::MAX / 2 {
+        b
+    } else {
+        a
+    }
 }
 
 /// A running expiry thread; stops when dropped.
@@ -124,31 +152,47 @@ pub struct Collector {
 
 impl Collector {
     /// Starts sweeping the flow table pinned under `pin_dir` every `every`.
-    pub fn start(pin_dir: &Path, timeouts: Arc<std::sync::Mutex<Timeouts>>, every: Duration) -> anyhow::Result<Self> {
-        let data = MapData::from_pin(pin_dir.join(MAP_FLOWS)).context("opening the pinned flow table")?;
+    pub fn start(
+        pin_dir: &Path,
+        timeouts: Arc<std::sync::Mutex<Timeouts>>,
+        every: Duration,
+    ) -> anyhow::Result<Self> {
+        let data =
+            MapData::from_pin(pin_dir.join(MAP_FLOWS)).context("opening the pinned flow table")?;
         let mut flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
         let stop = Arc::new(AtomicBool::new(false));
         let removed = Arc::new(AtomicU64::new(0));
         let (st, rm) = (stop.clone(), removed.clone());
-        let handle = thread::Builder::new().name("flow-gc".into()).spawn(move || {
-            while !st.load(Ordering::Relaxed) {
-                let mut waited = Duration::ZERO;
-                while waited < every && !st.load(Ordering::Relaxed) {
-                    thread::sleep(Duration::from_millis(100));
-                    waited += Duration::from_millis(100);
+        let handle = thread::Builder::new()
+            .name("flow-gc".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    let mut waited = Duration::ZERO;
+                    while waited < every && !st.load(Ordering::Relaxed) {
+                        thread::sleep(Duration::from_millis(100));
+                        waited += Duration::from_millis(100);
+                    }
+                    let t = match timeouts.lock() {
+                        Ok(t) => *t,
+                        Err(_) => break,
+                    };
+                    let s = sweep(&mut flows, t, now_secs());
+                    rm.fetch_add(s.closed + s.idle, Ordering::Relaxed);
+                    if s.closed + s.idle > 0 {
+                        debug!(
+                            seen = s.seen,
+                            closed = s.closed,
+                            idle = s.idle,
+                            "expired flows"
+                        );
+                    }
                 }
-                let t = match timeouts.lock() {
-                    Ok(t) => *t,
-                    Err(_) => break,
-                };
-                let s = sweep(&mut flows, t, now_secs());
-                rm.fetch_add(s.closed + s.idle, Ordering::Relaxed);
-                if s.closed + s.idle > 0 {
-                    debug!(seen = s.seen, closed = s.closed, idle = s.idle, "expired flows");
-                }
-            }
-        })?;
-        Ok(Collector { stop, removed, handle: Some(handle) })
+            })?;
+        Ok(Collector {
+            stop,
+            removed,
+            handle: Some(handle),
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin clap front end over this library.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -15,5 +16,4 @@ pub mod net;
 pub mod reconcile;
 pub mod report;
 pub mod systemd;
-pub mod bench;
 pub mod testbed;

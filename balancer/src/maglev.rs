@@ -78,7 +78,11 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
             }
             let (mut p, k) = (pos[i], skip[i]);
             if let Some(free) = empties.as_mut() {
-                let c = free.range(p..).next().or_else(|| free.iter().next()).copied();
+                let c = free
+                    .range(p..)
+                    .next()
+                    .or_else(|| free.iter().next())
+                    .copied();
                 let Some(c) = c else { break 'outer };
                 free.remove(&c);
                 slots[c as usize] = i as u16;
@@ -154,7 +158,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while (d as u64) * (d as u64) <= n as u64 {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -168,7 +172,11 @@ mod tests {
 
     fn entries(n: u32, weight: impl Fn(u32) -> u32) -> Vec<Entry> {
         (0..n)
-            .map(|i| Entry { name: format!("10.0.{}.{}:7002", i / 250, i % 250), weight: weight(i), value: i })
+            .map(|i| Entry {
+                name: format!("10.0.{}.{}:7002", i / 250, i % 250),
+                weight: weight(i),
+                value: i,
+            })
             .collect()
     }
 
@@ -197,7 +205,10 @@ mod tests {
         let t = build(&e, 65537);
         for (i, c) in counts(&t, 100).into_iter().enumerate() {
             let ideal = 65537.0 * w(i as u32) as f64 / total as f64;
-            assert!(((c as f64) - ideal).abs() / ideal < 0.01, "backend {i}: {c} vs {ideal}");
+            assert!(
+                ((c as f64) - ideal).abs() / ideal < 0.01,
+                "backend {i}: {c} vs {ideal}"
+            );
         }
     }
 
@@ -230,7 +241,11 @@ mod tests {
     #[test]
     fn empty_and_zero_weight_tables_have_no_backend() {
         assert!(build(&[], 13).iter().all(|v| *v == NO_BACKEND));
-        assert!(build(&entries(3, |_| 0), 13).iter().all(|v| *v == NO_BACKEND));
+        assert!(
+            build(&entries(3, |_| 0), 13)
+                .iter()
+                .all(|v| *v == NO_BACKEND)
+        );
         let t = build(&entries(3, |i| (i == 1) as u32), 13);
         assert!(t.iter().all(|v| *v == 1));
     }

@@ -114,7 +114,10 @@ enum Cmd {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,7 +125,9 @@ fn main() -> anyhow::Result<()> {
     init_logging();
     match cli.cmd {
         Cmd::Run { config, pin_path } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(daemon::run(daemon::RunOptions { config, pin_path }))
         }
         Cmd::Check { config } => match config::load(&config) {
@@ -170,18 +175,36 @@ fn main() -> anyhow::Result<()> {
             print!("{table}");
             Ok(())
         }
-        Cmd::Status { json, socket } => {
-            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Status { json }))
+        Cmd::Status { json, socket } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Status { json },
+        )),
+        Cmd::Drain {
+            service,
+            backend,
+            socket,
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Drain { service, backend },
+        )),
+        Cmd::Disable {
+            service,
+            backend,
+            socket,
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Disable { service, backend },
+        )),
+        Cmd::Enable {
+            service,
+            backend,
+            socket,
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Enable { service, backend },
+        )),
+        Cmd::Reload { socket } => {
+            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload))
         }
-        Cmd::Drain { service, backend, socket } => {
-            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Drain { service, backend }))
-        }
-        Cmd::Disable { service, backend, socket } => {
-            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Disable { service, backend }))
-        }
-        Cmd::Enable { service, backend, socket } => {
-            std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Enable { service, backend }))
-        }
-        Cmd::Reload { socket } => std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload)),
     }
 }

@@ -2,7 +2,7 @@
 //! and the sysctls the FIB lookup needs.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     process::Command,
 };
 
@@ -36,7 +36,7 @@ pub fn interface_address(interface: &str, v6: bool) -> anyhow::Result<Option<IpA
         let Some(sa) = a.address else { continue };
         if !v6 {
             if let Some(sin) = sa.as_sockaddr_in() {
-                return Ok(Some(IpAddr::V4(Ipv4Addr::from(sin.ip()))));
+                return Ok(Some(IpAddr::V4(sin.ip())));
             }
         } else if let Some(sin6) = sa.as_sockaddr_in6() {
             let ip = sin6.ip();
@@ -57,7 +57,7 @@ pub fn has_address(interface: &str, ip: IpAddr) -> anyhow::Result<bool> {
         }
         let Some(sa) = a.address else { continue };
         let found = match ip {
-            IpAddr::V4(v4) => sa.as_sockaddr_in().map(|s| Ipv4Addr::from(s.ip()) == v4),
+            IpAddr::V4(v4) => sa.as_sockaddr_in().map(|s| s.ip() == v4),
             IpAddr::V6(v6) => sa.as_sockaddr_in6().map(|s| s.ip() == v6),
         };
         if found == Some(true) {
@@ -68,9 +68,16 @@ pub fn has_address(interface: &str, ip: IpAddr) -> anyhow::Result<bool> {
 }
 
 fn ip_cmd(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -82,9 +89,15 @@ pub fn add_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
     }
     match ip {
         IpAddr::V4(_) => ip_cmd(&["addr", "add", &format!("{ip}/32"), "dev", interface]),
-        IpAddr::V6(_) => {
-            ip_cmd(&["-6", "addr", "add", &format!("{ip}/128"), "dev", interface, "nodad"])
-        }
+        IpAddr::V6(_) => ip_cmd(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/128"),
+            "dev",
+            interface,
+            "nodad",
+        ]),
     }
 }
 
@@ -113,7 +126,10 @@ fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
 /// The XDP FIB lookup refuses to answer for an interface that does not forward: turn
 /// forwarding on for the attached interface (both families).
 pub fn enable_forwarding(interface: &str) -> anyhow::Result<()> {
-    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"), "1")?;
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"),
+        "1",
+    )?;
     let v6 = format!("/proc/sys/net/ipv6/conf/{interface}/forwarding");
     if std::path::Path::new(&v6).exists() {
         write_sysctl(&v6, "1")?;
@@ -136,8 +152,11 @@ pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
 /// only reads the neighbour table, it cannot fill it. An empty UDP datagram to the discard
 /// port is enough (health checks keep entries fresh too).
 pub fn prime_neighbour(ip: IpAddr) {
-    let bind: std::net::SocketAddr =
-        if ip.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let bind: std::net::SocketAddr = if ip.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     if let Ok(sock) = std::net::UdpSocket::bind(bind) {
         let _ = sock.set_nonblocking(true);
         let _ = sock.send_to(&[], (ip, 9));
@@ -166,7 +185,10 @@ mod tests {
 
     #[test]
     fn loopback_has_an_address() {
-        assert_eq!(interface_address("lo", false).unwrap(), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(
+            interface_address("lo", false).unwrap(),
+            Some("127.0.0.1".parse().unwrap())
+        );
         assert!(has_address("lo", "127.0.0.1".parse().unwrap()).unwrap());
     }
 }

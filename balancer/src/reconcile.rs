@@ -143,7 +143,11 @@ pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
 impl State {
     /// Builds the state for a validated config against what the maps already hold, writes
     /// everything, and puts the VIPs on the interfaces.
-    pub fn apply_config(dp: &mut Dataplane, cfg: &Validated, old: Option<State>) -> anyhow::Result<State> {
+    pub fn apply_config(
+        dp: &mut Dataplane,
+        cfg: &Validated,
+        old: Option<State>,
+    ) -> anyhow::Result<State> {
         let raw = &cfg.raw.dataplane;
         let snat_ports = (raw.snat_ports.get_ref()[0], raw.snat_ports.get_ref()[1]);
         let iface = cfg.interfaces.first().cloned().unwrap_or_default();
@@ -174,10 +178,11 @@ impl State {
         let mut ids: BTreeMap<String, (u32, u32)> = BTreeMap::new();
         for spec in &cfg.services {
             let key = service_key(spec.vip, spec.protocol);
-            if let Some((_, s)) = existing.iter().find(|(k, _)| *k == key) {
-                if s.id < MAX_SERVICES && used_ids.insert(s.id) {
-                    ids.insert(spec.name.clone(), (s.id, s.ring_half));
-                }
+            if let Some((_, s)) = existing.iter().find(|(k, _)| *k == key)
+                && s.id < MAX_SERVICES
+                && used_ids.insert(s.id)
+            {
+                ids.insert(spec.name.clone(), (s.id, s.ring_half));
             }
         }
         for spec in &cfg.services {
@@ -194,8 +199,10 @@ impl State {
         }
 
         // Pass 2: backend slots, adopted by (service id, address), else fresh.
+        // (slot, generation, dataplane state) of a backend found in the pinned maps.
         type Adopted = Option<(u32, u32, u32)>;
-        let mut plan: Vec<(ServiceSpec, u32, u32, Vec<(usize, Adopted)>)> = Vec::new();
+        type Plan = (ServiceSpec, u32, u32, Vec<(usize, Adopted)>);
+        let mut plan: Vec<Plan> = Vec::new();
         for spec in &cfg.services {
             let (id, half) = ids[&spec.name];
             let mut bes = Vec::new();
@@ -234,12 +241,19 @@ impl State {
                 if used.contains(&i) {
                     continue;
                 }
-                let cur = fresh_slots.iter().find(|(idx, _)| *idx == i).map(|(_, b)| *b);
+                let cur = fresh_slots
+                    .iter()
+                    .find(|(idx, _)| *idx == i)
+                    .map(|(_, b)| *b);
                 if cur.map(|b| b.used != 0).unwrap_or(false) {
                     continue;
                 }
                 used.insert(i);
-                let generation = cur.map(|b| b.generation).unwrap_or(0).wrapping_add(1).max(1);
+                let generation = cur
+                    .map(|b| b.generation)
+                    .unwrap_or(0)
+                    .wrapping_add(1)
+                    .max(1);
                 return Ok((i, generation));
             }
             bail!("no free backend slot")
@@ -262,18 +276,33 @@ impl State {
                 let prev_be = prev.and_then(|p| p.backends.iter().find(|x| x.address == b.address));
                 let health = match (&spec.health, prev_be) {
                     (None, _) => Health::Unchecked,
-                    (Some(_), Some(p)) if prev.map(|p| p.spec.health == spec.health).unwrap_or(false) => {
+                    (Some(_), Some(p))
+                        if prev.map(|p| p.spec.health == spec.health).unwrap_or(false) =>
+                    {
                         p.health
                     }
                     // Adopted from a previous controller: a backend it saw down stays down
                     // until its checks pass again.
-                    (Some(_), None) if adopt.is_some() && was == BE_DOWN && b.state != AdminState::Disabled => {
+                    (Some(_), None)
+                        if adopt.is_some() && was == BE_DOWN && b.state != AdminState::Disabled =>
+                    {
                         Health::Down
                     }
                     (Some(_), _) => Health::Unchecked,
                 };
                 let admin = match prev_be {
-                    Some(p) if prev.map(|ps| ps.spec.backends.iter().any(|x| x.address == b.address && x.state == b.state)).unwrap_or(false) => p.admin,
+                    Some(p)
+                        if prev
+                            .map(|ps| {
+                                ps.spec
+                                    .backends
+                                    .iter()
+                                    .any(|x| x.address == b.address && x.state == b.state)
+                            })
+                            .unwrap_or(false) =>
+                    {
+                        p.admin
+                    }
                     _ => b.state,
                 };
                 backends.push(BackendState {
@@ -286,7 +315,11 @@ impl State {
                     generation,
                 });
             }
-            let snat_ip = if spec.vip.is_ipv4() { st.snat_v4 } else { st.snat_v6 };
+            let snat_ip = if spec.vip.is_ipv4() {
+                st.snat_v4
+            } else {
+                st.snat_v6
+            };
             let snat = match (spec.forwarding, snat_ip) {
                 (Forwarding::Dsr, _) => [0; 16],
                 (Forwarding::Nat, Some(ip)) => net::addr16(ip),
@@ -303,7 +336,11 @@ impl State {
                     .and_then(|a| backends.iter().position(|b| b.address == a.address)),
                 // After a restart the live ring says who was active.
                 None if dp.adopted && spec.scheduler == Scheduler::Failover => {
-                    let live = dp.read_ring(id, half & 1, 1).first().copied().unwrap_or(NO_BACKEND);
+                    let live = dp
+                        .read_ring(id, half & 1, 1)
+                        .first()
+                        .copied()
+                        .unwrap_or(NO_BACKEND);
                     backends.iter().position(|b| b.slot == live)
                 }
                 None => None,
@@ -311,7 +348,15 @@ impl State {
             let key = service_key(spec.vip, spec.protocol);
             st.services.insert(
                 spec.name.clone(),
-                ServiceState { spec, id, key, half, snat, backends, active },
+                ServiceState {
+                    spec,
+                    id,
+                    key,
+                    half,
+                    snat,
+                    backends,
+                    active,
+                },
             );
         }
 
@@ -345,7 +390,8 @@ impl State {
         }
         for s in st.services.values() {
             if let Some(i) = st.interfaces.first() {
-                net::add_vip(i, s.spec.vip.ip()).with_context(|| format!("adding VIP {}", s.spec.vip.ip()))?;
+                net::add_vip(i, s.spec.vip.ip())
+                    .with_context(|| format!("adding VIP {}", s.spec.vip.ip()))?;
             }
         }
         Ok(st)
@@ -353,8 +399,15 @@ impl State {
 
     /// Writes one service: backend slots, a new ring into the spare half, then the flip.
     /// Returns the failover event, if the active backend changed.
-    pub fn write_service(&mut self, dp: &mut Dataplane, name: &str) -> anyhow::Result<Option<Event>> {
-        let s = self.services.get_mut(name).ok_or_else(|| anyhow!("no service '{name}'"))?;
+    pub fn write_service(
+        &mut self,
+        dp: &mut Dataplane,
+        name: &str,
+    ) -> anyhow::Result<Option<Event>> {
+        let s = self
+            .services
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("no service '{name}'"))?;
         let event = s.choose_active();
         let ring: Vec<u32> = match s.spec.scheduler {
             Scheduler::Maglev => {
@@ -362,7 +415,11 @@ impl State {
                     .backends
                     .iter()
                     .filter(|b| b.eligible())
-                    .map(|b| maglev::Entry { name: b.address.to_string(), weight: b.weight, value: b.slot })
+                    .map(|b| maglev::Entry {
+                        name: b.address.to_string(),
+                        weight: b.weight,
+                        value: b.slot,
+                    })
                     .collect();
                 maglev::build(&entries, s.spec.ring_size)
             }
@@ -395,7 +452,9 @@ impl State {
             snat_addr: s.snat,
         };
         // Backends that become usable must be writable before the ring points at them.
-        let states: Vec<u32> = (0..s.backends.len()).map(|i| s.effective_state(i)).collect();
+        let states: Vec<u32> = (0..s.backends.len())
+            .map(|i| s.effective_state(i))
+            .collect();
         for (b, st) in s.backends.iter().zip(&states) {
             if *st != BE_DOWN {
                 dp.put_backend(b.slot, &slot_value(s.id, b, *st))?;
@@ -413,9 +472,21 @@ impl State {
     }
 
     /// Sets a backend's health and writes the service if that changes anything.
-    pub fn set_health(&mut self, dp: &mut Dataplane, service: &str, backend: usize, health: Health) -> anyhow::Result<Option<Event>> {
-        let s = self.services.get_mut(service).ok_or_else(|| anyhow!("no service '{service}'"))?;
-        let b = s.backends.get_mut(backend).ok_or_else(|| anyhow!("no backend {backend}"))?;
+    pub fn set_health(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        backend: usize,
+        health: Health,
+    ) -> anyhow::Result<Option<Event>> {
+        let s = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| anyhow!("no service '{service}'"))?;
+        let b = s
+            .backends
+            .get_mut(backend)
+            .ok_or_else(|| anyhow!("no backend {backend}"))?;
         if b.health == health {
             return Ok(None);
         }
@@ -424,16 +495,31 @@ impl State {
     }
 
     /// Sets a backend's operator state and writes the service.
-    pub fn set_admin(&mut self, dp: &mut Dataplane, service: &str, backend: usize, admin: AdminState) -> anyhow::Result<Option<Event>> {
-        let s = self.services.get_mut(service).ok_or_else(|| anyhow!("no service '{service}'"))?;
-        let b = s.backends.get_mut(backend).ok_or_else(|| anyhow!("no backend {backend}"))?;
+    pub fn set_admin(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        backend: usize,
+        admin: AdminState,
+    ) -> anyhow::Result<Option<Event>> {
+        let s = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| anyhow!("no service '{service}'"))?;
+        let b = s
+            .backends
+            .get_mut(backend)
+            .ok_or_else(|| anyhow!("no backend {backend}"))?;
         b.admin = admin;
         self.write_service(dp, service)
     }
 
     /// Finds a backend by service name and address (or "address:port" / position).
     pub fn find(&self, service: &str, backend: &str) -> anyhow::Result<(String, usize)> {
-        let s = self.services.get(service).ok_or_else(|| anyhow!("no service '{service}'"))?;
+        let s = self
+            .services
+            .get(service)
+            .ok_or_else(|| anyhow!("no service '{service}'"))?;
         let i = s
             .backends
             .iter()
@@ -474,7 +560,11 @@ impl ServiceState {
         if self.spec.scheduler != Scheduler::Failover || self.active == Some(i) || own == BE_DOWN {
             return own;
         }
-        if own == BE_DRAINING { BE_DRAINING } else { BE_DOWN }
+        if own == BE_DRAINING {
+            BE_DRAINING
+        } else {
+            BE_DOWN
+        }
     }
 
     /// A name for backend `i`'s dataplane state: up, draining, down, or standby (a healthy
@@ -503,7 +593,10 @@ impl ServiceState {
             .map(|(i, _)| i);
         let keep = match self.active {
             Some(a) if self.backends[a].eligible() => {
-                !self.spec.failback || best.map(|b| self.backends[b].priority >= self.backends[a].priority).unwrap_or(true)
+                !self.spec.failback
+                    || best
+                        .map(|b| self.backends[b].priority >= self.backends[a].priority)
+                        .unwrap_or(true)
             }
             _ => false,
         };

@@ -24,7 +24,13 @@ pub struct Traffic {
 
 impl From<Counters> for Traffic {
     fn from(c: Counters) -> Self {
-        Traffic { packets: c.packets, bytes: c.bytes, new_flows: c.new_flows, resets: c.resets, drops: c.drops }
+        Traffic {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            resets: c.resets,
+            drops: c.drops,
+        }
     }
 }
 
@@ -104,7 +110,11 @@ pub fn counters(dp: &Dataplane) -> Report {
     services.sort_by_key(|s| s.id);
     Report {
         services,
-        reasons: dp.reasons().into_iter().map(|(r, v)| (r.name(), v)).collect(),
+        reasons: dp
+            .reasons()
+            .into_iter()
+            .map(|(r, v)| (r.name(), v))
+            .collect(),
         flows: dp.flow_count(),
     }
 }
@@ -117,14 +127,25 @@ pub fn counters_text(r: &Report) -> String {
         let _ = writeln!(
             s,
             "service {} {} {}: packets {} bytes {} new_flows {} resets {} drops {}",
-            svc.id, svc.vip, svc.protocol, svc.traffic.packets, svc.traffic.bytes, svc.traffic.new_flows,
-            svc.traffic.resets, svc.traffic.drops
+            svc.id,
+            svc.vip,
+            svc.protocol,
+            svc.traffic.packets,
+            svc.traffic.bytes,
+            svc.traffic.new_flows,
+            svc.traffic.resets,
+            svc.traffic.drops
         );
         for b in &svc.backends {
             let _ = writeln!(
                 s,
                 "  backend {:<24} {:<8} packets {:>10} bytes {:>12} new_flows {:>8} resets {}",
-                b.address.to_string(), b.state, b.traffic.packets, b.traffic.bytes, b.traffic.new_flows, b.traffic.resets
+                b.address.to_string(),
+                b.state,
+                b.traffic.packets,
+                b.traffic.bytes,
+                b.traffic.new_flows,
+                b.traffic.resets
             );
         }
     }

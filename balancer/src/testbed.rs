@@ -40,9 +40,16 @@ pub struct Testbed {
 }
 
 fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -63,7 +70,18 @@ impl Testbed {
                 v.extend_from_slice(args);
                 run("ip", &v)
             };
-            n(&["link", "add", "t0", "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", "t1"])?;
+            n(&[
+                "link",
+                "add",
+                "t0",
+                "address",
+                "02:00:00:00:00:01",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "t1",
+            ])?;
             n(&["link", "set", "t0", "up"])?;
             n(&["link", "set", "t1", "up"])?;
             n(&["link", "set", "lo", "up"])?;
@@ -81,7 +99,11 @@ impl Testbed {
                 .spawn()
                 .context("running ip -batch")?;
             use std::io::Write as _;
-            child.stdin.take().context("ip stdin")?.write_all(batch.as_bytes())?;
+            child
+                .stdin
+                .take()
+                .context("ip stdin")?
+                .write_all(batch.as_bytes())?;
             anyhow::ensure!(child.wait()?.success(), "ip -batch neighbours failed");
             let f = File::open(format!("/run/netns/{ns}")).context("opening the testbed netns")?;
             setns(f.as_fd(), CloneFlags::CLONE_NEWNET).context("entering the testbed netns")?;
@@ -103,7 +125,10 @@ impl Testbed {
                 return Err(e);
             }
         };
-        let dp = match Dataplane::load(&LoadOptions { pin_path: None, flow_entries }) {
+        let dp = match Dataplane::load(&LoadOptions {
+            pin_path: None,
+            flow_entries,
+        }) {
             Ok(dp) => dp,
             Err(e) => {
                 let _ = setns(home.as_fd(), CloneFlags::CLONE_NEWNET);
@@ -111,7 +136,12 @@ impl Testbed {
                 return Err(e);
             }
         };
-        Ok(Testbed { ns, dp, ifindex, home })
+        Ok(Testbed {
+            ns,
+            dp,
+            ifindex,
+            home,
+        })
     }
 
     /// Runs one packet through the program: verdict and output bytes.
@@ -123,7 +153,11 @@ impl Testbed {
 
 /// One TEST_RUN call with an `xdp_md` naming the ingress interface: verdict, output bytes,
 /// kernel-measured duration.
-pub fn run_prog(prog: &Xdp, pkt: &[u8], ifindex: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
+pub fn run_prog(
+    prog: &Xdp,
+    pkt: &[u8],
+    ifindex: u32,
+) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
@@ -164,9 +198,19 @@ pub mod packet {
     }
 
     /// A SYN.
-    pub const SYN: Flags = Flags { syn: true, ack: false, rst: false, fin: false };
+    pub const SYN: Flags = Flags {
+        syn: true,
+        ack: false,
+        rst: false,
+        fin: false,
+    };
     /// An ACK.
-    pub const ACK: Flags = Flags { syn: false, ack: true, rst: false, fin: false };
+    pub const ACK: Flags = Flags {
+        syn: false,
+        ack: true,
+        rst: false,
+        fin: false,
+    };
 
     fn builder(
         src_mac: [u8; 6],
@@ -214,7 +258,13 @@ pub mod packet {
     }
 
     /// An Ethernet + IP + UDP frame.
-    pub fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    pub fn udp(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let b = builder(src_mac, dst_mac, src.ip(), dst.ip()).expect("same family");
         let u = b.udp(src.port(), dst.port());
         let mut out = Vec::with_capacity(u.size(payload.len()));

@@ -44,16 +44,26 @@ fn assert_checksums(frame: &[u8]) {
     match p.net.as_ref().expect("ip") {
         NetSlice::Ipv4(ip) => {
             let h = ip.header().to_header();
-            assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
             let (src, dst) = (h.source, h.destination);
             match transport {
                 TransportSlice::Tcp(t) => {
-                    let c = t.to_header().calc_checksum_ipv4_raw(src, dst, &payload_of(transport)).unwrap();
+                    let c = t
+                        .to_header()
+                        .calc_checksum_ipv4_raw(src, dst, &payload_of(transport))
+                        .unwrap();
                     assert_eq!(t.checksum(), c, "TCP checksum (IPv4)");
                 }
                 TransportSlice::Udp(u) => {
                     if u.checksum() != 0 {
-                        let c = u.to_header().calc_checksum_ipv4_raw(src, dst, &payload_of(transport)).unwrap();
+                        let c = u
+                            .to_header()
+                            .calc_checksum_ipv4_raw(src, dst, &payload_of(transport))
+                            .unwrap();
                         assert_eq!(u.checksum(), c, "UDP checksum (IPv4)");
                     }
                 }
@@ -65,11 +75,17 @@ fn assert_checksums(frame: &[u8]) {
             let (src, dst) = (h.source, h.destination);
             match transport {
                 TransportSlice::Tcp(t) => {
-                    let c = t.to_header().calc_checksum_ipv6_raw(src, dst, &payload_of(transport)).unwrap();
+                    let c = t
+                        .to_header()
+                        .calc_checksum_ipv6_raw(src, dst, &payload_of(transport))
+                        .unwrap();
                     assert_eq!(t.checksum(), c, "TCP checksum (IPv6)");
                 }
                 TransportSlice::Udp(u) => {
-                    let c = u.to_header().calc_checksum_ipv6_raw(src, dst, &payload_of(transport)).unwrap();
+                    let c = u
+                        .to_header()
+                        .calc_checksum_ipv6_raw(src, dst, &payload_of(transport))
+                        .unwrap();
                     assert_eq!(u.checksum(), c, "UDP checksum (IPv6)");
                 }
                 _ => panic!("unexpected transport"),
@@ -81,7 +97,14 @@ fn assert_checksums(frame: &[u8]) {
 
 /// Where the dataplane must send a new flow: the backend from the live ring, and the SNAT
 /// port it tries first.
-fn predict(tb: &Testbed, st: &State, svc: &str, client: SocketAddr, vip: SocketAddr, proto: u8) -> (SocketAddr, u16) {
+fn predict(
+    tb: &Testbed,
+    st: &State,
+    svc: &str,
+    client: SocketAddr,
+    vip: SocketAddr,
+    proto: u8,
+) -> (SocketAddr, u16) {
     let s = &st.services[svc];
     let key = FlowKey {
         src: addr16(client.ip()),
@@ -91,16 +114,34 @@ fn predict(tb: &Testbed, st: &State, svc: &str, client: SocketAddr, vip: SocketA
         proto,
         pad: [0; 3],
     };
-    let seed = tb.dp.services().into_iter().find(|(k, _)| *k == s.key).unwrap().1.seed;
+    let seed = tb
+        .dp
+        .services()
+        .into_iter()
+        .find(|(k, _)| *k == s.key)
+        .unwrap()
+        .1
+        .seed;
     let h = flow_hash(&key, seed);
     let ring = tb.dp.read_ring(s.id, s.half, s.spec.ring_size);
     let slot = ring[reduce(h, s.spec.ring_size) as usize];
-    let be = s.backends.iter().find(|b| b.slot == slot).expect("ring points at a backend");
-    (be.address, snat_first_port(h, st.snat_ports.0, st.snat_ports.1))
+    let be = s
+        .backends
+        .iter()
+        .find(|b| b.slot == slot)
+        .expect("ring points at a backend");
+    (
+        be.address,
+        snat_first_port(h, st.snat_ports.0, st.snat_ports.1),
+    )
 }
 
 fn lb_addr(v6: bool) -> IpAddr {
-    if v6 { "fd77::1".parse().unwrap() } else { "10.77.0.1".parse().unwrap() }
+    if v6 {
+        "fd77::1".parse().unwrap()
+    } else {
+        "10.77.0.1".parse().unwrap()
+    }
 }
 
 struct Row {
@@ -120,7 +161,11 @@ fn run_rows(tb: &Testbed, rows: &[Row]) {
                 assert_eq!(&out, exp, "{}: output bytes", r.name);
                 assert_checksums(&out);
             }
-            None => assert_eq!(out, r.input, "{}: a packet the program does not balance is untouched", r.name),
+            None => assert_eq!(
+                out, r.input,
+                "{}: a packet the program does not balance is untouched",
+                r.name
+            ),
         }
     }
 }
@@ -133,26 +178,71 @@ fn nat_v4_syn_ack_and_reply() {
     let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
     let snat = SocketAddr::new(lb_addr(false), port);
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1000, 0, packet::SYN, &[]);
-    let ack = packet::tcp(host_mac(2), LB_MAC, client, vip, 1001, 5001, packet::ACK, b"hello backend");
-    let reply = packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 5001, 1014, packet::ACK, b"hello client");
+    let ack = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        vip,
+        1001,
+        5001,
+        packet::ACK,
+        b"hello backend",
+    );
+    let reply = packet::tcp(
+        mac_of(be.ip()),
+        LB_MAC,
+        be,
+        snat,
+        5001,
+        1014,
+        packet::ACK,
+        b"hello client",
+    );
     run_rows(
         &tb,
         &[
             Row {
                 name: "IPv4 SYN to a nat VIP",
-                output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 1000, 0, packet::SYN, &[])),
+                output: Some(packet::tcp(
+                    LB_MAC,
+                    mac_of(be.ip()),
+                    snat,
+                    be,
+                    1000,
+                    0,
+                    packet::SYN,
+                    &[],
+                )),
                 input: syn,
                 verdict: XDP_TX,
             },
             Row {
                 name: "the next ACK stays on the same backend and SNAT port",
-                output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 1001, 5001, packet::ACK, b"hello backend")),
+                output: Some(packet::tcp(
+                    LB_MAC,
+                    mac_of(be.ip()),
+                    snat,
+                    be,
+                    1001,
+                    5001,
+                    packet::ACK,
+                    b"hello backend",
+                )),
                 input: ack,
                 verdict: XDP_TX,
             },
             Row {
                 name: "the backend's reply goes back to the client from the VIP",
-                output: Some(packet::tcp(LB_MAC, host_mac(2), vip, client, 5001, 1014, packet::ACK, b"hello client")),
+                output: Some(packet::tcp(
+                    LB_MAC,
+                    host_mac(2),
+                    vip,
+                    client,
+                    5001,
+                    1014,
+                    packet::ACK,
+                    b"hello client",
+                )),
                 input: reply,
                 verdict: XDP_TX,
             },
@@ -176,13 +266,31 @@ fn nat_v6_syn_and_reply() {
                 name: "IPv6 SYN to a nat VIP",
                 input: packet::tcp(host_mac(2), LB_MAC, client, vip, 7, 0, packet::SYN, &[]),
                 verdict: XDP_TX,
-                output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 7, 0, packet::SYN, &[])),
+                output: Some(packet::tcp(
+                    LB_MAC,
+                    mac_of(be.ip()),
+                    snat,
+                    be,
+                    7,
+                    0,
+                    packet::SYN,
+                    &[],
+                )),
             },
             Row {
                 name: "IPv6 reply reverse-NATed",
                 input: packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 99, 8, packet::ACK, b"x"),
                 verdict: XDP_TX,
-                output: Some(packet::tcp(LB_MAC, host_mac(2), vip, client, 99, 8, packet::ACK, b"x")),
+                output: Some(packet::tcp(
+                    LB_MAC,
+                    host_mac(2),
+                    vip,
+                    client,
+                    99,
+                    8,
+                    packet::ACK,
+                    b"x",
+                )),
             },
         ],
     );
@@ -200,7 +308,16 @@ fn dsr_rewrites_only_macs() {
             name: "dsr SYN: only the MACs change",
             input: packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]),
             verdict: XDP_TX,
-            output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), client, vip, 1, 0, packet::SYN, &[])),
+            output: Some(packet::tcp(
+                LB_MAC,
+                mac_of(be.ip()),
+                client,
+                vip,
+                1,
+                0,
+                packet::SYN,
+                &[],
+            )),
         }],
     );
 }
@@ -215,9 +332,14 @@ fn udp_vip_with_and_without_checksum() {
     let mut no_csum = packet::udp(host_mac(2), LB_MAC, client, vip, b"query");
     no_csum[40] = 0;
     no_csum[41] = 0;
-    let (v, out) = tb.run(&packet::udp(host_mac(2), LB_MAC, client, vip, b"query")).unwrap();
+    let (v, out) = tb
+        .run(&packet::udp(host_mac(2), LB_MAC, client, vip, b"query"))
+        .unwrap();
     assert_eq!(v, XDP_TX);
-    assert_eq!(out, packet::udp(LB_MAC, mac_of(be.ip()), snat, be, b"query"));
+    assert_eq!(
+        out,
+        packet::udp(LB_MAC, mac_of(be.ip()), snat, be, b"query")
+    );
     assert_checksums(&out);
     let (v, out) = tb.run(&no_csum).unwrap();
     assert_eq!(v, XDP_TX);
@@ -272,24 +394,75 @@ fn what_is_not_balanced_passes_untouched() {
     let mut unknown_port = syn.clone();
     unknown_port[36..38].copy_from_slice(&7999u16.to_be_bytes());
     let rows = vec![
-        Row { name: "non-VIP TCP", input: packet::tcp(host_mac(2), LB_MAC, client, sa("10.77.0.1:22"), 1, 0, packet::SYN, &[]), verdict: XDP_PASS, output: None },
-        Row { name: "VIP address, port without a service", input: unknown_port, verdict: XDP_PASS, output: None },
-        Row { name: "ARP", input: arp(), verdict: XDP_PASS, output: None },
-        Row { name: "ICMP echo to the VIP", input: icmp_echo(), verdict: XDP_PASS, output: None },
-        Row { name: "IPv4 with options", input: with_ip_options(&syn), verdict: XDP_PASS, output: None },
-        Row { name: "first fragment", input: frag, verdict: XDP_PASS, output: None },
-        Row { name: "later fragment", input: frag2, verdict: XDP_PASS, output: None },
+        Row {
+            name: "non-VIP TCP",
+            input: packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                client,
+                sa("10.77.0.1:22"),
+                1,
+                0,
+                packet::SYN,
+                &[],
+            ),
+            verdict: XDP_PASS,
+            output: None,
+        },
+        Row {
+            name: "VIP address, port without a service",
+            input: unknown_port,
+            verdict: XDP_PASS,
+            output: None,
+        },
+        Row {
+            name: "ARP",
+            input: arp(),
+            verdict: XDP_PASS,
+            output: None,
+        },
+        Row {
+            name: "ICMP echo to the VIP",
+            input: icmp_echo(),
+            verdict: XDP_PASS,
+            output: None,
+        },
+        Row {
+            name: "IPv4 with options",
+            input: with_ip_options(&syn),
+            verdict: XDP_PASS,
+            output: None,
+        },
+        Row {
+            name: "first fragment",
+            input: frag,
+            verdict: XDP_PASS,
+            output: None,
+        },
+        Row {
+            name: "later fragment",
+            input: frag2,
+            verdict: XDP_PASS,
+            output: None,
+        },
     ];
     run_rows(&tb, &rows);
     // Cut at every length from a bare Ethernet header on (BPF_PROG_TEST_RUN refuses frames
     // shorter than 14 bytes): never transmitted, never changed.
     for v6 in [false, true] {
-        let (c, vip) = if v6 { (sa("[fd77::2]:40006"), sa("[fd77::100]:7002")) } else { (client, vip) };
+        let (c, vip) = if v6 {
+            (sa("[fd77::2]:40006"), sa("[fd77::100]:7002"))
+        } else {
+            (client, vip)
+        };
         let full = packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[]);
         for len in 14..full.len() {
             let cut = full[..len].to_vec();
             let (v, out) = tb.run(&cut).unwrap();
-            assert!(v == XDP_PASS || v == XDP_DROP, "cut at {len} (v6 {v6}): verdict {v}");
+            assert!(
+                v == XDP_PASS || v == XDP_DROP,
+                "cut at {len} (v6 {v6}): verdict {v}"
+            );
             assert_eq!(out, cut, "cut at {len} (v6 {v6}): changed");
         }
     }
@@ -312,19 +485,43 @@ fn vlan_tagged_syn_keeps_its_tag() {
         &tb,
         &[Row {
             name: "802.1Q SYN",
-            input: tag(packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[])),
+            input: tag(packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                client,
+                vip,
+                1,
+                0,
+                packet::SYN,
+                &[],
+            )),
             verdict: XDP_TX,
-            output: Some(tag(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 1, 0, packet::SYN, &[]))),
+            output: Some(tag(packet::tcp(
+                LB_MAC,
+                mac_of(be.ip()),
+                snat,
+                be,
+                1,
+                0,
+                packet::SYN,
+                &[],
+            ))),
         }],
     );
 }
 
 /// Checks an RST the program built: addresses swapped, flags, seq/ack, checksums.
 fn assert_rst(out: &[u8], from: SocketAddr, to: SocketAddr, seq: u32, ack: Option<u32>) {
-    assert_eq!(&out[0..6], &host_mac(2), "RST goes back to the sender's MAC");
+    assert_eq!(
+        &out[0..6],
+        &host_mac(2),
+        "RST goes back to the sender's MAC"
+    );
     assert_eq!(&out[6..12], &LB_MAC);
     let p = SlicedPacket::from_ethernet(out).unwrap();
-    let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("not TCP") };
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!("not TCP")
+    };
     assert!(t.rst());
     assert!(t.payload().is_empty());
     assert_eq!(t.sequence_number(), seq);
@@ -332,7 +529,10 @@ fn assert_rst(out: &[u8], from: SocketAddr, to: SocketAddr, seq: u32, ack: Optio
     if let Some(a) = ack {
         assert_eq!(t.acknowledgment_number(), a);
     }
-    assert_eq!((t.source_port(), t.destination_port()), (from.port(), to.port()));
+    assert_eq!(
+        (t.source_port(), t.destination_port()),
+        (from.port(), to.port())
+    );
     match p.net.as_ref().unwrap() {
         NetSlice::Ipv4(ip) => {
             assert_eq!(IpAddr::from(ip.header().source_addr()), from.ip());
@@ -357,10 +557,23 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
         let (be, _) = predict(&tb, &st, svc, client, vip, PROTO_TCP);
         let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 100, 0, packet::SYN, &[]);
         assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
-        let i = st.services[svc].backends.iter().position(|b| b.address == be).unwrap();
+        let i = st.services[svc]
+            .backends
+            .iter()
+            .position(|b| b.address == be)
+            .unwrap();
         st.set_health(&mut tb.dp, svc, i, Health::Down).unwrap();
         // An established segment with payload: RST with seq = its ack.
-        let data = packet::tcp(host_mac(2), LB_MAC, client, vip, 101, 777, packet::ACK, b"payload bytes");
+        let data = packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            101,
+            777,
+            packet::ACK,
+            b"payload bytes",
+        );
         let (v, out) = tb.run(&data).unwrap();
         assert_eq!(v, XDP_TX, "{svc}: the down backend's flow is answered");
         assert_rst(&out, vip, client, 777, None);
@@ -368,7 +581,9 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
         let (v, out) = tb.run(&data).unwrap();
         assert_eq!(v, XDP_TX);
         let p = SlicedPacket::from_ethernet(&out).unwrap();
-        let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!() };
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            panic!()
+        };
         assert!(!t.rst());
         assert_ne!(&out[0..6], &mac_of(be.ip()), "{svc}: not the down backend");
         st.set_health(&mut tb.dp, svc, i, Health::Up).unwrap();
@@ -379,16 +594,60 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 100, 0, packet::SYN, &[]);
     assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
     st.set_health(&mut tb.dp, "hl7", 0, Health::Down).unwrap();
-    let data = packet::tcp(host_mac(2), LB_MAC, client, vip, 101, 1, packet::ACK, b"MSH|");
+    let data = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        vip,
+        101,
+        1,
+        packet::ACK,
+        b"MSH|",
+    );
     assert_eq!(tb.run(&data).unwrap().0, XDP_DROP, "drop, as configured");
     let c = sa("10.77.0.2:40010");
     let vip_web = sa("10.77.0.100:7002");
     let (be, _) = predict(&tb, &st, "web", c, vip_web, PROTO_TCP);
-    assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, c, vip_web, 1, 0, packet::SYN, &[])).unwrap().0, XDP_TX);
-    let i = st.services["web"].backends.iter().position(|b| b.address == be).unwrap();
-    st.set_admin(&mut tb.dp, "web", i, AdminState::Disabled).unwrap();
-    let rst = packet::tcp(host_mac(2), LB_MAC, c, vip_web, 2, 1, packet::Flags { rst: true, ..Default::default() }, &[]);
-    assert_eq!(tb.run(&rst).unwrap().0, XDP_DROP, "an RST is never answered with an RST");
+    assert_eq!(
+        tb.run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            c,
+            vip_web,
+            1,
+            0,
+            packet::SYN,
+            &[]
+        ))
+        .unwrap()
+        .0,
+        XDP_TX
+    );
+    let i = st.services["web"]
+        .backends
+        .iter()
+        .position(|b| b.address == be)
+        .unwrap();
+    st.set_admin(&mut tb.dp, "web", i, AdminState::Disabled)
+        .unwrap();
+    let rst = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        c,
+        vip_web,
+        2,
+        1,
+        packet::Flags {
+            rst: true,
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(
+        tb.run(&rst).unwrap().0,
+        XDP_DROP,
+        "an RST is never answered with an RST"
+    );
 }
 
 #[test]
@@ -399,10 +658,29 @@ fn no_live_backend_refuses_at_once() {
     }
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40011");
-    let (v, out) = tb.run(&packet::tcp(host_mac(2), LB_MAC, client, vip, 5000, 0, packet::SYN, &[])).unwrap();
+    let (v, out) = tb
+        .run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            5000,
+            0,
+            packet::SYN,
+            &[],
+        ))
+        .unwrap();
     assert_eq!(v, XDP_TX);
     assert_rst(&out, vip, client, 0, Some(5001));
-    let (v, _) = tb.run(&packet::udp(host_mac(2), LB_MAC, client, sa("10.77.0.100:5353"), b"q")).unwrap();
+    let (v, _) = tb
+        .run(&packet::udp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            sa("10.77.0.100:5353"),
+            b"q",
+        ))
+        .unwrap();
     assert_eq!(v, XDP_TX, "the UDP service still has live backends");
 }
 
@@ -412,9 +690,28 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40012");
     let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
-    assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[])).unwrap().0, XDP_TX);
-    let i = st.services["web"].backends.iter().position(|b| b.address == be).unwrap();
-    st.set_admin(&mut tb.dp, "web", i, AdminState::Drain).unwrap();
+    assert_eq!(
+        tb.run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            1,
+            0,
+            packet::SYN,
+            &[]
+        ))
+        .unwrap()
+        .0,
+        XDP_TX
+    );
+    let i = st.services["web"]
+        .backends
+        .iter()
+        .position(|b| b.address == be)
+        .unwrap();
+    st.set_admin(&mut tb.dp, "web", i, AdminState::Drain)
+        .unwrap();
     let snat = SocketAddr::new(lb_addr(false), port);
     run_rows(
         &tb,
@@ -422,14 +719,41 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
             name: "old flow continues on the draining backend",
             input: packet::tcp(host_mac(2), LB_MAC, client, vip, 2, 9, packet::ACK, b"more"),
             verdict: XDP_TX,
-            output: Some(packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, 2, 9, packet::ACK, b"more")),
+            output: Some(packet::tcp(
+                LB_MAC,
+                mac_of(be.ip()),
+                snat,
+                be,
+                2,
+                9,
+                packet::ACK,
+                b"more",
+            )),
         }],
     );
     for p in 0..300u16 {
-        let c = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, (p >> 8) as u8, p as u8)), 2000 + p);
-        let (v, out) = tb.run(&packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[])).unwrap();
+        let c = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(10, 9, (p >> 8) as u8, p as u8)),
+            2000 + p,
+        );
+        let (v, out) = tb
+            .run(&packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                c,
+                vip,
+                1,
+                0,
+                packet::SYN,
+                &[],
+            ))
+            .unwrap();
         assert_eq!(v, XDP_TX);
-        assert_ne!(&out[0..6], &mac_of(be.ip()), "a new flow went to the draining backend");
+        assert_ne!(
+            &out[0..6],
+            &mac_of(be.ip()),
+            "a new flow went to the draining backend"
+        );
     }
 }
 
@@ -437,21 +761,62 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
 fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let (mut tb, _st) = configured_testbed(65536).unwrap();
     let vip = sa("10.77.0.100:7002");
-    let t = balancer::gc::Timeouts { tcp_idle: 3600, udp_idle: 300 };
+    let t = balancer::gc::Timeouts {
+        tcp_idle: 3600,
+        udp_idle: 300,
+    };
     let closed = sa("10.77.0.2:40020");
     let idle = sa("10.77.0.2:40021");
     for c in [closed, idle] {
-        assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[])).unwrap().0, XDP_TX);
+        assert_eq!(
+            tb.run(&packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                c,
+                vip,
+                1,
+                0,
+                packet::SYN,
+                &[]
+            ))
+            .unwrap()
+            .0,
+            XDP_TX
+        );
     }
-    let fin = packet::Flags { fin: true, ack: true, ..Default::default() };
-    assert_eq!(tb.run(&packet::tcp(host_mac(2), LB_MAC, closed, vip, 2, 1, fin, &[])).unwrap().0, XDP_TX);
+    let fin = packet::Flags {
+        fin: true,
+        ack: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        tb.run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            closed,
+            vip,
+            2,
+            1,
+            fin,
+            &[]
+        ))
+        .unwrap()
+        .0,
+        XDP_TX
+    );
     assert_eq!(tb.dp.flows().len(), 4);
     let atime = tb.dp.flows().values().map(|f| f.atime).max().unwrap();
     let s = tb.dp.sweep_flows(t, atime + 5);
     assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
-    let s = tb.dp.sweep_flows(t, atime + balancer::gc::CLOSED_LINGER_SECS + 1);
+    let s = tb
+        .dp
+        .sweep_flows(t, atime + balancer::gc::CLOSED_LINGER_SECS + 1);
     assert_eq!((s.closed, s.idle), (1, 0));
-    assert_eq!(tb.dp.flows().len(), 2, "the closed flow left with its reply entry");
+    assert_eq!(
+        tb.dp.flows().len(),
+        2,
+        "the closed flow left with its reply entry"
+    );
     let s = tb.dp.sweep_flows(t, atime + 3600);
     assert_eq!((s.closed, s.idle), (0, 1));
     assert!(tb.dp.flows().is_empty());
