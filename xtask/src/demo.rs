@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a lab with a client, the balancer and three backends, real traffic
-//! through the VIP, who served what, and the dataplane counters.
+//! `cargo xtask demo`: a lab with a client, the balancer and three backends (two of them also
+//! run an HL7 Listener), real traffic through the VIP, who served what, a web backend failing
+//! under load, an HL7 listener failover with a real MLLP sender, and the counters.
 //!
 //! The scenario is a list of steps over a [`Demo`]; add a step function and a line in
 //! [`scenario`] to show more (a web backend failing, an HL7 failover).
@@ -36,11 +37,48 @@ scheduler = "maglev"
 backends = [ { address = "10.77.0.11:8080" }, { address = "10.77.0.12:8080" }, { address = "10.77.0.13:8080" } ]
 "#;
 
+/// What the controller issue adds to the sample: a health check on `web` (HTTP on the
+/// backends' port 8080), and the HL7 Listener in failover on two servers.
+pub const CONTROLLER_CONFIG: &str = r#"
+[[service]]
+name = "hl7-listener"
+vip = "10.77.0.100:6661"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "failover"      # one active backend; the others wait by priority
+failback = false            # a recovered server does not take the traffic back by itself
+health = { kind = "mllp", interval = "250ms", timeout = "200ms", rise = 2, fall = 2 }
+backends = [
+  { address = "10.77.0.11:6661", priority = 1 },
+  { address = "10.77.0.12:6661", priority = 2 },
+]
+"#;
+
+/// The health check the demo puts on the `web` service.
+const WEB_HEALTH: &str = r#"health = { kind = "http", path = "/health", port = 8080, interval = "500ms", timeout = "300ms", rise = 2, fall = 2 }
+backends = [ { address = "10.77.0.11:7002", weight = 1 }"#;
+
+/// The demo's whole config: the sample, its health check, the HL7 service, the socket.
+pub fn demo_config(lab: &Lab) -> String {
+    let sample = SAMPLE_CONFIG.replacen(
+        r#"backends = [ { address = "10.77.0.11:7002", weight = 1 }"#,
+        WEB_HEALTH,
+        1,
+    );
+    format!(
+        "{sample}{CONTROLLER_CONFIG}\n[controller]\nsocket = \"{}\"\n",
+        lab.dir().join("control.sock").display()
+    )
+}
+
 /// Everything a demo step can use. Dropping it stops the balancer and tears the lab down.
 pub struct Demo {
     /// The backends' `blb-echo` processes (`echo[i]` is backend `i + 1`); a step may kill one.
     #[allow(dead_code)]
     pub echo: Vec<LabChild>,
+    /// The HL7 Listeners on backends 1 and 2.
+    #[allow(dead_code)]
+    pub hl7: Vec<LabChild>,
     /// The running balancer (None once a step stopped it).
     pub balancer: Option<BalancerProc>,
     /// The lab (declared last: dropped after the processes above).
@@ -56,6 +94,10 @@ fn scenario() -> Vec<Step> {
         ("300 connections through the VIP", spread_through_vip),
         ("a long-lived connection stays on its backend", long_lived),
         ("HTTP through the VIP", http_through_vip),
+        ("balancer status", status),
+        ("a web backend fails under load", web_backend_fails),
+        ("HL7 listener failover", hl7_failover),
+        ("balancer status after the failures", status),
         ("dataplane counters", counters),
     ]
 }
@@ -80,9 +122,17 @@ pub fn run() -> Result<()> {
         );
     }
     let echo = lab.spawn_echo_all()?;
+    let mut hl7 = Vec::new();
+    for (i, name) in [(1, "hl7a"), (2, "hl7b")] {
+        println!("  HL7 Listener {name} (blb-mllp, ACKs with MSH-3 = {name}) on 10.77.0.1{i}:6661");
+        let mut c = lab.spawn_tool(Host::Backend(i), "blb-mllp", &["listen", "--name", name, "--addr", "0.0.0.0:6661"])?;
+        c.wait_for_output("blb-mllp ready", Duration::from_secs(10))?;
+        hl7.push(c);
+    }
     sigint::check()?;
-    println!("\nconfig:\n{SAMPLE_CONFIG}");
-    let balancer = lab.start_balancer(SAMPLE_CONFIG)?;
+    let config = demo_config(&lab);
+    println!("\nconfig:\n{config}");
+    let balancer = lab.start_balancer(&config)?;
     println!(
         "balancer running (pid {}), pins in {}",
         balancer.pid(),
@@ -90,6 +140,7 @@ pub fn run() -> Result<()> {
     );
     let mut demo = Demo {
         echo,
+        hl7,
         balancer: Some(balancer),
         lab,
     };
@@ -176,6 +227,134 @@ fn http_through_vip(demo: &mut Demo) -> Result<()> {
             .lab
             .exec(Host::Client, &["curl", "-s", "-m", "5", &url])?;
         println!("  curl {url}  ->  {}", body.trim());
+    }
+    Ok(())
+}
+
+fn cli(demo: &Demo, args: &[&str]) -> Result<String> {
+    let sock = demo.lab.dir().join("control.sock").display().to_string();
+    let mut v = args.to_vec();
+    v.extend_from_slice(&["--socket", &sock]);
+    demo.lab.balancer_cli(&v)
+}
+
+fn status_json(demo: &Demo) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&cli(demo, &["status", "--json"])?)?)
+}
+
+fn status(demo: &mut Demo) -> Result<()> {
+    for line in cli(demo, &["status"])?.lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// Polls the status every 50 ms (at most `limit`) until `f` holds; returns the time taken.
+fn wait_status(demo: &Demo, limit: Duration, f: impl Fn(&serde_json::Value) -> bool) -> Result<Duration> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        sigint::check()?;
+        if f(&status_json(demo)?) {
+            return Ok(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("not within {limit:?}")
+}
+
+fn backend_field(st: &serde_json::Value, svc: &str, addr: &str, field: &str) -> String {
+    st["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == svc))
+        .and_then(|s| s["backends"].as_array())
+        .and_then(|b| b.iter().find(|b| b["address"] == addr))
+        .map(|b| scalar(&b[field]))
+        .unwrap_or_default()
+}
+
+fn web_backend_fails(demo: &mut Demo) -> Result<()> {
+    let vip = vip4(ECHO_PORT).to_string();
+    let mut cmd = demo.lab.command(Host::Client, balancer_tests::tool_bin("blb-client")?);
+    cmd.args(["rate", "--to", &vip, "--seconds", "4", "--concurrency", "2"]);
+    let load = demo.lab.spawn_command(cmd, "[c] blb-client rate")?;
+    std::thread::sleep(Duration::from_secs(1));
+    println!("  continuous short connections to {vip}; killing be2 (blb-echo on 10.77.0.12)");
+    demo.echo[1].kill();
+    let took = wait_status(demo, Duration::from_secs(5), |st| {
+        backend_field(st, "web", "10.77.0.12:7002", "state") == "down"
+    })?;
+    println!("  health check (http /health, interval 500ms, fall 2) marked be2 down after {:.0} ms", took.as_secs_f64() * 1e3);
+    let done = load.wait_output(Duration::from_secs(30))?;
+    if let Ok(r) = serde_json::from_str::<balancer_tests::RateReport>(&done.stdout) {
+        println!(
+            "  load: {} ok, {} failed (only connections sent to be2 before it was marked down): {:?}",
+            r.ok, r.failed, r.by_backend
+        );
+    }
+    let r = demo.lab.client_conns(vip4(ECHO_PORT), 150, 1024, 8)?;
+    println!("  after detection:");
+    print_spread(&r);
+    Ok(())
+}
+
+fn mllp_send(demo: &Demo, patient: &str) -> Result<String> {
+    // A real HL7 client: mllp_send from Debian's python3-hl7.
+    let msg = format!(
+        "MSH|^~\\&|DEMO|CLINIC|HL7|LISTENER|20260101000000||ADT^A01|DEMO{}|P|2.5\r\nPID|1||12345^^^HOSP^MR||{patient}||19700101|F\r\n",
+        std::process::id()
+    );
+    let file = demo.lab.write_file("adt.hl7", &msg)?;
+    let out = demo.lab.exec(
+        Host::Client,
+        &["mllp_send", "--loose", "-p", "6661", "-f", &file.display().to_string(), "10.77.0.100"],
+    )?;
+    let ack = out.replace('\r', "\n");
+    let seg = |name: &str| {
+        ack.lines()
+            .map(|l| l.trim_start_matches('\u{b}'))
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    let (msh, msa) = (seg("MSH"), seg("MSA"));
+    let from = msh.split('|').nth(2).unwrap_or("?").to_string();
+    Ok(format!("{} from {from}", msa.split('|').take(2).collect::<Vec<_>>().join("|")))
+}
+
+fn hl7_failover(demo: &mut Demo) -> Result<()> {
+    println!("  mllp_send one ADT^A01 to 10.77.0.100:6661: ACK {}", mllp_send(demo, "DOE^JANE")?);
+    let mut cmd = demo.lab.command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
+    cmd.args(["send", "--to", "10.77.0.100:6661", "--seconds", "5", "--interval-ms", "50", "--ack-timeout", "5"]);
+    let sender = demo.lab.spawn_command(cmd, "[c] blb-mllp send")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    println!("  a sender streams a message every 50 ms; hl7a's server drops off the network (link down)");
+    demo.lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"])?;
+    let took = wait_status(demo, Duration::from_secs(5), |st| {
+        st["services"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "hl7-listener" && s["active"] == "10.77.0.12:6661"))
+    })?;
+    println!("  failover to hl7b after {:.0} ms (mllp check every 250 ms, fall 2)", took.as_secs_f64() * 1e3);
+    let done = sender.wait_output(Duration::from_secs(30))?;
+    if let Ok(r) = serde_json::from_str::<serde_json::Value>(&done.stdout) {
+        println!(
+            "  sender: {} sent, {} acked, ACKs in order {}, resets {}, timeouts {}, longest gap between ACKs {} ms",
+            r["sent"], r["acked"], r["sequence"], r["resets"], r["timeouts"], r["max_gap_ms"]
+        );
+    }
+    println!("  mllp_send again: ACK {}", mllp_send(demo, "DOE^JOHN")?);
+    demo.lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "up"])?;
+    let took = wait_status(demo, Duration::from_secs(5), |st| {
+        backend_field(st, "hl7-listener", "10.77.0.11:6661", "health") == "up"
+    })?;
+    println!("  hl7a back after {:.0} ms; failback = false, so it waits as the standby:", took.as_secs_f64() * 1e3);
+    println!("  mllp_send: ACK {}", mllp_send(demo, "DOE^JIM")?);
+    // 10.77.0.11 also runs web's be1: it was down while unplugged too.
+    let took = wait_status(demo, Duration::from_secs(5), |st| {
+        backend_field(st, "web", "10.77.0.11:7002", "health") == "up"
+    })?;
+    println!("  (10.77.0.11 is also web's be1: its check passed again {:.0} ms later)", took.as_secs_f64() * 1e3);
+    if let Some(b) = demo.balancer.as_ref() {
+        let leaked = b.logs().contains("DOE^J");
+        println!("  patient names in the balancer's log: {}", if leaked { "FOUND (bug)" } else { "none" });
     }
     Ok(())
 }
