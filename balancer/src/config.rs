@@ -709,4 +709,13 @@ backends = [
             "{s}"
         );
     }
+
+    #[test]
+    fn shipped_examples_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in ["examples/patientsecure.toml", "examples/patientsecure-l7.toml", "packaging/balancer.toml"] {
+            let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(!v.services.is_empty() || v.raw.l7.is_some(), "{f}");
+        }
+    }
 }

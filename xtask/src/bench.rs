@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: bulk TCP throughput (iperf3) and short-connection rate (blb-client)
 //! through a namespace lab, directly, through the balancer (XDP, nat) and through an nftables
-//! DNAT balancer; then the balancer's own XDP ns/packet bench.
+//! DNAT balancer; the balancer's own XDP ns/packet bench; HL7 failover time and health change
+//! → map update latency; the L7 proxy beside HAProxy (wrk).
 //!
 //! Every path gets a fresh lab of its own. Numbers are printed, never asserted.
 
@@ -82,7 +83,99 @@ pub fn run(opts: &Options) -> Result<()> {
     print_table(&rows, opts);
     sigint::check()?;
     bench_xdp(opts.calls);
+    sigint::check()?;
+    if let Err(e) = bench_failover() {
+        println!("  failover bench failed: {e:#}");
+    }
+    sigint::check()?;
+    bench_l7(opts);
     Ok(())
+}
+
+/// HL7 failover: the active listener's server drops off the network while a sender streams a
+/// message every 20 ms; measured: the longest gap between two ACKs (the last from the dead
+/// listener, the first from the standby), and the daemon's health-change → map-update times.
+fn bench_failover() -> Result<()> {
+    println!("\n== HL7 failover (mllp check 250 ms, fall 2) and health change -> map update ==");
+    let mut gaps = Vec::new();
+    let mut updates_us: Vec<u64> = Vec::new();
+    for round in 0..3 {
+        sigint::check()?;
+        let lab = Lab::new(2)?;
+        let mut listeners = Vec::new();
+        for (i, name) in [(1, "hl7a"), (2, "hl7b")] {
+            let mut c = lab.spawn_tool(Host::Backend(i), "blb-mllp", &["listen", "--name", name, "--addr", "0.0.0.0:6661"])?;
+            c.wait_for_output("blb-mllp ready", std::time::Duration::from_secs(10))?;
+            listeners.push(c);
+        }
+        let cfg = format!(
+            "[dataplane]\ninterface = \"eth0\"\n\n[controller]\nsocket = \"{}\"\n{}",
+            lab.dir().join("control.sock").display(),
+            crate::demo::CONTROLLER_CONFIG
+        );
+        let b = lab.start_balancer(&cfg)?;
+        let mut cmd = lab.command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
+        cmd.args(["send", "--to", "10.77.0.100:6661", "--seconds", "4", "--interval-ms", "20", "--ack-timeout", "5"]);
+        let sender = lab.spawn_command(cmd, "[c] blb-mllp send")?;
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"])?;
+        let done = sender.wait_output(std::time::Duration::from_secs(30))?;
+        let r: serde_json::Value = serde_json::from_str(&done.stdout)?;
+        let gap = r["max_gap_ms"].as_u64().unwrap_or(0);
+        println!(
+            "  round {}: longest gap between ACKs {gap} ms; ACKs {} ; resets {} timeouts {}",
+            round + 1,
+            r["sequence"],
+            r["resets"],
+            r["timeouts"]
+        );
+        gaps.push(gap);
+        for part in b.logs().split("map_update_us=").skip(1) {
+            if let Some(n) = part.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok()) {
+                updates_us.push(n);
+            }
+        }
+    }
+    gaps.sort_unstable();
+    updates_us.sort_unstable();
+    println!(
+        "  failover (listener gone -> first ACK from the standby, upper bound incl. the 20 ms send interval): median {} ms, max {} ms",
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1]
+    );
+    if !updates_us.is_empty() {
+        println!(
+            "  health change -> map update: {} changes, median {} us, max {} us",
+            updates_us.len(),
+            updates_us[updates_us.len() / 2],
+            updates_us[updates_us.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+/// The L7 proxy beside HAProxy: `l7-bench` from balancer-l7 (wrk, same certificate and
+/// backends).
+fn bench_l7(opts: &Options) {
+    println!("\n== L7: HTTPS through the proxy beside HAProxy (wrk) ==");
+    let result = (|| -> Result<()> {
+        if !opts.no_build {
+            crate::cmd::build_release(&["balancer-l7"])?;
+        }
+        let bin = balancer_bin()?.with_file_name("l7-bench");
+        let out = Command::new(&bin)
+            .args(["--duration", &opts.seconds.max(5).to_string()])
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            bail!("{}", first_line(String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        println!("  l7 bench not available ({e:#})");
+    }
 }
 
 fn first_line(s: &str) -> String {
