@@ -114,9 +114,12 @@ enum Cmd {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // No colour codes into the journal or a log file: only on a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
