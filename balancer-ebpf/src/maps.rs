@@ -35,6 +35,21 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 #[map(name = "BLB_REASONS")]
 pub static REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASONS, 0);
 
+/// Per-CPU next-hop cache per backend slot: a new flow to a backend reuses the FIB answer of
+/// the last few seconds instead of asking again. Not part of the ABI.
+#[map(name = "BLB_NEXTHOPS")]
+pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// A cached FIB answer for one backend.
+#[repr(C)]
+pub struct NextHop {
+    pub generation: u32,
+    pub time: u32,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
 /// Room for the entries of a new flow (the BPF stack is 512 bytes). Not part of the ABI.
 #[map(name = "BLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

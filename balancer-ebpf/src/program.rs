@@ -23,13 +23,16 @@ use balancer_common::{
 use balancer_ebpf::{checksum, headers::*};
 
 use crate::maps::{
-    BACKEND_STATS, BACKENDS, FLOWS, GLOBALS, REASON_COUNTS, RINGS, SCRATCH, SERVICE_STATS, SERVICES,
+    BACKEND_STATS, BACKENDS, FLOWS, GLOBALS, NEXTHOPS, REASON_COUNTS, RINGS, SCRATCH,
+    SERVICE_STATS, SERVICES,
 };
 
 const AF_INET: u8 = 2;
 const MAX_HDR_OFFSET: usize = 128;
 /// SNAT ports tried for a new flow.
 const SNAT_PROBES: u32 = 16;
+/// Seconds a backend's cached FIB answer is used for new flows.
+const NEXTHOP_TTL_SECS: u32 = 5;
 const AF_INET6: u8 = 10;
 
 /// What the parser learnt of a packet.
@@ -332,10 +335,31 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
     flow.generation = be.generation;
     flow.service = svc.id;
     flow.atime = now_secs();
-    // The next hop is resolved once per flow and kept in the flow entry.
-    if let Err(v) = next_hop(ctx, p, flow) {
-        account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
-        return Err(v);
+    // The next hop is resolved once per flow and kept in the flow entry; the FIB answer for a
+    // backend is itself reused for a few seconds (per CPU).
+    let now = flow.atime;
+    let cached = match NEXTHOPS.get_ptr_mut(be_idx) {
+        // SAFETY: per-CPU value, no concurrent writer.
+        Some(nh) => unsafe { &mut *nh },
+        None => return Err(xdp_action::XDP_PASS),
+    };
+    if cached.ifindex != 0
+        && cached.generation == be.generation
+        && now.wrapping_sub(cached.time) < NEXTHOP_TTL_SECS
+    {
+        flow.ifindex = cached.ifindex;
+        flow.smac = cached.smac;
+        flow.dmac = cached.dmac;
+    } else {
+        if let Err(v) = next_hop(ctx, p, flow) {
+            account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
+            return Err(v);
+        }
+        cached.generation = be.generation;
+        cached.time = now;
+        cached.ifindex = flow.ifindex;
+        cached.smac = flow.smac;
+        cached.dmac = flow.dmac;
     }
     if nat {
         let Some(port) = snat_port(

@@ -679,10 +679,17 @@ backends = [
     #[test]
     fn unknown_keys_are_refused() {
         let text = GOOD.replace("scheduler = \"maglev\"", "schedular = \"maglev\"");
-        let line = text.lines().position(|l| l.starts_with("schedular")).unwrap() + 1;
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("schedular"))
+            .unwrap()
+            + 1;
         let e = p(&text).unwrap_err();
         assert!(e.to_string().contains("schedular"), "{e}");
-        assert!(e.to_string().starts_with(&format!("b.toml:{line}:1:")), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("b.toml:{line}:1:")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -713,7 +720,11 @@ backends = [
     #[test]
     fn shipped_examples_validate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for f in ["examples/patientsecure.toml", "examples/patientsecure-l7.toml", "packaging/balancer.toml"] {
+        for f in [
+            "examples/patientsecure.toml",
+            "examples/patientsecure-l7.toml",
+            "packaging/balancer.toml",
+        ] {
             let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(!v.services.is_empty() || v.raw.l7.is_some(), "{f}");
         }
