@@ -471,6 +471,15 @@ impl State {
         Ok(event)
     }
 
+    fn backend_mut(&mut self, service: &str, backend: usize) -> anyhow::Result<&mut BackendState> {
+        self.services
+            .get_mut(service)
+            .ok_or_else(|| anyhow!("no service '{service}'"))?
+            .backends
+            .get_mut(backend)
+            .ok_or_else(|| anyhow!("no backend {backend}"))
+    }
+
     /// Sets a backend's health and writes the service if that changes anything.
     pub fn set_health(
         &mut self,
@@ -479,14 +488,7 @@ impl State {
         backend: usize,
         health: Health,
     ) -> anyhow::Result<Option<Event>> {
-        let s = self
-            .services
-            .get_mut(service)
-            .ok_or_else(|| anyhow!("no service '{service}'"))?;
-        let b = s
-            .backends
-            .get_mut(backend)
-            .ok_or_else(|| anyhow!("no backend {backend}"))?;
+        let b = self.backend_mut(service, backend)?;
         if b.health == health {
             return Ok(None);
         }
@@ -502,15 +504,7 @@ impl State {
         backend: usize,
         admin: AdminState,
     ) -> anyhow::Result<Option<Event>> {
-        let s = self
-            .services
-            .get_mut(service)
-            .ok_or_else(|| anyhow!("no service '{service}'"))?;
-        let b = s
-            .backends
-            .get_mut(backend)
-            .ok_or_else(|| anyhow!("no backend {backend}"))?;
-        b.admin = admin;
+        self.backend_mut(service, backend)?.admin = admin;
         self.write_service(dp, service)
     }
 

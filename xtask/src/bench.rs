@@ -104,7 +104,11 @@ fn bench_failover() -> Result<()> {
         let lab = Lab::new(2)?;
         let mut listeners = Vec::new();
         for (i, name) in [(1, "hl7a"), (2, "hl7b")] {
-            let mut c = lab.spawn_tool(Host::Backend(i), "blb-mllp", &["listen", "--name", name, "--addr", "0.0.0.0:6661"])?;
+            let mut c = lab.spawn_tool(
+                Host::Backend(i),
+                "blb-mllp",
+                &["listen", "--name", name, "--addr", "0.0.0.0:6661"],
+            )?;
             c.wait_for_output("blb-mllp ready", std::time::Duration::from_secs(10))?;
             listeners.push(c);
         }
@@ -115,7 +119,17 @@ fn bench_failover() -> Result<()> {
         );
         let b = lab.start_balancer(&cfg)?;
         let mut cmd = lab.command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
-        cmd.args(["send", "--to", "10.77.0.100:6661", "--seconds", "4", "--interval-ms", "20", "--ack-timeout", "5"]);
+        cmd.args([
+            "send",
+            "--to",
+            "10.77.0.100:6661",
+            "--seconds",
+            "4",
+            "--interval-ms",
+            "20",
+            "--ack-timeout",
+            "5",
+        ]);
         let sender = lab.spawn_command(cmd, "[c] blb-mllp send")?;
         std::thread::sleep(std::time::Duration::from_millis(1500));
         lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"])?;
@@ -131,7 +145,11 @@ fn bench_failover() -> Result<()> {
         );
         gaps.push(gap);
         for part in b.logs().split("map_update_us=").skip(1) {
-            if let Some(n) = part.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok()) {
+            if let Some(n) = part
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok())
+            {
                 updates_us.push(n);
             }
         }
@@ -169,7 +187,10 @@ fn bench_l7(opts: &Options) {
             .with_context(|| format!("running {}", bin.display()))?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
-            bail!("{}", first_line(String::from_utf8_lossy(&out.stderr).trim()));
+            bail!(
+                "{}",
+                first_line(String::from_utf8_lossy(&out.stderr).trim())
+            );
         }
         Ok(())
     })();

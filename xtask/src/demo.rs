@@ -125,7 +125,11 @@ pub fn run() -> Result<()> {
     let mut hl7 = Vec::new();
     for (i, name) in [(1, "hl7a"), (2, "hl7b")] {
         println!("  HL7 Listener {name} (blb-mllp, ACKs with MSH-3 = {name}) on 10.77.0.1{i}:6661");
-        let mut c = lab.spawn_tool(Host::Backend(i), "blb-mllp", &["listen", "--name", name, "--addr", "0.0.0.0:6661"])?;
+        let mut c = lab.spawn_tool(
+            Host::Backend(i),
+            "blb-mllp",
+            &["listen", "--name", name, "--addr", "0.0.0.0:6661"],
+        )?;
         c.wait_for_output("blb-mllp ready", Duration::from_secs(10))?;
         hl7.push(c);
     }
@@ -250,7 +254,11 @@ fn status(demo: &mut Demo) -> Result<()> {
 }
 
 /// Polls the status every 50 ms (at most `limit`) until `f` holds; returns the time taken.
-fn wait_status(demo: &Demo, limit: Duration, f: impl Fn(&serde_json::Value) -> bool) -> Result<Duration> {
+fn wait_status(
+    demo: &Demo,
+    limit: Duration,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Result<Duration> {
     let t = std::time::Instant::now();
     while t.elapsed() < limit {
         sigint::check()?;
@@ -274,7 +282,9 @@ fn backend_field(st: &serde_json::Value, svc: &str, addr: &str, field: &str) -> 
 
 fn web_backend_fails(demo: &mut Demo) -> Result<()> {
     let vip = vip4(ECHO_PORT).to_string();
-    let mut cmd = demo.lab.command(Host::Client, balancer_tests::tool_bin("blb-client")?);
+    let mut cmd = demo
+        .lab
+        .command(Host::Client, balancer_tests::tool_bin("blb-client")?);
     cmd.args(["rate", "--to", &vip, "--seconds", "4", "--concurrency", "2"]);
     let load = demo.lab.spawn_command(cmd, "[c] blb-client rate")?;
     std::thread::sleep(Duration::from_secs(1));
@@ -283,7 +293,10 @@ fn web_backend_fails(demo: &mut Demo) -> Result<()> {
     let took = wait_status(demo, Duration::from_secs(5), |st| {
         backend_field(st, "web", "10.77.0.12:7002", "state") == "down"
     })?;
-    println!("  health check (http /health, interval 500ms, fall 2) marked be2 down after {:.0} ms", took.as_secs_f64() * 1e3);
+    println!(
+        "  health check (http /health, interval 500ms, fall 2) marked be2 down after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
     let done = load.wait_output(Duration::from_secs(30))?;
     if let Ok(r) = serde_json::from_str::<balancer_tests::RateReport>(&done.stdout) {
         println!(
@@ -306,7 +319,15 @@ fn mllp_send(demo: &Demo, patient: &str) -> Result<String> {
     let file = demo.lab.write_file("adt.hl7", &msg)?;
     let out = demo.lab.exec(
         Host::Client,
-        &["mllp_send", "--loose", "-p", "6661", "-f", &file.display().to_string(), "10.77.0.100"],
+        &[
+            "mllp_send",
+            "--loose",
+            "-p",
+            "6661",
+            "-f",
+            &file.display().to_string(),
+            "10.77.0.100",
+        ],
     )?;
     let ack = out.replace('\r', "\n");
     let seg = |name: &str| {
@@ -318,21 +339,48 @@ fn mllp_send(demo: &Demo, patient: &str) -> Result<String> {
     };
     let (msh, msa) = (seg("MSH"), seg("MSA"));
     let from = msh.split('|').nth(2).unwrap_or("?").to_string();
-    Ok(format!("{} from {from}", msa.split('|').take(2).collect::<Vec<_>>().join("|")))
+    Ok(format!(
+        "{} from {from}",
+        msa.split('|').take(2).collect::<Vec<_>>().join("|")
+    ))
 }
 
 fn hl7_failover(demo: &mut Demo) -> Result<()> {
-    println!("  mllp_send one ADT^A01 to 10.77.0.100:6661: ACK {}", mllp_send(demo, "DOE^JANE")?);
-    let mut cmd = demo.lab.command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
-    cmd.args(["send", "--to", "10.77.0.100:6661", "--seconds", "5", "--interval-ms", "50", "--ack-timeout", "5"]);
+    println!(
+        "  mllp_send one ADT^A01 to 10.77.0.100:6661: ACK {}",
+        mllp_send(demo, "DOE^JANE")?
+    );
+    let mut cmd = demo
+        .lab
+        .command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
+    cmd.args([
+        "send",
+        "--to",
+        "10.77.0.100:6661",
+        "--seconds",
+        "5",
+        "--interval-ms",
+        "50",
+        "--ack-timeout",
+        "5",
+    ]);
     let sender = demo.lab.spawn_command(cmd, "[c] blb-mllp send")?;
     std::thread::sleep(Duration::from_millis(1500));
-    println!("  a sender streams a message every 50 ms; hl7a's server drops off the network (link down)");
-    demo.lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"])?;
+    println!(
+        "  a sender streams a message every 50 ms; hl7a's server drops off the network (link down)"
+    );
+    demo.lab
+        .exec(Host::Backend(1), &["ip", "link", "set", "eth0", "down"])?;
     let took = wait_status(demo, Duration::from_secs(5), |st| {
-        st["services"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "hl7-listener" && s["active"] == "10.77.0.12:6661"))
+        st["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|s| s["name"] == "hl7-listener" && s["active"] == "10.77.0.12:6661")
+        })
     })?;
-    println!("  failover to hl7b after {:.0} ms (mllp check every 250 ms, fall 2)", took.as_secs_f64() * 1e3);
+    println!(
+        "  failover to hl7b after {:.0} ms (mllp check every 250 ms, fall 2)",
+        took.as_secs_f64() * 1e3
+    );
     let done = sender.wait_output(Duration::from_secs(30))?;
     if let Ok(r) = serde_json::from_str::<serde_json::Value>(&done.stdout) {
         println!(
@@ -341,20 +389,30 @@ fn hl7_failover(demo: &mut Demo) -> Result<()> {
         );
     }
     println!("  mllp_send again: ACK {}", mllp_send(demo, "DOE^JOHN")?);
-    demo.lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "up"])?;
+    demo.lab
+        .exec(Host::Backend(1), &["ip", "link", "set", "eth0", "up"])?;
     let took = wait_status(demo, Duration::from_secs(5), |st| {
         backend_field(st, "hl7-listener", "10.77.0.11:6661", "health") == "up"
     })?;
-    println!("  hl7a back after {:.0} ms; failback = false, so it waits as the standby:", took.as_secs_f64() * 1e3);
+    println!(
+        "  hl7a back after {:.0} ms; failback = false, so it waits as the standby:",
+        took.as_secs_f64() * 1e3
+    );
     println!("  mllp_send: ACK {}", mllp_send(demo, "DOE^JIM")?);
     // 10.77.0.11 also runs web's be1: it was down while unplugged too.
     let took = wait_status(demo, Duration::from_secs(5), |st| {
         backend_field(st, "web", "10.77.0.11:7002", "health") == "up"
     })?;
-    println!("  (10.77.0.11 is also web's be1: its check passed again {:.0} ms later)", took.as_secs_f64() * 1e3);
+    println!(
+        "  (10.77.0.11 is also web's be1: its check passed again {:.0} ms later)",
+        took.as_secs_f64() * 1e3
+    );
     if let Some(b) = demo.balancer.as_ref() {
         let leaked = b.logs().contains("DOE^J");
-        println!("  patient names in the balancer's log: {}", if leaked { "FOUND (bug)" } else { "none" });
+        println!(
+            "  patient names in the balancer's log: {}",
+            if leaked { "FOUND (bug)" } else { "none" }
+        );
     }
     Ok(())
 }
