@@ -110,7 +110,7 @@ impl Registry {
 }
 
 /// A snapshot of the layer-7 counters.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Metrics {
     /// Per (route, pool) pair; requests that matched no route are under route `""`, pool `""`.
     pub routes: Vec<RouteMetrics>,
@@ -131,7 +131,7 @@ pub struct Metrics {
 }
 
 /// Counters of one (route, pool) pair.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RouteMetrics {
     /// Route name.
     pub route: String,
@@ -146,7 +146,7 @@ pub struct RouteMetrics {
 }
 
 /// Counters of one backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BackendMetrics {
     /// Pool name.
     pub pool: String,

@@ -676,6 +676,7 @@ pub(crate) mod tests {
             };
         Status {
             config: "/etc/balancer/balancer.toml".into(),
+            l7: None,
             interfaces: vec!["eth0".into()],
             uptime_secs: 3723,
             reloads: 2,

@@ -118,4 +118,7 @@ pub struct Status {
     pub reasons: BTreeMap<String, u64>,
     /// Services.
     pub services: Vec<ServiceStatus>,
+    /// Layer-7 proxy counters, when an `[l7]` section runs.
+    #[serde(default)]
+    pub l7: Option<balancer_l7::Metrics>,
 }

@@ -403,6 +403,7 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             services,
+            l7: self.l7.as_ref().map(|l| l.metrics()),
         }
     }
 }

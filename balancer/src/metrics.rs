@@ -252,10 +252,112 @@ pub fn render(status: &Status) -> String {
         verdicts,
     );
 
+    if let Some(l7) = &status.l7 {
+        register_l7(&mut reg, l7);
+    }
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+/// The L7 proxy's counters: requests by status class and latency buckets per (route, pool),
+/// TLS handshakes by version, connections, redirects, per-backend requests and connect
+/// failures.
+fn register_l7(reg: &mut Registry, m: &balancer_l7::Metrics) {
+    let requests = Counters::default();
+    let buckets = Counters::default();
+    let latency_sum =
+        Family::<Labels, prometheus_client::metrics::counter::Counter<f64, AtomicU64>>::default();
+    for r in &m.routes {
+        let rl: Labels = vec![("route", esc(&r.route)), ("pool", esc(&r.pool))];
+        for (i, n) in r.status_classes.iter().enumerate() {
+            let mut l = rl.clone();
+            l.push(("class", format!("{}xx", i + 1)));
+            requests.get_or_create(&l).inc_by(*n);
+        }
+        // Cumulative, like a Prometheus histogram's buckets.
+        let mut acc = 0u64;
+        for (i, n) in r.latency_buckets.iter().enumerate() {
+            acc += n;
+            let le = balancer_l7::LATENCY_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let mut l = rl.clone();
+            l.push(("le", le));
+            buckets.get_or_create(&l).inc_by(acc);
+        }
+        latency_sum.get_or_create(&rl).inc_by(r.latency_sum_seconds);
+    }
+    reg.register(
+        "l7_requests",
+        "HTTP responses by status class, per route and pool",
+        requests,
+    );
+    reg.register(
+        "l7_request_duration_le",
+        "Requests answered within `le` seconds (cumulative buckets), per route and pool",
+        buckets,
+    );
+    reg.register_with_unit(
+        "l7_request_duration_sum",
+        "Sum of request durations, per route and pool",
+        Unit::Seconds,
+        latency_sum,
+    );
+    let be_requests = Counters::default();
+    let be_failures = Counters::default();
+    for b in &m.backends {
+        let l: Labels = vec![("pool", esc(&b.pool)), ("backend", b.address.to_string())];
+        be_requests.get_or_create(&l).inc_by(b.requests);
+        be_failures.get_or_create(&l).inc_by(b.connect_failures);
+    }
+    reg.register(
+        "l7_backend_requests",
+        "Requests sent to a backend",
+        be_requests,
+    );
+    reg.register(
+        "l7_backend_connect_failures",
+        "Failed connects to a backend",
+        be_failures,
+    );
+    let handshakes = Counters::default();
+    handshakes
+        .get_or_create(&vec![("version", "1.2".to_string())])
+        .inc_by(m.tls_handshakes_tls12);
+    handshakes
+        .get_or_create(&vec![("version", "1.3".to_string())])
+        .inc_by(m.tls_handshakes_tls13);
+    reg.register(
+        "l7_tls_handshakes",
+        "Completed TLS handshakes by version",
+        handshakes,
+    );
+    let c = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    reg.register(
+        "l7_tls_handshake_failures",
+        "Failed or timed-out TLS handshakes",
+        c(m.tls_handshake_failures),
+    );
+    reg.register(
+        "l7_connections",
+        "Client connections accepted",
+        c(m.connections_total),
+    );
+    reg.register(
+        "l7_redirects",
+        "Answers of the HTTP-to-HTTPS redirect listeners",
+        c(m.redirects),
+    );
+    let open = Gauge::<i64>::default();
+    open.set(i64::try_from(m.open_connections).unwrap_or(i64::MAX));
+    reg.register("l7_open_connections", "Client connections open now", open);
 }
 
 /// How long a scrape may wait for the daemon.

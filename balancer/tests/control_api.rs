@@ -47,6 +47,7 @@ fn status() -> Status {
         traffic: t.clone(),
     };
     Status {
+        l7: None,
         config: "/etc/balancer/balancer.toml".into(),
         interfaces: vec!["lb0".into()],
         uptime_secs: 42,

@@ -80,6 +80,7 @@ interface = "eth0"
 
 [controller]
 socket = "{sock}"
+metrics = "127.0.0.1:9550"
 
 [[service]]
 name = "web-l4"
