@@ -206,9 +206,10 @@ impl Lab {
         }
         // XDP_TX/XDP_REDIRECT frames from the balancer's eth0 are only delivered when its
         // veth peer runs NAPI. GRO alone was seen to stall after a few dozen flows on this
-        // kernel; a pass-through XDP program on the peer is reliable. Its link is pinned in
-        // the lab's pin directory as `link-pass-lb`, which teardown removes.
-        let pass_pin = self.pin_path().join("link-pass-lb");
+        // kernel; a pass-through XDP program on the peer is reliable. Its link is pinned in a
+        // directory of its own (`<pin_path>-pass`): the balancer's pin directory is the
+        // balancer's to replace.
+        let pass_pin = self.pass_pin_dir().join("link-lb");
         let bin = balancer_bin()?;
         let bin = bin.to_string_lossy();
         let pin = pass_pin.to_string_lossy();
@@ -277,6 +278,11 @@ impl Lab {
     /// A scratch directory, removed with the lab.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where the switch port's pass-through XDP link is pinned: `/sys/fs/bpf/<prefix>-pass`.
+    pub fn pass_pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(format!("{}-pass", self.prefix))
     }
 
     /// Where this lab's balancer pins its program, link and maps: `/sys/fs/bpf/<prefix>`.
@@ -576,6 +582,7 @@ impl Lab {
         }
         for prefix in &stale {
             remove_pins(&PathBuf::from("/sys/fs/bpf").join(prefix));
+            remove_pins(&PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-pass")));
         }
         for ns in &namespaces {
             let _ = ip(&["netns", "del", ns]);
@@ -600,6 +607,7 @@ impl Drop for Lab {
             eprintln!("lab {}: balancer teardown: {e:#}", self.prefix);
         }
         remove_pins(&self.pin_path());
+        remove_pins(&self.pass_pin_dir());
         for ns in &namespaces {
             if netns_path(ns).exists()
                 && let Err(e) = ip(&["netns", "del", ns])

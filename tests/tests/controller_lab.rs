@@ -435,3 +435,50 @@ fn sd_notify_messages() {
     b.signal(libc::SIGTERM).unwrap();
     recv("STOPPING=1");
 }
+
+#[test]
+fn a_bad_file_attaches_nothing_and_a_layout_change_replaces_the_pins() {
+    let lab = Lab::new(1).unwrap();
+    let _echo = lab.spawn_echo_all().unwrap();
+    let good = header(&lab) + &web_service(&lab, "");
+    let bad = lab
+        .write_file("bad.toml", &good.replace("vip = ", "vipp = "))
+        .unwrap();
+    let bin = balancer_bin().unwrap();
+    let out = lab
+        .exec(
+            Host::Lb,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "{} run --config {} --pin-path {} 2>&1; echo rc=$?",
+                    bin.display(),
+                    bad.display(),
+                    lab.pin_path().display()
+                ),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.contains("bad.toml:") && out.contains("vipp") && out.contains("rc=1"),
+        "{out}"
+    );
+    let link = lab.exec(Host::Lb, &["ip", "link", "show", "eth0"]).unwrap();
+    assert!(!link.contains("prog/xdp"), "a program was attached: {link}");
+    // A running dataplane, then a restart with another flow-table size: replaced, not adopted.
+    let mut b = lab.start_balancer(&good).unwrap();
+    b.stop().unwrap();
+    let bigger = good.replace(
+        "interface = \"eth0\"\n",
+        "interface = \"eth0\"\nflow_table_size = 131072\n",
+    );
+    let b2 = lab.start_balancer(&bigger).unwrap();
+    assert!(
+        b2.logs().contains("does not match: replacing it"),
+        "{}",
+        b2.logs()
+    );
+    let r = lab.client_conns(vip4(ECHO_PORT), 20, 100, 2).unwrap();
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+}
