@@ -581,6 +581,34 @@ pub fn status_table(s: &Status) -> String {
         }
         out.push_str(&columns(&rows, "lrrllllrrrrrr", "  "));
     }
+    if !s.l7_backends.is_empty() {
+        out.push('\n');
+        let mut rows = vec![
+            [
+                "L7 POOL",
+                "BACKEND",
+                "HEALTH",
+                "LATENCY",
+                "REQUESTS",
+                "CONNECT FAILURES",
+            ]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+        ];
+        for b in &s.l7_backends {
+            rows.push(vec![
+                b.pool.clone(),
+                b.address.to_string(),
+                b.health.clone(),
+                b.check_latency_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                b.requests.to_string(),
+                b.connect_failures.to_string(),
+            ]);
+        }
+        out.push_str(&columns(&rows, "lllrrr", ""));
+    }
     out
 }
 
@@ -677,6 +705,7 @@ pub(crate) mod tests {
         Status {
             config: "/etc/balancer/balancer.toml".into(),
             l7: None,
+            l7_backends: Vec::new(),
             interfaces: vec!["eth0".into()],
             uptime_secs: 3723,
             reloads: 2,

@@ -121,4 +121,24 @@ pub struct Status {
     /// Layer-7 proxy counters, when an `[l7]` section runs.
     #[serde(default)]
     pub l7: Option<balancer_l7::Metrics>,
+    /// Layer-7 pool members and their health.
+    #[serde(default)]
+    pub l7_backends: Vec<L7BackendStatus>,
+}
+
+/// One member of an L7 pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct L7BackendStatus {
+    /// Pool name.
+    pub pool: String,
+    /// Address.
+    pub address: SocketAddr,
+    /// Health: unchecked / up / down.
+    pub health: String,
+    /// Last successful check latency in milliseconds.
+    pub check_latency_ms: Option<f64>,
+    /// Requests sent to it.
+    pub requests: u64,
+    /// Failed connects to it.
+    pub connect_failures: u64,
 }

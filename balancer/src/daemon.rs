@@ -349,6 +349,7 @@ impl Daemon {
     /// The status report.
     pub fn status(&self) -> Status {
         let rep = report::counters(&self.dp);
+        let l7 = self.l7.as_ref().map(|l| l.metrics());
         let services = self
             .state
             .services
@@ -403,7 +404,8 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             services,
-            l7: self.l7.as_ref().map(|l| l.metrics()),
+            l7_backends: self.l7_backends(l7.as_ref()),
+            l7,
         }
     }
 }
@@ -448,6 +450,42 @@ fn add_l7_addresses(cfg: &Validated) -> anyhow::Result<()> {
         net::add_vip(iface, ip).with_context(|| format!("adding L7 address {ip}"))?;
     }
     Ok(())
+}
+
+impl Daemon {
+    /// Members of the L7 pools with their checked health and counters.
+    fn l7_backends(
+        &self,
+        m: Option<&balancer_l7::Metrics>,
+    ) -> Vec<crate::control::L7BackendStatus> {
+        let Some(l7) = &self.cfg.raw.l7 else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (p, pool) in l7.get_ref().pools.iter().enumerate() {
+            for (i, b) in pool.backends.iter().enumerate() {
+                let id = (1u64 << 63) | ((p as u64) << 32) | i as u64;
+                let health = match (pool.health.is_some(), self.monitor.state(id)) {
+                    (false, _) | (true, None) => "unchecked".to_string(),
+                    (true, Some(h)) => if h.is_up() { "up" } else { "down" }.to_string(),
+                };
+                let counters = m.and_then(|m| {
+                    m.backends
+                        .iter()
+                        .find(|x| x.pool == pool.name && x.address == b.address)
+                });
+                out.push(crate::control::L7BackendStatus {
+                    pool: pool.name.clone(),
+                    address: b.address,
+                    health,
+                    check_latency_ms: self.monitor.last_latency(id).map(|d| d.as_secs_f64() * 1e3),
+                    requests: counters.map_or(0, |c| c.requests),
+                    connect_failures: counters.map_or(0, |c| c.connect_failures),
+                });
+            }
+        }
+        out
+    }
 }
 
 fn timeouts(cfg: &Validated) -> crate::gc::Timeouts {
