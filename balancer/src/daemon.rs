@@ -112,6 +112,7 @@ impl Daemon {
             failovers: 0,
             apply_latencies: Vec::new(),
         };
+        d.restore_admin();
         d.register_checks();
         d.prime_neighbours(true);
         Ok(d)
@@ -299,6 +300,7 @@ impl Daemon {
                 self.reloads += 1;
                 self.register_checks();
                 self.prime_neighbours(true);
+                self.save_admin();
                 info!(services = self.state.services.len(), "config reloaded");
                 Ok(format!("reloaded: {} services", self.state.services.len()))
             }
@@ -342,6 +344,7 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         let addr = self.state.services[&svc].backends[idx].address;
         info!(service = %svc, backend = %addr, old = ?old, new = ?admin(op), reason = "operator", "backend admin state changed");
+        self.save_admin();
         self.note(ev);
         Ok(serde_json::json!({ "ok": true, "message": format!("{op}: {svc} {addr}") }))
     }
@@ -452,7 +455,82 @@ fn add_l7_addresses(cfg: &Validated) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Operator overrides (drain / disable / enable against the config), by service and backend.
+type AdminOverrides =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, AdminState>>;
+
 impl Daemon {
+    /// Where operator overrides are kept across controller restarts: beside the control
+    /// socket (a runtime directory: a reboot starts from the config again).
+    fn admin_file(&self) -> PathBuf {
+        let sock = &self.cfg.raw.controller.socket;
+        sock.parent()
+            .unwrap_or(std::path::Path::new("/run/balancer"))
+            .join("admin-state.json")
+    }
+
+    /// Writes the operator overrides (atomically, root-only).
+    fn save_admin(&self) {
+        let mut o = AdminOverrides::new();
+        for (name, s) in &self.state.services {
+            for (b, spec) in s.backends.iter().zip(&s.spec.backends) {
+                if b.admin != spec.state {
+                    o.entry(name.clone())
+                        .or_default()
+                        .insert(b.address.to_string(), b.admin);
+                }
+            }
+        }
+        let path = self.admin_file();
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> anyhow::Result<()> {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, serde_json::to_string_pretty(&o)?.as_bytes())?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            warn!(path = %path.display(), error = %e, "cannot save operator states; they will not survive a restart");
+        }
+    }
+
+    /// Re-applies the operator overrides saved by a previous controller.
+    fn restore_admin(&mut self) {
+        let path = self.admin_file();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let o: AdminOverrides = match serde_json::from_str(&text) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring unreadable operator states");
+                return;
+            }
+        };
+        for (svc, backends) in o {
+            for (addr, admin) in backends {
+                let Ok((name, idx)) = self.state.find(&svc, &addr) else {
+                    continue;
+                };
+                match self.state.set_admin(&mut self.dp, &name, idx, admin) {
+                    Ok(ev) => {
+                        info!(service = %name, backend = %addr, state = ?admin, "operator state restored");
+                        self.note(ev);
+                    }
+                    Err(e) => {
+                        warn!(service = %name, backend = %addr, error = %e, "cannot restore operator state")
+                    }
+                }
+            }
+        }
+    }
+
     /// Members of the L7 pools with their checked health and counters.
     fn l7_backends(
         &self,

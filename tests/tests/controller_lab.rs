@@ -346,7 +346,7 @@ fn reload_good_and_bad_restart_and_kill9_keep_a_stream_byte_exact() {
 fn cli_status_drain_disable_enable_and_socket_is_root_only() {
     let lab = Lab::new(3).unwrap();
     let _echo = lab.spawn_echo_all().unwrap();
-    let _b = lab
+    let b = lab
         .start_balancer(&(header(&lab) + &web_service(&lab, "")))
         .unwrap();
     let table = cli(&lab, &["status"]).unwrap();
@@ -373,6 +373,23 @@ fn cli_status_drain_disable_enable_and_socket_is_root_only() {
     assert!(
         rep.ok || rep.backend == "be2",
         "a stream on a live backend broke: {rep:?}"
+    );
+    // Operator states survive a controller restart.
+    let mut b = b;
+    b.stop().unwrap();
+    let b = lab
+        .start_balancer(&std::fs::read_to_string(b.config_path()).unwrap())
+        .unwrap();
+    let st = status(&lab);
+    assert_eq!(
+        backend(&st, "web", "10.77.0.11:7002")["admin"],
+        "drain",
+        "{st}"
+    );
+    assert_eq!(
+        backend(&st, "web", "10.77.0.12:7002")["admin"],
+        "disabled",
+        "{st}"
     );
     cli(&lab, &["enable", "web", "10.77.0.11:7002"]).unwrap();
     cli(&lab, &["enable", "web", "10.77.0.12:7002"]).unwrap();
