@@ -377,7 +377,7 @@ fn cli_status_drain_disable_enable_and_socket_is_root_only() {
     // Operator states survive a controller restart.
     let mut b = b;
     b.stop().unwrap();
-    let b = lab
+    let _b = lab
         .start_balancer(&std::fs::read_to_string(b.config_path()).unwrap())
         .unwrap();
     let st = status(&lab);
