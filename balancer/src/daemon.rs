@@ -44,7 +44,7 @@ pub struct Daemon {
     l7: Option<balancer_l7::L7>,
     l7_targets: HashMap<TargetId, (String, std::net::SocketAddr)>,
     gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::gc::Timeouts>>,
-    _gc: crate::gc::Collector,
+    gc: crate::gc::Collector,
     started: Instant,
     reloads: u64,
     config_errors: u64,
@@ -105,7 +105,7 @@ impl Daemon {
             l7,
             l7_targets: HashMap::new(),
             gc_timeouts,
-            _gc: gc,
+            gc,
             started: Instant::now(),
             reloads: 0,
             config_errors: 0,
@@ -351,7 +351,8 @@ impl Daemon {
 
     /// The status report.
     pub fn status(&self) -> Status {
-        let rep = report::counters(&self.dp);
+        let flows = self.gc.entries.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        let rep = report::counters_with_flows(&self.dp, flows);
         let l7 = self.l7.as_ref().map(|l| l.metrics());
         let services = self
             .state

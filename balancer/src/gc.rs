@@ -147,6 +147,9 @@ pub struct Collector {
     stop: Arc<AtomicBool>,
     /// Flows removed so far.
     pub removed: Arc<AtomicU64>,
+    /// Entries in the table at the last sweep (status and metrics read this instead of
+    /// walking the table themselves).
+    pub entries: Arc<AtomicU64>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
@@ -162,22 +165,23 @@ impl Collector {
         let mut flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
         let stop = Arc::new(AtomicBool::new(false));
         let removed = Arc::new(AtomicU64::new(0));
-        let (st, rm) = (stop.clone(), removed.clone());
+        let entries = Arc::new(AtomicU64::new(0));
+        let (st, rm, en) = (stop.clone(), removed.clone(), entries.clone());
         let handle = thread::Builder::new()
             .name("flow-gc".into())
             .spawn(move || {
                 while !st.load(Ordering::Relaxed) {
-                    let mut waited = Duration::ZERO;
-                    while waited < every && !st.load(Ordering::Relaxed) {
-                        thread::sleep(Duration::from_millis(100));
-                        waited += Duration::from_millis(100);
-                    }
                     let t = match timeouts.lock() {
                         Ok(t) => *t,
                         Err(_) => break,
                     };
                     let s = sweep(&mut flows, t, now_secs());
                     rm.fetch_add(s.closed + s.idle, Ordering::Relaxed);
+                    // A removed flow took its reply entry too.
+                    en.store(
+                        s.seen.saturating_sub(2 * (s.closed + s.idle)),
+                        Ordering::Relaxed,
+                    );
                     if s.closed + s.idle > 0 {
                         debug!(
                             seen = s.seen,
@@ -186,11 +190,17 @@ impl Collector {
                             "expired flows"
                         );
                     }
+                    let mut waited = Duration::ZERO;
+                    while waited < every && !st.load(Ordering::Relaxed) {
+                        thread::sleep(Duration::from_millis(100));
+                        waited += Duration::from_millis(100);
+                    }
                 }
             })?;
         Ok(Collector {
             stop,
             removed,
+            entries,
             handle: Some(handle),
         })
     }

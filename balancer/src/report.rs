@@ -84,8 +84,13 @@ pub fn state_name(s: u32) -> &'static str {
     }
 }
 
-/// Reads every counter.
+/// Reads every counter (walks the flow table to count it: for the CLI, not the daemon).
 pub fn counters(dp: &Dataplane) -> Report {
+    counters_with_flows(dp, dp.flow_count())
+}
+
+/// Reads every counter, with a flow count known already.
+pub fn counters_with_flows(dp: &Dataplane, flows: usize) -> Report {
     let backends = dp.backends();
     let mut services: Vec<ServiceReport> = dp
         .services()
@@ -115,7 +120,7 @@ pub fn counters(dp: &Dataplane) -> Report {
             .into_iter()
             .map(|(r, v)| (r.name(), v))
             .collect(),
-        flows: dp.flow_count(),
+        flows,
     }
 }
 
