@@ -166,6 +166,11 @@ pub const FLOW_F_DSR: u32 = 1 << 1;
 pub const FLOW_F_NEXTHOP: u32 = 1 << 2;
 /// A FIN or RST went through in this direction: the SNAT port may be reused soon.
 pub const FLOW_F_CLOSING: u32 = 1 << 3;
+/// A TCP flow made by a SYN that has not seen the client's next segment yet (half-open): the
+/// controller expires it after [`HALF_OPEN_SECS`] instead of the idle timeout.
+pub const FLOW_F_HALF_OPEN: u32 = 1 << 4;
+/// Seconds a half-open flow is kept (a SYN flood cannot fill the table for the idle timeout).
+pub const HALF_OPEN_SECS: u32 = 30;
 /// Seconds after the last packet before a closing flow's SNAT port may be taken again, when
 /// none of the probed ports is free (the controller also expires closed flows).
 pub const CLOSING_REUSE_SECS: u32 = 10;

@@ -16,9 +16,9 @@ use aya_ebpf::{
 };
 use balancer_common::{
     BE_DOWN, BE_UP, Backend, CLOSING_REUSE_SECS, Counters, FLOW_F_CLOSING, FLOW_F_DSR,
-    FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey, MIN_SNAT_PORTS, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey, flow_hash,
-    reduce, ring_index, snat_first_port,
+    FLOW_F_FORWARD, FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP, Flow, FlowKey, MIN_SNAT_PORTS, NO_BACKEND,
+    PROTO_TCP, PROTO_UDP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR, Service, ServiceKey,
+    flow_hash, reduce, ring_index, snat_first_port,
 };
 use balancer_ebpf::{checksum, headers::*};
 
@@ -277,6 +277,10 @@ fn touch(p: &Pkt, f: &mut Flow) {
     if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 && f.flags & FLOW_F_CLOSING == 0 {
         f.flags |= FLOW_F_CLOSING;
     }
+    // The client's first segment after its SYN: the handshake is done.
+    if f.flags & FLOW_F_HALF_OPEN != 0 && p.tcp_flags & TCP_SYN == 0 {
+        f.flags &= !FLOW_F_HALF_OPEN;
+    }
 }
 
 /// May a new flow take the SNAT port of this reply entry? Only when its flow is over: closed
@@ -331,6 +335,9 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
     } else {
         FLOW_F_FORWARD | FLOW_F_DSR | FLOW_F_NEXTHOP
     };
+    if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        flow.flags |= FLOW_F_HALF_OPEN;
+    }
     flow.backend = be_idx;
     flow.generation = be.generation;
     flow.service = svc.id;

@@ -18,7 +18,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
-    FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, Flow, FlowKey, MAP_FLOWS, PROTO_TCP,
+    FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, Flow, FlowKey, HALF_OPEN_SECS,
+    MAP_FLOWS, PROTO_TCP,
 };
 use tracing::debug;
 
@@ -98,7 +99,9 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             let last = r.map_or(f.atime, |r| latest(f.atime, r.atime));
             let idle = now.wrapping_sub(last);
             let expired_closed = closing && idle >= CLOSED_LINGER_SECS;
-            if expired_closed || (idle_limit != 0 && idle >= idle_limit) {
+            // A SYN whose handshake never completed (a SYN flood) goes early.
+            let half_open = f.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS;
+            if expired_closed || half_open || (idle_limit != 0 && idle >= idle_limit) {
                 let _ = flows.remove(&k);
                 if r.is_some() {
                     let _ = flows.remove(&rk);

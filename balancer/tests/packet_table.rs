@@ -820,4 +820,49 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let s = tb.dp.sweep_flows(t, atime + 3600);
     assert_eq!((s.closed, s.idle), (0, 1));
     assert!(tb.dp.flows().is_empty());
+    // A SYN whose handshake never completes goes after HALF_OPEN_SECS; a completed one stays.
+    let half = sa("10.77.0.2:40022");
+    let done = sa("10.77.0.2:40023");
+    for c in [half, done] {
+        assert_eq!(
+            tb.run(&packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                c,
+                vip,
+                1,
+                0,
+                packet::SYN,
+                &[]
+            ))
+            .unwrap()
+            .0,
+            XDP_TX
+        );
+    }
+    assert_eq!(
+        tb.run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            done,
+            vip,
+            2,
+            1,
+            packet::ACK,
+            &[]
+        ))
+        .unwrap()
+        .0,
+        XDP_TX
+    );
+    let atime = tb.dp.flows().values().map(|f| f.atime).max().unwrap();
+    let s = tb
+        .dp
+        .sweep_flows(t, atime + balancer_common::HALF_OPEN_SECS + 1);
+    assert_eq!((s.closed, s.idle), (0, 1));
+    assert_eq!(
+        tb.dp.flows().len(),
+        2,
+        "the completed flow stays with its reply entry"
+    );
 }
