@@ -729,4 +729,37 @@ backends = [
             assert!(!v.services.is_empty() || v.raw.l7.is_some(), "{f}");
         }
     }
+
+    #[test]
+    fn the_controller_issue_example_is_accepted() {
+        let text = r#"
+[dataplane]
+interface = "eth0"
+
+[[service]]
+name = "hl7-listener"
+vip = "10.77.0.100:6661"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "failover"      # one active backend; the others wait by priority
+failback = false            # a recovered server does not take the traffic back by itself
+health = { kind = "mllp", interval = "250ms", timeout = "200ms", rise = 2, fall = 2 }
+backends = [
+  { address = "10.77.0.11:6661", priority = 1 },
+  { address = "10.77.0.12:6661", priority = 2 },
+]
+
+[[service]]
+name = "web"
+vip = "10.77.0.100:7002"
+protocol = "tcp"
+scheduler = "maglev"
+health = { kind = "http", path = "/health", expect_status = [200], interval = "500ms", timeout = "300ms", rise = 2, fall = 2 }
+backends = [ { address = "10.77.0.11:7002" }, { address = "10.77.0.12:7002" }, { address = "10.77.0.13:7002" } ]
+"#;
+        let v = p(text).expect("valid");
+        assert_eq!(v.services[0].scheduler, Scheduler::Failover);
+        assert_eq!(v.services[0].backends[1].priority, 2);
+        assert!(v.services[1].health.is_some());
+    }
 }
