@@ -251,9 +251,9 @@ pub enum Reason {
     PassNotIp = 0,
     /// Not for a VIP nor a reply to a NAT flow: passed.
     PassNotVip = 1,
-    /// IPv4 fragment or IPv4 with options, or IPv6 with extension headers: passed.
+    /// IPv4 fragment or IPv4 with options, or a bad IP version field: passed.
     PassUnsupportedIp = 2,
-    /// Neither TCP nor UDP: passed.
+    /// Neither TCP nor UDP (IPv6 with an extension header counts here too): passed.
     PassNotTcpUdp = 3,
     /// A header was cut short: passed untouched (the kernel drops it).
     PassTruncated = 4,

@@ -44,6 +44,8 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BA
 #[repr(C)]
 pub struct NextHop {
     pub generation: u32,
+    /// The interface the flow came in on: the FIB answer depends on it.
+    pub ingress: u32,
     pub time: u32,
     pub ifindex: u32,
     pub smac: [u8; 6],

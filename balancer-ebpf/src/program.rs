@@ -350,8 +350,10 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
         Some(nh) => unsafe { &mut *nh },
         None => return Err(xdp_action::XDP_PASS),
     };
+    let ingress = ctx.ingress_ifindex() as u32;
     if cached.ifindex != 0
         && cached.generation == be.generation
+        && cached.ingress == ingress
         && now.wrapping_sub(cached.time) < NEXTHOP_TTL_SECS
     {
         flow.ifindex = cached.ifindex;
@@ -363,6 +365,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc: &Service) -> Result<&'static Flow, u
             return Err(v);
         }
         cached.generation = be.generation;
+        cached.ingress = ingress;
         cached.time = now;
         cached.ifindex = flow.ifindex;
         cached.smac = flow.smac;

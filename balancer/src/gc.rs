@@ -68,6 +68,8 @@ pub struct Sweep {
     pub closed: u64,
     /// Flows removed because they were idle.
     pub idle: u64,
+    /// Table entries removed (a NAT flow has two).
+    pub entries_removed: u64,
 }
 
 /// One pass over the table.
@@ -103,8 +105,10 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             let half_open = f.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS;
             if expired_closed || half_open || (idle_limit != 0 && idle >= idle_limit) {
                 let _ = flows.remove(&k);
+                s.entries_removed += 1;
                 if r.is_some() {
                     let _ = flows.remove(&rk);
+                    s.entries_removed += 1;
                 }
                 if expired_closed {
                     s.closed += 1
@@ -129,6 +133,7 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             let closing = f.flags & FLOW_F_CLOSING != 0;
             if (closing && idle >= CLOSED_LINGER_SECS) || (idle_limit != 0 && idle >= idle_limit) {
                 let _ = flows.remove(&k);
+                s.entries_removed += 1;
                 if closing { s.closed += 1 } else { s.idle += 1 }
             }
         }

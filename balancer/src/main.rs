@@ -135,6 +135,19 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Check { config } => match config::load(&config) {
             Ok(v) => {
+                // What `run` would refuse on this host: SNAT ports inside the kernel's
+                // ephemeral range (the health checks' source ports).
+                let [lo, hi] = *v.raw.dataplane.snat_ports.get_ref();
+                if let Ok((elo, ehi)) = net::ephemeral_ports()
+                    && lo <= ehi
+                    && elo <= hi
+                {
+                    eprintln!(
+                        "{}: snat_ports {lo}-{hi} overlap this host's ephemeral ports {elo}-{ehi} (net.ipv4.ip_local_port_range)",
+                        config.display()
+                    );
+                    std::process::exit(1);
+                }
                 println!("{}: ok ({} services)", config.display(), v.services.len());
                 Ok(())
             }
