@@ -21,7 +21,7 @@ use crate::{
     dataplane::{Dataplane, LoadOptions},
     health, net,
     reconcile::{Event, Health, State},
-    report::{self, Traffic},
+    report::Traffic,
 };
 
 /// Options of `balancer run`.
@@ -49,8 +49,6 @@ pub struct Daemon {
     reloads: u64,
     config_errors: u64,
     failovers: u64,
-    /// Health change → map write latencies, most recent last (for the bench).
-    pub apply_latencies: Vec<Duration>,
 }
 
 fn target_id(service_id: u32, backend: usize) -> TargetId {
@@ -110,7 +108,6 @@ impl Daemon {
             reloads: 0,
             config_errors: 0,
             failovers: 0,
-            apply_latencies: Vec::new(),
         };
         d.restore_admin();
         d.register_checks();
@@ -230,10 +227,6 @@ impl Daemon {
         match self.state.set_health(&mut self.dp, &service, idx, new) {
             Ok(e) => {
                 let took = ev.at.elapsed();
-                self.apply_latencies.push(took);
-                if self.apply_latencies.len() > 1000 {
-                    self.apply_latencies.remove(0);
-                }
                 info!(
                     service = %service,
                     backend = %ev.addr,
@@ -352,7 +345,8 @@ impl Daemon {
     /// The status report.
     pub fn status(&self) -> Status {
         let flows = self.gc.entries.load(std::sync::atomic::Ordering::Relaxed) as usize;
-        let rep = report::counters_with_flows(&self.dp, flows);
+        // Only the verdict reasons: service and backend counters are read per entry below.
+        let reasons = self.dp.reasons();
         let l7 = self.l7.as_ref().map(|l| l.metrics());
         let services = self
             .state
@@ -401,11 +395,10 @@ impl Daemon {
             reloads: self.reloads,
             config_errors: self.config_errors,
             failovers: self.failovers,
-            flows: rep.flows,
-            reasons: rep
-                .reasons
+            flows,
+            reasons: reasons
                 .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
+                .map(|(r, v)| (r.name().to_string(), v))
                 .collect(),
             services,
             l7_backends: self.l7_backends(l7.as_ref()),

@@ -425,11 +425,6 @@ impl Dataplane {
         self.globals.set(0, g, 0).context("writing globals")
     }
 
-    /// Reads the globals.
-    pub fn globals(&self) -> anyhow::Result<Globals> {
-        self.globals.get(&0, 0).context("reading globals")
-    }
-
     /// Inserts or replaces a service (its `ring_half` must already hold a ring).
     pub fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> anyhow::Result<()> {
         self.services
@@ -463,13 +458,6 @@ impl Dataplane {
             .filter_map(|i| self.backends.get(&i, 0).ok().map(|b| (i, b)))
             .filter(|(_, b)| b.used != 0 || b.generation != 0)
             .collect()
-    }
-
-    /// One backend slot.
-    pub fn backend(&self, idx: u32) -> anyhow::Result<Backend> {
-        self.backends
-            .get(&idx, 0)
-            .context("reading the backend array")
     }
 
     /// Copies a ring into half `half` of service `id` (not live until the service flips).
@@ -556,11 +544,6 @@ impl Dataplane {
     /// One expiry pass over the flow table (the daemon runs [`crate::gc::Collector`]).
     pub fn sweep_flows(&mut self, t: crate::gc::Timeouts, now: u32) -> crate::gc::Sweep {
         crate::gc::sweep(&mut self.flows, t, now)
-    }
-
-    /// Removes a flow-table entry (tests).
-    pub fn remove_flow(&mut self, key: &FlowKey) {
-        let _ = self.flows.remove(key);
     }
 }
 

@@ -153,8 +153,6 @@ fn latest(a: u32, b: u32) -> u32 {
 /// A running expiry thread; stops when dropped.
 pub struct Collector {
     stop: Arc<AtomicBool>,
-    /// Flows removed so far.
-    pub removed: Arc<AtomicU64>,
     /// Entries in the table at the last sweep (status and metrics read this instead of
     /// walking the table themselves).
     pub entries: Arc<AtomicU64>,
@@ -172,9 +170,8 @@ impl Collector {
             MapData::from_pin(pin_dir.join(MAP_FLOWS)).context("opening the pinned flow table")?;
         let mut flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let removed = Arc::new(AtomicU64::new(0));
         let entries = Arc::new(AtomicU64::new(0));
-        let (st, rm, en) = (stop.clone(), removed.clone(), entries.clone());
+        let (st, en) = (stop.clone(), entries.clone());
         let handle = thread::Builder::new()
             .name("flow-gc".into())
             .spawn(move || {
@@ -184,7 +181,6 @@ impl Collector {
                         Err(_) => break,
                     };
                     let s = sweep(&mut flows, t, now_secs());
-                    rm.fetch_add(s.closed + s.idle, Ordering::Relaxed);
                     // A removed flow took its reply entry too.
                     en.store(
                         s.seen.saturating_sub(2 * (s.closed + s.idle)),
@@ -207,7 +203,6 @@ impl Collector {
             })?;
         Ok(Collector {
             stop,
-            removed,
             entries,
             handle: Some(handle),
         })

@@ -7,7 +7,6 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
-    time::Instant,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -113,8 +112,6 @@ pub struct State {
     pub interfaces: Vec<String>,
     snat_v4: Option<IpAddr>,
     snat_v6: Option<IpAddr>,
-    /// When the last map write finished (for the health → map latency figure).
-    pub last_apply: Option<Instant>,
 }
 
 /// The seed of a service's 5-tuple hash: stable across restarts.
@@ -165,7 +162,6 @@ impl State {
             interfaces: cfg.interfaces.clone(),
             snat_v4,
             snat_v6,
-            last_apply: None,
         };
         // What is already there: services by key, backend slots by (service id, address).
         let existing: Vec<(ServiceKey, Service)> = dp.services();
@@ -467,7 +463,6 @@ impl State {
                 dp.put_backend(b.slot, &slot_value(s.id, b, *st))?;
             }
         }
-        self.last_apply = Some(Instant::now());
         Ok(event)
     }
 

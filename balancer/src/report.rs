@@ -86,11 +86,6 @@ pub fn state_name(s: u32) -> &'static str {
 
 /// Reads every counter (walks the flow table to count it: for the CLI, not the daemon).
 pub fn counters(dp: &Dataplane) -> Report {
-    counters_with_flows(dp, dp.flow_count())
-}
-
-/// Reads every counter, with a flow count known already.
-pub fn counters_with_flows(dp: &Dataplane, flows: usize) -> Report {
     let backends = dp.backends();
     let mut services: Vec<ServiceReport> = dp
         .services()
@@ -120,7 +115,7 @@ pub fn counters_with_flows(dp: &Dataplane, flows: usize) -> Report {
             .into_iter()
             .map(|(r, v)| (r.name(), v))
             .collect(),
-        flows,
+        flows: dp.flow_count(),
     }
 }
 
