@@ -142,6 +142,26 @@ pub fn seq_add(w: [u16; 2], n: u32) -> [u16; 2] {
     ]
 }
 
+/// An address's sixteen bytes as eight memory-order words.
+#[inline(always)]
+pub fn words(a: &[u8; 16]) -> [u16; 8] {
+    // SAFETY: same size, every bit pattern valid.
+    unsafe { core::mem::transmute(*a) }
+}
+
+/// Eight memory-order words as an address's sixteen bytes.
+#[inline(always)]
+pub fn bytes(w: [u16; 8]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern valid.
+    unsafe { core::mem::transmute(w) }
+}
+
+/// The IPv4 address (two words) of a v4-mapped address.
+#[inline(always)]
+pub fn v4_of(w: &[u16; 8]) -> [u16; 2] {
+    [w[6], w[7]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

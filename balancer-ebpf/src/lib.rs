@@ -1,6 +1,15 @@
-//! Pure pieces of the XDP program that also compile on the host, so `cargo test` covers them
-//! without a kernel. The program itself is `src/main.rs` (built for the BPF target only).
+//! The pieces of the XDP program that touch only the frame, written over [`frame::Frame`] so
+//! they also run on the host over a byte slice and `cargo test` covers them (against
+//! `etherparse`). The program itself (maps, flow state, next hop) is `src/main.rs` and its
+//! modules, built for the BPF target only.
 #![cfg_attr(target_arch = "bpf", no_std)]
 
 pub mod checksum;
+pub mod error;
+pub mod frame;
 pub mod headers;
+pub mod nat;
+pub mod parse;
+pub mod rst;
+#[cfg(test)]
+mod tests;

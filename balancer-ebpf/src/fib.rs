@@ -1,0 +1,103 @@
+//! The next hop: `bpf_fib_lookup` for the rewritten packet, and a per-CPU cache of its answer
+//! per backend so a burst of new flows does not ask the FIB for each.
+
+use core::mem::{size_of, transmute, zeroed};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+};
+use balancer_common::{Backend, Flow};
+use balancer_ebpf::{
+    error::Error,
+    headers::{v4_of, words},
+    parse::Pkt,
+};
+
+use crate::{maps::NEXTHOPS, xdp::Xdp};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// Seconds a backend's cached FIB answer is used for new flows.
+const NEXTHOP_TTL_SECS: u32 = 5;
+
+/// Fills the new flow's next hop (egress interface and MACs), from the backend's cached FIB
+/// answer when it is fresh and was made for the same ingress.
+#[inline(always)]
+pub fn resolve(
+    x: &Xdp,
+    p: &Pkt,
+    be_idx: u32,
+    be: &Backend,
+    flow: &mut Flow,
+    now: u32,
+) -> Result<(), Error> {
+    let cached = match NEXTHOPS.get_ptr_mut(be_idx) {
+        // SAFETY: per-CPU value, no concurrent writer.
+        Some(nh) => unsafe { &mut *nh },
+        None => return Err(Error::Map),
+    };
+    let ingress = x.ingress();
+    if cached.ifindex != 0
+        && cached.generation == be.generation
+        && cached.ingress == ingress
+        && now.wrapping_sub(cached.time) < NEXTHOP_TTL_SECS
+    {
+        flow.ifindex = cached.ifindex;
+        flow.smac = cached.smac;
+        flow.dmac = cached.dmac;
+        return Ok(());
+    }
+    lookup(x, p, flow)?;
+    cached.generation = be.generation;
+    cached.ingress = ingress;
+    cached.time = now;
+    cached.ifindex = flow.ifindex;
+    cached.smac = flow.smac;
+    cached.dmac = flow.dmac;
+    Ok(())
+}
+
+/// Asks the FIB for the next hop towards `flow.new_dst`. No neighbour yet: dropped (the
+/// sender retries); no route: passed to the kernel untouched.
+#[inline(always)]
+pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
+    let src = words(&flow.new_src);
+    let dst = words(&flow.new_dst);
+    // SAFETY: plain C struct, all-zero is valid.
+    let mut fib: bpf_fib_lookup = unsafe { zeroed() };
+    fib.l4_protocol = p.key.proto;
+    fib.ifindex = x.ingress();
+    // SAFETY: writing plain-data union fields.
+    unsafe {
+        if p.v6 {
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_3.ipv6_src = transmute(src);
+            fib.__bindgen_anon_4.ipv6_dst = transmute(dst);
+        } else {
+            fib.family = AF_INET;
+            fib.__bindgen_anon_3.ipv4_src = transmute(v4_of(&src));
+            fib.__bindgen_anon_4.ipv4_dst = transmute(v4_of(&dst));
+        }
+    }
+    // SAFETY: helper call with a valid context and a stack buffer of the right size.
+    let rc = unsafe {
+        fib_lookup(
+            x.0.as_ptr(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    } as u32;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        flow.ifindex = fib.ifindex;
+        flow.smac = fib.smac;
+        flow.dmac = fib.dmac;
+        return Ok(());
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Err(Error::NoNeighbour);
+    }
+    Err(Error::NoRoute)
+}

@@ -1,0 +1,221 @@
+//! The flow state machine: a client's packet to a VIP finds its flow or makes one (backend
+//! from the Maglev ring, next hop, SNAT port for NAT); a backend's reply finds its NAT flow.
+//! Flows of a down backend are refused.
+
+use aya_ebpf::bindings::BPF_ANY;
+use balancer_common::{
+    BE_DOWN, BE_UP, Backend, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
+    FLOW_F_NEXTHOP, Flow, NO_BACKEND, PROTO_TCP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR,
+    Service, flow_hash, reduce, ring_index,
+};
+use balancer_ebpf::{
+    error::{Error, Verdict},
+    headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::Pkt,
+    rst::build_rst,
+};
+
+use crate::{
+    fib,
+    maps::{BACKEND_STATS, BACKENDS, FLOWS, RINGS, SCRATCH, SERVICE_STATS},
+    snat,
+    stats::account,
+    tx::transmit,
+    xdp::Xdp,
+};
+
+/// Monotonic seconds.
+#[inline(always)]
+pub fn now_secs() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn backend_live(idx: u32, generation: u32) -> bool {
+    match BACKENDS.get(idx) {
+        Some(b) => b.state != BE_DOWN && b.generation == generation,
+        None => false,
+    }
+}
+
+/// Client → VIP.
+#[inline(always)]
+pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
+    if let Some(f) = FLOWS.get_ptr_mut(&p.key) {
+        // SAFETY: valid for this run; read before any removal.
+        let f = unsafe { &mut *f };
+        if f.flags & FLOW_F_FORWARD != 0 {
+            if backend_live(f.backend, f.generation) {
+                touch(p, f);
+                return transmit(x, p, f);
+            }
+            let backend = f.backend;
+            let _ = FLOWS.remove(&p.key);
+            // A fresh SYN on a reused client port is a new connection, not a packet of the
+            // dead flow: it gets a live backend. Anything else of the dead flow is refused.
+            if p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
+                return refuse(x, p, svc.id, Some(backend), dropping, Refusal::BackendDown);
+            }
+        }
+    }
+    let h = flow_hash(&p.key, svc.seed);
+    let Some((be_idx, be)) = pick(svc, h) else {
+        return refuse(x, p, svc.id, None, false, Refusal::NoBackend);
+    };
+    let f = new_flow(x, p, svc, be_idx, be, h)?;
+    transmit(x, p, f)
+}
+
+/// Backend → SNAT address: back to the client, from the VIP.
+#[inline(always)]
+pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> {
+    if !backend_live(flow.backend, flow.generation) {
+        // The client's side is reset by the forward path; the backend's packets stop here.
+        account(&SERVICE_STATS, flow.service, |c| c.drops += 1);
+        return Err(Error::BackendDown);
+    }
+    touch(p, flow);
+    transmit(x, p, flow)
+}
+
+/// Records activity on a flow entry: the time (at most one write a second) and a FIN or RST.
+#[inline(always)]
+fn touch(p: &Pkt, f: &mut Flow) {
+    let now = now_secs();
+    if f.atime != now {
+        f.atime = now;
+    }
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 && f.flags & FLOW_F_CLOSING == 0 {
+        f.flags |= FLOW_F_CLOSING;
+    }
+    // The client's first segment after its SYN: the handshake is done.
+    if f.flags & FLOW_F_HALF_OPEN != 0 && p.tcp_flags & TCP_SYN == 0 {
+        f.flags &= !FLOW_F_HALF_OPEN;
+    }
+}
+
+/// The live ring's backend for a flow hash, when it is up.
+#[inline(always)]
+fn pick(svc: &Service, h: u32) -> Option<(u32, &'static Backend)> {
+    let size = if svc.ring_size > RING_MAX {
+        RING_MAX
+    } else {
+        svc.ring_size
+    };
+    let slot = reduce(h, size);
+    let i = ring_index(svc.id, svc.ring_half & 1, slot);
+    let be_idx = match RINGS.get(i >> 1) {
+        Some(pair) if svc.ring_size != 0 => pair[(i & 1) as usize],
+        _ => NO_BACKEND,
+    };
+    match BACKENDS.get(be_idx) {
+        Some(b) if be_idx != NO_BACKEND && b.state == BE_UP => Some((be_idx, b)),
+        _ => None,
+    }
+}
+
+/// Records a new flow to backend `be_idx` (both directions for NAT). The new entries are
+/// built in per-CPU scratch space: the BPF stack is too small for them.
+#[inline(always)]
+fn new_flow(
+    x: &Xdp,
+    p: &Pkt,
+    svc: &Service,
+    be_idx: u32,
+    be: &Backend,
+    h: u32,
+) -> Result<&'static Flow, Error> {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Error::Map);
+    };
+    // SAFETY: per-CPU scratch, used by this run only.
+    let scratch = unsafe { &mut *scratch };
+    let nat = svc.flags & SVC_F_DSR == 0;
+    let flow = &mut scratch.flow;
+    flow.new_src = if nat { svc.snat_addr } else { p.key.src };
+    flow.new_dst = be.addr;
+    flow.new_sport = p.key.sport;
+    flow.new_dport = if nat { be.port } else { p.key.dport };
+    flow.flags = if nat {
+        FLOW_F_FORWARD | FLOW_F_NEXTHOP
+    } else {
+        FLOW_F_FORWARD | FLOW_F_DSR | FLOW_F_NEXTHOP
+    };
+    if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        flow.flags |= FLOW_F_HALF_OPEN;
+    }
+    flow.backend = be_idx;
+    flow.generation = be.generation;
+    flow.service = svc.id;
+    let now = now_secs();
+    flow.atime = now;
+    // The next hop is resolved once per flow and kept in the flow entry.
+    if let Err(e) = fib::resolve(x, p, be_idx, be, flow, now) {
+        account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
+        return Err(e);
+    }
+    if nat {
+        let Some(port) = snat::claim(
+            x,
+            p,
+            svc,
+            be,
+            be_idx,
+            h,
+            now,
+            &mut scratch.reply,
+            &mut scratch.rkey,
+            &mut scratch.okey,
+        ) else {
+            account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
+            return Err(Error::SnatExhausted);
+        };
+        scratch.flow.new_sport = port;
+    }
+    if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
+        return Err(Error::FlowTable);
+    }
+    account(&SERVICE_STATS, svc.id, |c| c.new_flows += 1);
+    account(&BACKEND_STATS, be_idx, |c| c.new_flows += 1);
+    Ok(&scratch.flow)
+}
+
+/// Why a packet of a service is refused.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// The service has no live backend.
+    NoBackend,
+    /// The flow's backend is down.
+    BackendDown,
+}
+
+/// Refuses a packet of a service: a TCP reset built in place (so the client reconnects at
+/// once), or a drop (UDP, an RST itself, or a service configured to drop).
+#[inline(always)]
+fn refuse(
+    x: &mut Xdp,
+    p: &Pkt,
+    svc: u32,
+    backend: Option<u32>,
+    drop: bool,
+    why: Refusal,
+) -> Result<Verdict, Error> {
+    let can_reset = p.key.proto == PROTO_TCP && p.tcp_flags & TCP_RST == 0 && !drop;
+    if can_reset && build_rst(x, p).is_ok() {
+        account(&SERVICE_STATS, svc, |c| c.resets += 1);
+        if let Some(b) = backend {
+            account(&BACKEND_STATS, b, |c| c.resets += 1);
+        }
+        return Ok(Verdict::Reset(match why {
+            Refusal::NoBackend => Reason::NoBackend,
+            Refusal::BackendDown => Reason::ResetBackendDown,
+        }));
+    }
+    account(&SERVICE_STATS, svc, |c| c.drops += 1);
+    Err(match why {
+        Refusal::NoBackend => Error::NoBackend,
+        Refusal::BackendDown => Error::BackendDown,
+    })
+}

@@ -1,0 +1,47 @@
+//! Sending a packet of a flow: NAT rewrite (unless DSR), the flow's next-hop MACs, counters,
+//! and out of the flow's interface.
+
+use balancer_common::{FLOW_F_DSR, Flow};
+use balancer_ebpf::{
+    error::{Error, Verdict},
+    frame::Frame,
+    headers::words,
+    nat::{rewrite, set_macs},
+    parse::Pkt,
+};
+
+use crate::{
+    maps::{BACKEND_STATS, SERVICE_STATS},
+    stats::account,
+    xdp::Xdp,
+};
+
+/// Rewrites (NAT) and sends a packet of a flow to the flow's cached next hop.
+#[inline(always)]
+pub fn transmit(x: &Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
+    if flow.flags & FLOW_F_DSR == 0 {
+        rewrite(
+            x,
+            p,
+            &words(&flow.new_src),
+            &words(&flow.new_dst),
+            flow.new_sport,
+            flow.new_dport,
+        )?;
+    }
+    set_macs(x, flow.smac, flow.dmac)?;
+    let len = x.len() as u64;
+    account(&SERVICE_STATS, flow.service, |c| {
+        c.packets += 1;
+        c.bytes += len;
+    });
+    account(&BACKEND_STATS, flow.backend, |c| {
+        c.packets += 1;
+        c.bytes += len;
+    });
+    // A tagged frame leaves on its trunk: the FIB answers with the VLAN device.
+    if p.vlan || flow.ifindex == x.ingress() {
+        return Ok(Verdict::Tx);
+    }
+    Ok(Verdict::Redirect(flow.ifindex))
+}
