@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -117,6 +117,9 @@ pub struct Service {
     pub snat_port_hi: u16,
     /// SNAT source address for NAT mode, 16-byte form of the backends' family.
     pub snat_addr: Addr,
+    /// Most new flows per second per CPU (0: no limit). Past it a new flow's packet is
+    /// dropped and no state is made; existing flows are not affected.
+    pub new_flow_rate: u32,
 }
 
 /// Value of the backend array.
@@ -209,6 +212,10 @@ pub struct Flow {
     pub dmac: [u8; 6],
     /// Monotonic seconds of the last packet (written at most once a second).
     pub atime: u32,
+    /// Reply entries: the interface the backend's packets must arrive on (the forward next
+    /// hop's, or the trunk of a tagged flow); a reply from another interface is dropped.
+    /// Zero in forward entries.
+    pub peer_ifindex: u32,
 }
 
 /// Per-CPU traffic counters of a service or a backend.
@@ -275,10 +282,18 @@ pub enum Reason {
     DropSnatExhausted = 12,
     /// The flow table refused an insert.
     DropFlowTable = 13,
+    /// A NAT flow's SNAT port belongs to another flow now (its reply entry was lost and the
+    /// port claimed): TCP reset, UDP dropped. Two clients never share a backend tuple.
+    PortTaken = 14,
+    /// A backend's reply arrived on another interface than the one its flow was sent out of:
+    /// dropped.
+    DropWrongInterface = 15,
+    /// The service's new-flow rate limit was reached on this CPU: dropped, no state made.
+    DropRateLimited = 16,
 }
 
 /// Number of [`Reason`] values.
-pub const REASONS: u32 = 14;
+pub const REASONS: u32 = 17;
 
 impl Reason {
     /// Every reason, in index order.
@@ -297,6 +312,9 @@ impl Reason {
         Reason::DropBackendDown,
         Reason::DropSnatExhausted,
         Reason::DropFlowTable,
+        Reason::PortTaken,
+        Reason::DropWrongInterface,
+        Reason::DropRateLimited,
     ];
 
     /// A stable snake_case name for metrics and the CLI.
@@ -316,6 +334,9 @@ impl Reason {
             Reason::DropBackendDown => "drop_backend_down",
             Reason::DropSnatExhausted => "drop_snat_exhausted",
             Reason::DropFlowTable => "drop_flow_table",
+            Reason::PortTaken => "port_taken",
+            Reason::DropWrongInterface => "drop_wrong_interface",
+            Reason::DropRateLimited => "drop_rate_limited",
         }
     }
 }
@@ -397,10 +418,10 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 40);
+        assert_eq!(size_of::<Service>(), 44);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 72);
+        assert_eq!(size_of::<Flow>(), 76);
         assert_eq!(size_of::<Counters>(), 40);
         assert_eq!(size_of::<Globals>(), 16);
     }

@@ -20,7 +20,7 @@ use crate::{
 
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
-    let mut x = Xdp(&ctx);
+    let mut x = Xdp::new(&ctx);
     match try_balancer(&mut x) {
         Ok(v) => {
             count(v.reason());

@@ -37,6 +37,12 @@ pub enum Error {
     /// The flow's backend is down and the packet is dropped (service set to drop, a reply
     /// from the backend, or no reset possible).
     BackendDown,
+    /// The flow's SNAT port belongs to another flow now, and no reset is possible.
+    PortTaken,
+    /// A backend's reply came in on another interface than its flow's.
+    WrongInterface,
+    /// The service's new-flow rate limit was reached on this CPU.
+    RateLimited,
     /// A per-CPU map slot that always exists was missing: passed, not counted.
     Map,
 }
@@ -56,7 +62,10 @@ impl Error {
             | Error::SnatExhausted
             | Error::FlowTable
             | Error::NoBackend
-            | Error::BackendDown => XDP_DROP,
+            | Error::BackendDown
+            | Error::PortTaken
+            | Error::WrongInterface
+            | Error::RateLimited => XDP_DROP,
         }
     }
 
@@ -74,6 +83,9 @@ impl Error {
             Error::FlowTable => Reason::DropFlowTable,
             Error::NoBackend => Reason::NoBackend,
             Error::BackendDown => Reason::DropBackendDown,
+            Error::PortTaken => Reason::PortTaken,
+            Error::WrongInterface => Reason::DropWrongInterface,
+            Error::RateLimited => Reason::DropRateLimited,
             Error::Map => return None,
         })
     }

@@ -84,7 +84,7 @@ pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
     // SAFETY: helper call with a valid context and a stack buffer of the right size.
     let rc = unsafe {
         fib_lookup(
-            x.0.as_ptr(),
+            x.ctx.as_ptr(),
             &mut fib,
             size_of::<bpf_fib_lookup>() as i32,
             0,

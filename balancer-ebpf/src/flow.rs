@@ -17,8 +17,8 @@ use balancer_ebpf::{
 
 use crate::{
     fib,
-    maps::{BACKEND_STATS, BACKENDS, FLOWS, RINGS, SCRATCH, SERVICE_STATS},
-    snat,
+    maps::{BACKEND_STATS, BACKENDS, FLOWS, RATES, RINGS, SCRATCH, SERVICE_STATS},
+    snat::{self, Pair},
     stats::account,
     tx::transmit,
     xdp::Xdp,
@@ -46,19 +46,33 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
         // SAFETY: valid for this run; read before any removal.
         let f = unsafe { &mut *f };
         if f.flags & FLOW_F_FORWARD != 0 {
-            if backend_live(f.backend, f.generation) {
-                touch(p, f);
+            let now = now_secs();
+            let live = backend_live(f.backend, f.generation);
+            // A NAT flow's reply entry must be its own: restored when lost, and when another
+            // flow holds the port this flow ends (never two clients on one backend tuple).
+            let paired = !live
+                || f.flags & FLOW_F_DSR != 0
+                || !matches!(snat::check_pair(x, p, f, now)?, Pair::Taken);
+            if live && paired {
+                touch(p, f, now);
                 return transmit(x, p, f);
             }
             let backend = f.backend;
             let _ = FLOWS.remove(&p.key);
             // A fresh SYN on a reused client port is a new connection, not a packet of the
-            // dead flow: it gets a live backend. Anything else of the dead flow is refused.
+            // old flow: it gets a new flow. Anything else of the old flow is refused.
             if p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-                let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
-                return refuse(x, p, svc.id, Some(backend), dropping, Refusal::BackendDown);
+                if !live {
+                    let dropping = svc.flags & SVC_F_DOWN_DROP != 0;
+                    return refuse(x, p, svc.id, Some(backend), dropping, Refusal::BackendDown);
+                }
+                return refuse(x, p, svc.id, Some(backend), false, Refusal::PortTaken);
             }
         }
+    }
+    if !admit(svc) {
+        account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
+        return Err(Error::RateLimited);
     }
     let h = flow_hash(&p.key, svc.seed);
     let Some((be_idx, be)) = pick(svc, h) else {
@@ -71,19 +85,50 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
 /// Backend → SNAT address: back to the client, from the VIP.
 #[inline(always)]
 pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> {
+    if flow.peer_ifindex != x.ingress() {
+        return Err(Error::WrongInterface);
+    }
     if !backend_live(flow.backend, flow.generation) {
         // The client's side is reset by the forward path; the backend's packets stop here.
         account(&SERVICE_STATS, flow.service, |c| c.drops += 1);
         return Err(Error::BackendDown);
     }
-    touch(p, flow);
+    // A backend's SYN-ACK retransmits do not keep a half-open flow alive.
+    if flow.flags & FLOW_F_HALF_OPEN == 0 {
+        touch(p, flow, now_secs());
+    }
     transmit(x, p, flow)
+}
+
+/// The new-flow rate limit (per service and CPU, one-second windows): false past
+/// `new_flow_rate` new flows in the current window. Checked before anything is looked up, so a
+/// flood past the limit costs one per-CPU array access per packet.
+#[inline(always)]
+fn admit(svc: &Service) -> bool {
+    if svc.new_flow_rate == 0 {
+        return true;
+    }
+    let Some(r) = RATES.get_ptr_mut(svc.id) else {
+        return true;
+    };
+    // SAFETY: per-CPU value, no concurrent writer.
+    let r = unsafe { &mut *r };
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(r.start_ns) >= 1_000_000_000 {
+        r.start_ns = now;
+        r.count = 0;
+    }
+    if r.count >= svc.new_flow_rate {
+        return false;
+    }
+    r.count += 1;
+    true
 }
 
 /// Records activity on a flow entry: the time (at most one write a second) and a FIN or RST.
 #[inline(always)]
-fn touch(p: &Pkt, f: &mut Flow) {
-    let now = now_secs();
+fn touch(p: &Pkt, f: &mut Flow, now: u32) {
     if f.atime != now {
         f.atime = now;
     }
@@ -157,7 +202,7 @@ fn new_flow(
         return Err(e);
     }
     if nat {
-        let Some(port) = snat::claim(
+        let Some(claim) = snat::claim(
             x,
             p,
             svc,
@@ -165,6 +210,7 @@ fn new_flow(
             be_idx,
             h,
             now,
+            snat::peer_ifindex(x, p, &scratch.flow),
             &mut scratch.reply,
             &mut scratch.rkey,
             &mut scratch.okey,
@@ -172,9 +218,15 @@ fn new_flow(
             account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
             return Err(Error::SnatExhausted);
         };
-        scratch.flow.new_sport = port;
-    }
-    if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
+        scratch.flow.new_sport = claim.port;
+        if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
+            // Roll back: a reply entry without its forward entry would hold the port.
+            if claim.inserted {
+                let _ = FLOWS.remove(&scratch.rkey);
+            }
+            return Err(Error::FlowTable);
+        }
+    } else if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
         return Err(Error::FlowTable);
     }
     account(&SERVICE_STATS, svc.id, |c| c.new_flows += 1);
@@ -189,6 +241,8 @@ enum Refusal {
     NoBackend,
     /// The flow's backend is down.
     BackendDown,
+    /// The flow's SNAT port belongs to another flow now.
+    PortTaken,
 }
 
 /// Refuses a packet of a service: a TCP reset built in place (so the client reconnects at
@@ -211,11 +265,13 @@ fn refuse(
         return Ok(Verdict::Reset(match why {
             Refusal::NoBackend => Reason::NoBackend,
             Refusal::BackendDown => Reason::ResetBackendDown,
+            Refusal::PortTaken => Reason::PortTaken,
         }));
     }
     account(&SERVICE_STATS, svc, |c| c.drops += 1);
     Err(match why {
         Refusal::NoBackend => Error::NoBackend,
         Refusal::BackendDown => Error::BackendDown,
+        Refusal::PortTaken => Error::PortTaken,
     })
 }

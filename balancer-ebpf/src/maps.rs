@@ -65,5 +65,18 @@ pub struct Scratch {
     pub okey: FlowKey,
 }
 
+/// Per-CPU new-flow window per service (Katran's connection-rate limiter). Not part of the
+/// ABI.
+#[map(name = "BLB_RATES")]
+pub static RATES: PerCpuArray<Rate> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// New flows made in the current one-second window of one service on one CPU.
+#[repr(C)]
+pub struct Rate {
+    pub start_ns: u64,
+    pub count: u32,
+    pub pad: u32,
+}
+
 #[map(name = "BLB_GLOBALS")]
 pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);

@@ -1,16 +1,103 @@
 //! SNAT port claims: a new NAT flow's port is claimed by inserting its reply entry.
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
-    Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_NEXTHOP, Flow, FlowKey,
-    MIN_SNAT_PORTS, PROTO_TCP, Service, snat_first_port,
+    Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP,
+    Flow, FlowKey, HALF_OPEN_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service, snat_first_port,
 };
-use balancer_ebpf::parse::Pkt;
+use balancer_ebpf::{
+    error::Error,
+    headers::{TCP_ACK, TCP_SYN},
+    parse::Pkt,
+};
 
 use crate::{
-    maps::{FLOWS, GLOBALS},
+    maps::{FLOWS, GLOBALS, SCRATCH},
     xdp::Xdp,
 };
+
+/// What a NAT flow's forward hit found of its reply entry.
+pub enum Pair {
+    /// There, and the flow's own.
+    Intact,
+    /// Gone (evicted), put back.
+    Restored,
+    /// The port now belongs to another flow.
+    Taken,
+}
+
+/// Checks that a NAT flow's reply entry is there and belongs to it. A missing one is put back
+/// (`BPF_NOEXIST`: if another flow claimed the port meanwhile, the port is taken), so eviction
+/// of one half of a flow cannot hand its port to another client.
+#[inline(always)]
+pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Error::Map);
+    };
+    // SAFETY: per-CPU scratch, used by this run only.
+    let scratch = unsafe { &mut *scratch };
+    let rkey = &mut scratch.rkey;
+    rkey.src = f.new_dst;
+    rkey.dst = f.new_src;
+    rkey.sport = f.new_dport;
+    rkey.dport = f.new_sport;
+    rkey.proto = p.key.proto;
+    rkey.pad = [0; 3];
+    if let Some(e) = FLOWS.get_ptr_mut(&*rkey) {
+        // SAFETY: valid for this run; concurrent writers only clear the same flag.
+        let e = unsafe { &mut *e };
+        let ours = e.flags & FLOW_F_FORWARD == 0
+            && e.new_dst == p.key.src
+            && e.new_dport == p.key.sport
+            && e.new_src == p.key.dst
+            && e.new_sport == p.key.dport;
+        if !ours {
+            return Ok(Pair::Taken);
+        }
+        // The client's first segment after its SYN completes both halves.
+        if e.flags & FLOW_F_HALF_OPEN != 0 && p.tcp_flags & TCP_SYN == 0 {
+            e.flags &= !FLOW_F_HALF_OPEN;
+        }
+        return Ok(Pair::Intact);
+    }
+    let reply = &mut scratch.reply;
+    reply.new_src = p.key.dst;
+    reply.new_dst = p.key.src;
+    reply.new_sport = p.key.dport;
+    reply.new_dport = p.key.sport;
+    // Still half-open only while the client has sent nothing but its SYN.
+    let half = if p.tcp_flags & TCP_SYN != 0 {
+        f.flags & FLOW_F_HALF_OPEN
+    } else {
+        0
+    };
+    reply.flags = FLOW_F_NEXTHOP | (f.flags & FLOW_F_CLOSING) | half;
+    reply.backend = f.backend;
+    reply.generation = f.generation;
+    reply.service = f.service;
+    reply.ifindex = x.ingress();
+    reply.smac = p.dst_mac;
+    reply.dmac = p.src_mac;
+    reply.atime = now;
+    reply.peer_ifindex = peer_ifindex(x, p, f);
+    if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
+        return Ok(Pair::Restored);
+    }
+    Ok(Pair::Taken)
+}
+
+/// The interface a NAT flow's replies arrive on: the forward next hop's, or for a tagged
+/// frame the trunk it came in on (the FIB answers with the VLAN device).
+#[inline(always)]
+pub fn peer_ifindex(x: &Xdp, p: &Pkt, forward: &Flow) -> u32 {
+    if p.vlan { x.ingress() } else { forward.ifindex }
+}
+
+/// 1 when the packet is a fresh SYN (the flow it makes is half-open), else 0.
+#[inline(always)]
+fn half_open_of(p: &Pkt) -> u32 {
+    (p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) as u32
+}
 
 /// SNAT ports tried for a new flow.
 const SNAT_PROBES: u32 = 16;
@@ -23,6 +110,10 @@ fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
     if e.flags & FLOW_F_CLOSING != 0 && idle >= CLOSING_REUSE_SECS {
         return true;
     }
+    // A handshake that never completed (a SYN flood) holds its port only briefly.
+    if e.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS {
+        return true;
+    }
     let limit = match GLOBALS.get(0) {
         Some(g) if proto == PROTO_TCP => g.tcp_idle_secs,
         Some(g) => g.udp_idle_secs,
@@ -31,9 +122,18 @@ fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
     limit != 0 && idle >= limit
 }
 
+/// A claimed SNAT port.
+pub struct Claim {
+    /// The port, network order.
+    pub port: u16,
+    /// The reply entry was inserted by this claim (a failed later step removes it again).
+    pub inserted: bool,
+}
+
 /// Claims a SNAT port for a new NAT flow by inserting its reply entry. The first port tried
 /// depends only on the 5-tuple, so a flow whose forward entry was evicted finds its own reply
-/// entry again and keeps its port.
+/// entry again and keeps its port. Every insert is `BPF_NOEXIST`: of two CPUs claiming one
+/// port, one wins and the other probes on; a claim never overwrites another flow's entry.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn claim(
@@ -44,10 +144,11 @@ pub fn claim(
     be_idx: u32,
     h: u32,
     now: u32,
+    peer_ifindex: u32,
     reply: &mut Flow,
     rkey: &mut FlowKey,
     okey: &mut FlowKey,
-) -> Option<u16> {
+) -> Option<Claim> {
     let lo = svc.snat_port_lo as u32;
     let hi = svc.snat_port_hi as u32;
     if hi < lo || lo == 0 {
@@ -63,7 +164,7 @@ pub fn claim(
     reply.new_dst = p.key.src;
     reply.new_sport = p.key.dport;
     reply.new_dport = p.key.sport;
-    reply.flags = FLOW_F_NEXTHOP;
+    reply.flags = FLOW_F_NEXTHOP | (half_open_of(p) * FLOW_F_HALF_OPEN);
     reply.backend = be_idx;
     reply.generation = be.generation;
     reply.service = svc.id;
@@ -71,6 +172,7 @@ pub fn claim(
     reply.smac = p.dst_mac;
     reply.dmac = p.src_mac;
     reply.atime = now;
+    reply.peer_ifindex = peer_ifindex;
     rkey.src = be.addr;
     rkey.dst = svc.snat_addr;
     rkey.sport = be.port;
@@ -91,19 +193,34 @@ pub fn claim(
         let port = lo + off;
         rkey.dport = (port as u16).to_be();
         if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
-            return Some(rkey.dport);
+            return Some(Claim {
+                port: rkey.dport,
+                inserted: true,
+            });
         }
-        if let Some(e) = FLOWS.get_ptr(&*rkey) {
+        if let Some(e) = FLOWS.get_ptr_mut(&*rkey) {
             // SAFETY: valid for this run.
-            let e = unsafe { &*e };
+            let e = unsafe { &mut *e };
             let same_client = e.flags & FLOW_F_FORWARD == 0
                 && e.new_dst == reply.new_dst
                 && e.new_dport == reply.new_dport
                 && e.new_src == reply.new_src
                 && e.new_sport == reply.new_sport;
             if same_client {
-                let _ = FLOWS.insert(&*rkey, &*reply, BPF_ANY as u64);
-                return Some(rkey.dport);
+                // Our own entry (same client, same backend): brought up to date in place.
+                e.backend = reply.backend;
+                e.generation = reply.generation;
+                e.service = reply.service;
+                e.ifindex = reply.ifindex;
+                e.smac = reply.smac;
+                e.dmac = reply.dmac;
+                e.flags = reply.flags;
+                e.peer_ifindex = reply.peer_ifindex;
+                e.atime = now;
+                return Some(Claim {
+                    port: rkey.dport,
+                    inserted: false,
+                });
             }
             if fallback == 0 && reusable(e, p.key.proto, now) {
                 fallback = port;
@@ -124,9 +241,14 @@ pub fn claim(
         okey.proto = p.key.proto;
         okey.pad = [0; 3];
         let _ = FLOWS.remove(&*okey);
+        let _ = FLOWS.remove(&*rkey);
     }
-    if FLOWS.insert(&*rkey, &*reply, BPF_ANY as u64).is_ok() {
-        return Some(rkey.dport);
+    // Another CPU may take the freed port first: then this flow has none.
+    if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
+        return Some(Claim {
+            port: rkey.dport,
+            inserted: true,
+        });
     }
     None
 }

@@ -2,28 +2,43 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{EbpfContext, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
 use balancer_ebpf::{
     error::Error,
     frame::{Frame, MAX_HDR_OFFSET},
 };
 
 /// One packet's XDP context.
-pub struct Xdp<'a>(pub &'a XdpContext);
+pub struct Xdp<'a> {
+    /// The context.
+    pub ctx: &'a XdpContext,
+    /// The ingress interface, read once: the verifier refuses a load through a context
+    /// pointer the compiler kept with an offset.
+    ingress: u32,
+}
 
-impl Xdp<'_> {
+impl<'a> Xdp<'a> {
+    /// Wraps the context.
+    #[inline(always)]
+    pub fn new(ctx: &'a XdpContext) -> Self {
+        Xdp {
+            ctx,
+            ingress: ctx.ingress_ifindex() as u32,
+        }
+    }
+
     /// The interface the packet came in on.
     #[inline(always)]
     pub fn ingress(&self) -> u32 {
-        self.0.ingress_ifindex() as u32
+        self.ingress
     }
 }
 
 impl Frame for Xdp<'_> {
     #[inline(always)]
     fn ptr_at<T>(&self, offset: usize) -> Result<*mut T, Error> {
-        let start = self.0.data();
-        let end = self.0.data_end();
+        let start = self.ctx.data();
+        let end = self.ctx.data_end();
         if offset > MAX_HDR_OFFSET || start + offset + size_of::<T>() > end {
             return Err(Error::Truncated);
         }
@@ -32,13 +47,13 @@ impl Frame for Xdp<'_> {
 
     #[inline(always)]
     fn len(&self) -> usize {
-        self.0.data_end() - self.0.data()
+        self.ctx.data_end() - self.ctx.data()
     }
 
     #[inline(always)]
     fn shrink(&mut self, by: usize) -> Result<(), Error> {
         // SAFETY: helper call; callers re-derive every packet pointer afterwards.
-        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, -(by as i32)) } != 0 {
+        if unsafe { bpf_xdp_adjust_tail(self.ctx.ctx, -(by as i32)) } != 0 {
             return Err(Error::Truncated);
         }
         Ok(())

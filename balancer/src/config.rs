@@ -206,6 +206,9 @@ pub struct Service {
     /// `reset` or `drop`.
     #[serde(default)]
     pub on_backend_down: DownAction,
+    /// Most new flows per second per CPU (0: no limit).
+    #[serde(default)]
+    pub new_flow_rate: u32,
     /// Health check (see the README); none means backends are always healthy.
     pub health: Option<Spanned<toml::Table>>,
     /// The backends.
@@ -255,6 +258,8 @@ pub struct ServiceSpec {
     pub ring_size: u32,
     /// Down action.
     pub on_backend_down: DownAction,
+    /// New flows per second per CPU (0: no limit).
+    pub new_flow_rate: u32,
     /// Health check, as written (validated by the health module).
     pub health: Option<toml::Table>,
     /// Backends.
@@ -583,6 +588,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 failback: s.failback,
                 ring_size: ring,
                 on_backend_down: s.on_backend_down,
+                new_flow_rate: s.new_flow_rate,
                 health: s.health.as_ref().map(|h| h.get_ref().clone()),
                 backends,
             });

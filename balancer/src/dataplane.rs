@@ -541,6 +541,18 @@ impl Dataplane {
         self.flows.iter().filter_map(Result::ok).collect()
     }
 
+    /// Removes one flow-table entry (tests: one half of a flow lost).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> anyhow::Result<()> {
+        self.flows.remove(key)?;
+        Ok(())
+    }
+
+    /// Writes one flow-table entry (tests: a port held by another flow).
+    pub fn put_flow(&mut self, key: &FlowKey, flow: &Flow) -> anyhow::Result<()> {
+        self.flows.insert(key, flow, 0)?;
+        Ok(())
+    }
+
     /// One expiry pass over the flow table (the daemon runs [`crate::gc::Collector`]).
     pub fn sweep_flows(&mut self, t: crate::gc::Timeouts, now: u32) -> crate::gc::Sweep {
         crate::gc::sweep(&mut self.flows, t, now)

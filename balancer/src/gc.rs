@@ -101,8 +101,10 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             let last = r.map_or(f.atime, |r| latest(f.atime, r.atime));
             let idle = now.wrapping_sub(last);
             let expired_closed = closing && idle >= CLOSED_LINGER_SECS;
-            // A SYN whose handshake never completed (a SYN flood) goes early.
-            let half_open = f.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS;
+            // A SYN whose handshake never completed (a SYN flood) goes early, counted from
+            // the client's last SYN: the backend's SYN-ACK retransmits do not keep it.
+            let half_open =
+                f.flags & FLOW_F_HALF_OPEN != 0 && now.wrapping_sub(f.atime) >= HALF_OPEN_SECS;
             if expired_closed || half_open || (idle_limit != 0 && idle >= idle_limit) {
                 let _ = flows.remove(&k);
                 s.entries_removed += 1;
@@ -131,7 +133,11 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             }
             let idle = now.wrapping_sub(f.atime);
             let closing = f.flags & FLOW_F_CLOSING != 0;
-            if (closing && idle >= CLOSED_LINGER_SECS) || (idle_limit != 0 && idle >= idle_limit) {
+            let half_open = f.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS;
+            if (closing && idle >= CLOSED_LINGER_SECS)
+                || half_open
+                || (idle_limit != 0 && idle >= idle_limit)
+            {
                 let _ = flows.remove(&k);
                 s.entries_removed += 1;
                 if closing { s.closed += 1 } else { s.idle += 1 }

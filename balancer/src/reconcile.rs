@@ -446,6 +446,7 @@ impl State {
             snat_port_lo: self.snat_ports.0,
             snat_port_hi: self.snat_ports.1,
             snat_addr: s.snat,
+            new_flow_rate: s.spec.new_flow_rate,
         };
         // Backends that become usable must be writable before the ring points at them.
         let states: Vec<u32> = (0..s.backends.len())

@@ -11,9 +11,11 @@ use balancer::{
     config::AdminState,
     net::addr16,
     reconcile::{Health, State},
-    testbed::{LB_MAC, Testbed, host_mac, packet},
+    testbed::{LB_MAC, Testbed, host_mac, packet, run_prog},
 };
-use balancer_common::{FlowKey, PROTO_TCP, PROTO_UDP, flow_hash, reduce, snat_first_port};
+use balancer_common::{
+    Flow, FlowKey, PROTO_TCP, PROTO_UDP, Reason, flow_hash, reduce, snat_first_port,
+};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 const XDP_DROP: u32 = 1;
@@ -864,5 +866,467 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
         tb.dp.flows().len(),
         2,
         "the completed flow stays with its reply entry"
+    );
+}
+
+/// The count of one verdict reason so far.
+fn reason_count(tb: &Testbed, r: Reason) -> u64 {
+    tb.dp
+        .reasons()
+        .into_iter()
+        .find(|(x, _)| *x == r)
+        .map_or(0, |(_, v)| v)
+}
+
+/// Runs one row and checks that it bumped exactly its verdict reason, once.
+fn run_counted(tb: &Testbed, row: Row, reason: Reason) {
+    let before: Vec<(Reason, u64)> = Reason::ALL
+        .iter()
+        .map(|r| (*r, reason_count(tb, *r)))
+        .collect();
+    let name = row.name;
+    run_rows(tb, &[row]);
+    for (r, was) in before {
+        let want = was + u64::from(r == reason);
+        assert_eq!(reason_count(tb, r), want, "{name}: reason {}", r.name());
+    }
+}
+
+/// The reply entry of a NAT flow from `be` to SNAT port `port` (the key a backend's reply has).
+fn reply_key(be: SocketAddr, port: u16, v6: bool) -> FlowKey {
+    FlowKey {
+        src: addr16(be.ip()),
+        dst: addr16(lb_addr(v6)),
+        sport: be.port().to_be(),
+        dport: port.to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    }
+}
+
+/// The SNAT port of a transmitted client → backend frame.
+fn snat_port_of(frame: &[u8]) -> u16 {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!("not TCP")
+    };
+    t.source_port()
+}
+
+#[test]
+fn nat_flow_reply_state_is_restored_or_the_flow_reset_never_shared() {
+    let (mut tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40030");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let to_backend = |seq, ack, flags, data: &[u8]| {
+        packet::tcp(LB_MAC, mac_of(be.ip()), snat, be, seq, ack, flags, data)
+    };
+    run_counted(
+        &tb,
+        Row {
+            name: "SYN makes the NAT flow",
+            input: packet::tcp(host_mac(2), LB_MAC, client, vip, 1000, 0, packet::SYN, &[]),
+            verdict: XDP_TX,
+            output: Some(to_backend(1000, 0, packet::SYN, &[])),
+        },
+        Reason::Tx,
+    );
+    // The reply half is lost (as by LRU eviction).
+    let rkey = reply_key(be, port, false);
+    tb.dp.remove_flow(&rkey).unwrap();
+    assert!(!tb.dp.flows().contains_key(&rkey));
+    run_counted(
+        &tb,
+        Row {
+            name: "a forward hit whose reply state is gone restores it",
+            input: packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                client,
+                vip,
+                1001,
+                5001,
+                packet::ACK,
+                b"a",
+            ),
+            verdict: XDP_TX,
+            output: Some(to_backend(1001, 5001, packet::ACK, b"a")),
+        },
+        Reason::Tx,
+    );
+    let restored = tb.dp.flows()[&rkey];
+    assert_eq!(restored.new_dst, addr16(client.ip()));
+    assert_eq!(restored.new_dport, client.port().to_be());
+    run_counted(
+        &tb,
+        Row {
+            name: "the backend's reply reaches the client through the restored entry",
+            input: packet::tcp(
+                mac_of(be.ip()),
+                LB_MAC,
+                be,
+                snat,
+                5001,
+                1002,
+                packet::ACK,
+                b"b",
+            ),
+            verdict: XDP_TX,
+            output: Some(packet::tcp(
+                LB_MAC,
+                host_mac(2),
+                vip,
+                client,
+                5001,
+                1002,
+                packet::ACK,
+                b"b",
+            )),
+        },
+        Reason::Tx,
+    );
+    // Lost again, and the port claimed by another client meanwhile.
+    let other = sa("10.77.0.3:40031");
+    let mut theirs = restored;
+    theirs.new_dst = addr16(other.ip());
+    theirs.new_dport = other.port().to_be();
+    tb.dp.put_flow(&rkey, &theirs).unwrap();
+    let ack = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        vip,
+        1002,
+        5002,
+        packet::ACK,
+        b"c",
+    );
+    let (v, out) = tb.run(&ack).unwrap();
+    assert_eq!(v, XDP_TX, "port taken: the client is reset");
+    assert_rst(&out, vip, client, 5002, None);
+    assert_eq!(reason_count(&tb, Reason::PortTaken), 1);
+    let flows = tb.dp.flows();
+    assert_eq!(
+        flows[&rkey], theirs,
+        "the other flow's entry is not touched"
+    );
+    assert!(
+        !flows.values().any(|f| f.new_dst == addr16(be.ip())
+            && f.new_sport == port.to_be()
+            && f.flags & balancer_common::FLOW_F_FORWARD != 0),
+        "no forward entry of this client uses the taken port any more"
+    );
+    // The client's reconnect gets a port of its own.
+    let (v, out) = tb
+        .run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            9000,
+            0,
+            packet::SYN,
+            &[],
+        ))
+        .unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_ne!(
+        snat_port_of(&out),
+        port,
+        "never two clients on one backend tuple"
+    );
+}
+
+#[test]
+fn a_claimed_port_is_never_overwritten_by_a_colliding_claim() {
+    let (mut tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40040");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    // Another live flow holds the port this client tries first.
+    let holder = Flow {
+        new_src: addr16(vip.ip()),
+        new_dst: addr16("10.77.0.9".parse().unwrap()),
+        new_sport: vip.port().to_be(),
+        new_dport: 5555u16.to_be(),
+        flags: balancer_common::FLOW_F_NEXTHOP,
+        ..Default::default()
+    };
+    let rkey = reply_key(be, port, false);
+    tb.dp.put_flow(&rkey, &holder).unwrap();
+    let (v, out) = tb
+        .run(&packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            1,
+            0,
+            packet::SYN,
+            &[],
+        ))
+        .unwrap();
+    assert_eq!(v, XDP_TX);
+    // Triangular probing: the second port tried is the first + 1 (wrapping in the range).
+    let svc = tb
+        .dp
+        .services()
+        .into_iter()
+        .map(|(_, s)| s)
+        .find(|s| s.id == st.services["web"].id)
+        .unwrap();
+    let (lo, hi) = (svc.snat_port_lo, svc.snat_port_hi);
+    let next = if port == hi { lo } else { port + 1 };
+    assert_eq!(snat_port_of(&out), next);
+    assert_eq!(
+        tb.dp.flows()[&rkey],
+        holder,
+        "the holder's entry is untouched"
+    );
+    assert_eq!(
+        tb.dp.flows()[&reply_key(be, next, false)].new_dst,
+        addr16(client.ip())
+    );
+}
+
+#[test]
+fn half_open_flows_are_not_kept_by_backend_retransmits() {
+    let (mut tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40050");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    let rkey = reply_key(be, port, false);
+    let fkey = FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    let half = balancer_common::FLOW_F_HALF_OPEN;
+    let flows = tb.dp.flows();
+    let (fwd, mut reply) = (flows[&fkey], flows[&rkey]);
+    assert!(
+        fwd.flags & half != 0 && reply.flags & half != 0,
+        "both halves half-open"
+    );
+    // Age the reply entry, then let the backend retransmit its SYN-ACK.
+    reply.atime = fwd.atime.wrapping_sub(100);
+    tb.dp.put_flow(&rkey, &reply).unwrap();
+    let syn_ack = packet::Flags {
+        syn: true,
+        ack: true,
+        ..Default::default()
+    };
+    let from_be = packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 50, 2, syn_ack, &[]);
+    run_counted(
+        &tb,
+        Row {
+            name: "a backend's SYN-ACK of a half-open flow reaches the client",
+            output: Some(packet::tcp(
+                LB_MAC,
+                host_mac(2),
+                vip,
+                client,
+                50,
+                2,
+                syn_ack,
+                &[],
+            )),
+            input: from_be.clone(),
+            verdict: XDP_TX,
+        },
+        Reason::Tx,
+    );
+    assert_eq!(
+        tb.dp.flows()[&rkey].atime,
+        reply.atime,
+        "the SYN-ACK did not refresh the half-open flow"
+    );
+    // The client's ACK completes both halves; the backend's packets refresh it from then on.
+    let ack = packet::tcp(host_mac(2), LB_MAC, client, vip, 2, 51, packet::ACK, &[]);
+    assert_eq!(tb.run(&ack).unwrap().0, XDP_TX);
+    let flows = tb.dp.flows();
+    assert_eq!(flows[&fkey].flags & half, 0);
+    assert_eq!(flows[&rkey].flags & half, 0);
+    assert_eq!(tb.run(&from_be).unwrap().0, XDP_TX);
+    assert_eq!(tb.dp.flows()[&rkey].atime, fwd.atime);
+
+    // A half-open flow whose reply half was refreshed later is still swept 30 s after the
+    // client's SYN, and so is a half-open reply entry whose forward half is gone.
+    let t = balancer::gc::Timeouts {
+        tcp_idle: 3600,
+        udp_idle: 300,
+    };
+    let c2 = sa("10.77.0.2:40051");
+    let c3 = sa("10.77.0.2:40052");
+    for c in [c2, c3] {
+        let syn = packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[]);
+        assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    }
+    let (be2, p2) = predict(&tb, &st, "web", c2, vip, PROTO_TCP);
+    let (be3, p3) = predict(&tb, &st, "web", c3, vip, PROTO_TCP);
+    let mut r2 = tb.dp.flows()[&reply_key(be2, p2, false)];
+    r2.atime = fwd.atime + 20;
+    tb.dp.put_flow(&reply_key(be2, p2, false), &r2).unwrap();
+    let f3 = FlowKey {
+        sport: c3.port().to_be(),
+        ..fkey
+    };
+    tb.dp.remove_flow(&f3).unwrap();
+    let before = tb.dp.flows().len();
+    let s = tb
+        .dp
+        .sweep_flows(t, fwd.atime + balancer_common::HALF_OPEN_SECS + 5);
+    assert_eq!(
+        s.idle, 2,
+        "the refreshed half-open flow and the orphaned half"
+    );
+    let flows = tb.dp.flows();
+    assert_eq!(flows.len(), before - 3);
+    assert!(!flows.contains_key(&reply_key(be3, p3, false)));
+    assert!(flows.contains_key(&rkey), "the completed flow stays");
+}
+
+#[test]
+fn replies_are_accepted_only_from_the_flows_interface() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40060");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    let reply = packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 7, 2, packet::ACK, b"r");
+    // The same 5-tuple arriving on loopback (ifindex 1) instead of the lab interface.
+    let before = reason_count(&tb, Reason::DropWrongInterface);
+    let (v, _, _) = run_prog(tb.dp.program().unwrap(), &reply, 1).unwrap();
+    assert_eq!(v, XDP_DROP, "a reply from another interface is dropped");
+    assert_eq!(reason_count(&tb, Reason::DropWrongInterface), before + 1);
+    run_counted(
+        &tb,
+        Row {
+            name: "the same reply from the flow's interface goes through",
+            output: Some(packet::tcp(
+                LB_MAC,
+                host_mac(2),
+                vip,
+                client,
+                7,
+                2,
+                packet::ACK,
+                b"r",
+            )),
+            input: reply,
+            verdict: XDP_TX,
+        },
+        Reason::Tx,
+    );
+}
+
+#[test]
+fn new_flow_rate_limit_stops_new_state_while_established_flows_work() {
+    let (mut tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40070");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    // Three new flows per second per CPU from now on.
+    let (key, mut svc) = tb
+        .dp
+        .services()
+        .into_iter()
+        .find(|(_, s)| s.id == st.services["web"].id)
+        .unwrap();
+    svc.new_flow_rate = 3;
+    tb.dp.put_service(&key, &svc).unwrap();
+    let flows_before = tb.dp.flows().len();
+    // A burst of SYNs from new clients (an unrouted lab prefix): past the limit, dropped.
+    let mut limited = 0;
+    let mut admitted = 0;
+    for i in 0..2000u32 {
+        let c = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(
+                10,
+                77,
+                200 + (i / 250) as u8,
+                (i % 250) as u8 + 1,
+            )),
+            20000,
+        );
+        let (v, _) = tb
+            .run(&packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                c,
+                vip,
+                1,
+                0,
+                packet::SYN,
+                &[],
+            ))
+            .unwrap();
+        match v {
+            XDP_DROP => limited += 1,
+            XDP_TX => admitted += 1,
+            other => panic!("unexpected verdict {other}"),
+        }
+        if limited >= 100 {
+            break;
+        }
+    }
+    assert_eq!(limited, 100, "the limiter drops past the rate");
+    assert_eq!(reason_count(&tb, Reason::DropRateLimited), 100);
+    assert_eq!(
+        tb.dp.flows().len(),
+        flows_before + 2 * admitted,
+        "a limited SYN makes no state"
+    );
+    // The established flow keeps working both ways.
+    run_counted(
+        &tb,
+        Row {
+            name: "an established flow is not rate limited",
+            input: packet::tcp(host_mac(2), LB_MAC, client, vip, 2, 9, packet::ACK, b"q"),
+            verdict: XDP_TX,
+            output: Some(packet::tcp(
+                LB_MAC,
+                mac_of(be.ip()),
+                snat,
+                be,
+                2,
+                9,
+                packet::ACK,
+                b"q",
+            )),
+        },
+        Reason::Tx,
+    );
+    run_counted(
+        &tb,
+        Row {
+            name: "nor are its replies",
+            input: packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 9, 3, packet::ACK, b"a"),
+            verdict: XDP_TX,
+            output: Some(packet::tcp(
+                LB_MAC,
+                host_mac(2),
+                vip,
+                client,
+                9,
+                3,
+                packet::ACK,
+                b"a",
+            )),
+        },
+        Reason::Tx,
     );
 }
