@@ -52,6 +52,9 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
     let mut key = FlowKey::default();
     let l4off;
     let v6;
+    // Bytes of L4 the IP header says there are; checked against the frame so that nothing
+    // is forwarded whose lengths do not hold up.
+    let l4len;
     if proto == ETH_P_IP {
         let ip: *const Ipv4Hdr = f.ptr_at(l3off)?;
         let ip = unsafe { &*ip };
@@ -63,6 +66,11 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
         key.dst = bytes(v4_mapped(ip.dst));
         l4off = l3off + size_of::<Ipv4Hdr>();
         v6 = false;
+        let tot = u16::from_be(ip.tot_len) as usize;
+        if tot < size_of::<Ipv4Hdr>() || l3off + tot > f.len() {
+            return Err(Error::Truncated);
+        }
+        l4len = tot - size_of::<Ipv4Hdr>();
     } else if proto == ETH_P_IPV6 {
         let ip: *const Ipv6Hdr = f.ptr_at(l3off)?;
         let ip = unsafe { &*ip };
@@ -74,6 +82,10 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
         key.dst = bytes(ip.dst);
         l4off = l3off + size_of::<Ipv6Hdr>();
         v6 = true;
+        l4len = u16::from_be(ip.payload_len) as usize;
+        if l4off + l4len > f.len() {
+            return Err(Error::Truncated);
+        }
     } else {
         return Err(Error::NotIp);
     }
@@ -82,7 +94,7 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
     if key.proto == PROTO_TCP {
         let tcp: *const TcpHdr = f.ptr_at(l4off)?;
         let tcp = unsafe { &*tcp };
-        if tcp.doff >> 4 < 5 {
+        if tcp.doff >> 4 < 5 || ((tcp.doff >> 4) as usize) * 4 > l4len {
             return Err(Error::Truncated);
         }
         key.sport = tcp.sport;
@@ -91,6 +103,10 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
     } else if key.proto == PROTO_UDP {
         let udp: *const UdpHdr = f.ptr_at(l4off)?;
         let udp = unsafe { &*udp };
+        let len = u16::from_be(udp.len) as usize;
+        if len < size_of::<UdpHdr>() || len > l4len {
+            return Err(Error::Truncated);
+        }
         key.sport = udp.sport;
         key.dport = udp.dport;
     } else if key.proto == if v6 { PROTO_ICMPV6 } else { PROTO_ICMP } {
