@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use balancer::{config, daemon, dataplane::Dataplane, net};
+use balancer::{config, control::daemon, dataplane::Dataplane, host::net};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -57,12 +57,6 @@ enum Cmd {
         /// Where to pin the link (remove the file to detach).
         #[arg(long)]
         pin: PathBuf,
-    },
-    /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
-    BenchXdp {
-        /// Calls per case (repeat = 1 each).
-        #[arg(long, default_value_t = 1_000_000)]
-        calls: u32,
     },
     /// Show services, backends, health, weights, the active listener and counters.
     Status {
@@ -177,20 +171,15 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Counters { pin_path, json } => {
             let dp = Dataplane::open_pinned(&pin_path)?;
-            let report = balancer::report::counters(&dp);
+            let report = balancer::dataplane::counters::counters(&dp);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", balancer::report::counters_text(&report));
+                print!("{}", balancer::dataplane::counters::counters_text(&report));
             }
             Ok(())
         }
         Cmd::XdpPass { interface, pin } => balancer::dataplane::attach_pass(&interface, &pin),
-        Cmd::BenchXdp { calls } => {
-            let table = balancer::bench::xdp(calls).context("bench-xdp")?;
-            print!("{table}");
-            Ok(())
-        }
         Cmd::Status { json, socket } => std::process::exit(balancer::api::cli(
             &socket,
             &balancer::api::Command::Status { json },

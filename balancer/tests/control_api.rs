@@ -14,9 +14,11 @@ use std::{
 };
 
 use balancer::{
-    api,
-    control::{BackendStatus, Message, Request, ServiceStatus, Status},
-    report::Traffic,
+    api::{
+        self,
+        protocol::{BackendStatus, Message, Request, ServiceStatus, Status},
+    },
+    dataplane::counters::Traffic,
 };
 use serde_json::json;
 use tokio::sync::mpsc;

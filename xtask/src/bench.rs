@@ -26,7 +26,7 @@ pub struct Options {
     /// Parallel connection workers for the rate measurement.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// BPF_PROG_TEST_RUN calls per case for `balancer bench-xdp`.
+    /// BPF_PROG_TEST_RUN calls per case for `balancer-xdp-bench`.
     #[arg(long, default_value_t = 1_000_000)]
     pub calls: u64,
     /// Use the release binaries already built instead of building first.
@@ -392,13 +392,13 @@ fn print_table(rows: &[(Path, Row)], opts: &Options) {
     }
 }
 
-/// `balancer bench-xdp --calls N`, its table printed as it is.
+/// `balancer-xdp-bench --calls N` (the test bed's tool), its table printed as it is.
 fn bench_xdp(calls: u64) {
     println!("\n== XDP ns/packet (BPF_PROG_TEST_RUN, repeat=1) ==");
     let result = (|| -> Result<()> {
-        let bin = balancer_bin()?;
+        let bin = crate::cmd::release_dir().join("balancer-xdp-bench");
         let out = Command::new(&bin)
-            .args(["bench-xdp", "--calls", &calls.to_string()])
+            .args(["--calls", &calls.to_string()])
             .output()
             .with_context(|| format!("running {}", bin.display()))?;
         let stdout = String::from_utf8_lossy(&out.stdout);

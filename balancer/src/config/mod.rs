@@ -1,6 +1,8 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod health;
+
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
@@ -525,7 +527,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             );
         }
         let ring = *s.ring_size.get_ref();
-        if ring > balancer_common::RING_MAX || !crate::maglev::is_prime(ring) {
+        if ring > balancer_common::RING_MAX || !crate::dataplane::maglev::is_prime(ring) {
             d.at(
                 s.ring_size.span(),
                 format!("ring_size {ring} must be a prime no larger than 65537"),
@@ -569,7 +571,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             });
         }
         if let Some(h) = &s.health
-            && let Err(e) = crate::health::spec_from_table(h.get_ref())
+            && let Err(e) = crate::config::health::spec_from_table(h.get_ref())
         {
             d.at(h.span(), format!("health: {e}"));
         }

@@ -17,11 +17,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{self, AdminState, Validated},
-    control::{BackendStatus, Message, Request, ServiceStatus, Status},
-    dataplane::{Dataplane, LoadOptions},
-    health, net,
-    reconcile::{Event, Health, State},
-    report::Traffic,
+    api::protocol::{BackendStatus, Message, Request, ServiceStatus, Status},
+    config::health,
+    control::reconcile::{Event, Health, State},
+    dataplane::{Dataplane, LoadOptions, counters::Traffic},
+    host::net,
 };
 
 /// Options of `balancer run`.
@@ -43,8 +43,8 @@ pub struct Daemon {
     targets: HashMap<TargetId, (String, usize)>,
     l7: Option<balancer_l7::L7>,
     l7_targets: HashMap<TargetId, (String, std::net::SocketAddr)>,
-    gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::gc::Timeouts>>,
-    gc: crate::gc::Collector,
+    gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
+    gc: crate::control::flow_expiry::Collector,
     started: Instant,
     reloads: u64,
     config_errors: u64,
@@ -81,7 +81,7 @@ impl Daemon {
                 .with_context(|| format!("attaching to {iface}"))?;
         }
         let gc_timeouts = std::sync::Arc::new(std::sync::Mutex::new(timeouts(&cfg)));
-        let gc = crate::gc::Collector::start(&pin, gc_timeouts.clone(), Duration::from_secs(5))?;
+        let gc = crate::control::flow_expiry::Collector::start(&pin, gc_timeouts.clone(), Duration::from_secs(5))?;
         let l7 = match &cfg.raw.l7 {
             Some(l7) => {
                 add_l7_addresses(&cfg)?;
@@ -412,14 +412,14 @@ fn start_endpoints(d: &Daemon, tx: &mpsc::Sender<Message>) {
     let socket = d.cfg.raw.controller.socket.clone();
     let t = tx.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::api::serve(&socket, t).await {
+        if let Err(e) = crate::api::server::serve(&socket, t).await {
             error!(error = %e, "control socket failed");
         }
     });
     if let Some(addr) = d.cfg.metrics {
         let t = tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, t).await {
+            if let Err(e) = crate::api::metrics::serve(addr, t).await {
                 error!(error = %e, "metrics endpoint failed");
             }
         });
@@ -529,7 +529,7 @@ impl Daemon {
     fn l7_backends(
         &self,
         m: Option<&balancer_l7::Metrics>,
-    ) -> Vec<crate::control::L7BackendStatus> {
+    ) -> Vec<crate::api::protocol::L7BackendStatus> {
         let Some(l7) = &self.cfg.raw.l7 else {
             return Vec::new();
         };
@@ -546,7 +546,7 @@ impl Daemon {
                         .iter()
                         .find(|x| x.pool == pool.name && x.address == b.address)
                 });
-                out.push(crate::control::L7BackendStatus {
+                out.push(crate::api::protocol::L7BackendStatus {
                     pool: pool.name.clone(),
                     address: b.address,
                     health,
@@ -560,8 +560,8 @@ impl Daemon {
     }
 }
 
-fn timeouts(cfg: &Validated) -> crate::gc::Timeouts {
-    crate::gc::Timeouts {
+fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
+    crate::control::flow_expiry::Timeouts {
         tcp_idle: cfg.raw.dataplane.tcp_idle_timeout.as_secs() as u32,
         udp_idle: cfg.raw.dataplane.udp_idle_timeout.as_secs() as u32,
     }
@@ -590,43 +590,43 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         interfaces = ?d.cfg.interfaces,
         "balancer ready"
     );
-    crate::systemd::ready();
+    crate::host::systemd::ready();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut neigh = tokio::time::interval(Duration::from_secs(10));
     // The watchdog is fed from this loop, so a stuck loop gets the daemon restarted.
     let mut dog = tokio::time::interval(
-        crate::systemd::watchdog_period()
+        crate::host::systemd::watchdog_period()
             .map(|p| p / 2)
             .unwrap_or(Duration::from_secs(3600)),
     );
     loop {
         tokio::select! {
-            _ = dog.tick() => crate::systemd::watchdog(),
+            _ = dog.tick() => crate::host::systemd::watchdog(),
             _ = neigh.tick() => d.prime_neighbours(false),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                crate::systemd::reloading();
+                crate::host::systemd::reloading();
                 let _ = d.reload().await;
-                crate::systemd::ready();
+                crate::host::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {
-                    crate::systemd::reloading();
+                    crate::host::systemd::reloading();
                 }
                 let reply = d.on_request(msg.request).await;
                 if reload {
-                    crate::systemd::ready();
+                    crate::host::systemd::ready();
                 }
                 let _ = msg.reply.send(reply);
             }
         }
     }
-    crate::systemd::stopping();
+    crate::host::systemd::stopping();
     if let Some(l7) = d.l7.take() {
         l7.shutdown(Duration::from_secs(10)).await;
     }

@@ -1,12 +1,12 @@
 //! Messages between the control API (and metrics) and the daemon loop, and the status
 //! report they carry. The daemon owns all state; the API asks it through a channel.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::report::Traffic;
+use crate::dataplane::counters::Traffic;
 
 /// What an operator (or the metrics endpoint) asks of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,3 +142,44 @@ pub struct L7BackendStatus {
     /// Failed connects to it.
     pub connect_failures: u64,
 }
+
+/// How long the daemon may take to answer one request (a reload re-reads the config and
+/// rewrites maps; everything else is immediate).
+pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskError {
+    /// The daemon loop is gone (shutting down).
+    Gone,
+    /// No answer within [`DAEMON_TIMEOUT`].
+    Timeout,
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Gone => f.write_str("the daemon is shutting down"),
+            AskError::Timeout => f.write_str("the daemon did not answer in time"),
+        }
+    }
+}
+
+impl std::error::Error for AskError {}
+
+/// Sends one request to the daemon loop and waits (at most [`DAEMON_TIMEOUT`]) for its reply.
+pub async fn ask(
+    tx: &mpsc::Sender<Message>,
+    request: Request,
+) -> Result<Reply, AskError> {
+    let (reply, rx) = oneshot::channel();
+    let work = async {
+        tx.send(Message { request, reply })
+            .await
+            .map_err(|_| AskError::Gone)?;
+        rx.await.map_err(|_| AskError::Gone)
+    };
+    tokio::time::timeout(DAEMON_TIMEOUT, work)
+        .await
+        .map_err(|_| AskError::Timeout)?
+}
+

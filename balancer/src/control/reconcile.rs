@@ -19,8 +19,8 @@ use tracing::info;
 
 use crate::{
     config::{AdminState, DownAction, Forwarding, Protocol, Scheduler, ServiceSpec, Validated},
-    dataplane::Dataplane,
-    maglev, net,
+    dataplane::{Dataplane, maglev},
+    host::net,
 };
 
 /// Health as the controller knows it.
@@ -563,7 +563,7 @@ impl ServiceState {
         if st == BE_DOWN && self.backends[i].dataplane_state() == BE_UP {
             "standby"
         } else {
-            crate::report::state_name(st)
+            crate::dataplane::counters::state_name(st)
         }
     }
 

@@ -32,6 +32,9 @@ use tracing::{info, warn};
 
 use crate::config;
 
+pub mod counters;
+pub mod maglev;
+
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
 
@@ -541,9 +544,9 @@ impl Dataplane {
         self.flows.iter().filter_map(Result::ok).collect()
     }
 
-    /// One expiry pass over the flow table (the daemon runs [`crate::gc::Collector`]).
-    pub fn sweep_flows(&mut self, t: crate::gc::Timeouts, now: u32) -> crate::gc::Sweep {
-        crate::gc::sweep(&mut self.flows, t, now)
+    /// One expiry pass over the flow table (the daemon runs [`crate::control::flow_expiry::Collector`]).
+    pub fn sweep_flows(&mut self, t: crate::control::flow_expiry::Timeouts, now: u32) -> crate::control::flow_expiry::Sweep {
+        crate::control::flow_expiry::sweep(&mut self.flows, t, now)
     }
 }
 

@@ -37,9 +37,8 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::{
-    api::{AskError, ask},
-    control::{Message, Request, Status},
-    report::Traffic,
+    api::protocol::{AskError, Message, Request, Status, ask},
+    dataplane::counters::Traffic,
 };
 
 /// The content type of the OpenMetrics text format that [`render`] produces.

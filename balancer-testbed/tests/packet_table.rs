@@ -7,12 +7,11 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use balancer::{
-    bench::configured_testbed,
     config::AdminState,
-    net::addr16,
-    reconcile::{Health, State},
-    testbed::{LB_MAC, Testbed, host_mac, packet},
+    control::reconcile::{Health, State},
+    host::net::addr16,
 };
+use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet};
 use balancer_common::{FlowKey, PROTO_TCP, PROTO_UDP, flow_hash, reduce, snat_first_port};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
