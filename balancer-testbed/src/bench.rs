@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Instant};
 
-use balancer::{config, control::reconcile::State, dataplane::maglev};
+use balancer::{config, control::state::State, dataplane::maglev};
 
 use crate::{LB_MAC, Testbed, host_mac, packet, run_prog};
 
@@ -56,8 +56,14 @@ pub fn configured_testbed(flow_entries: u32) -> anyhow::Result<(Testbed, State)>
     let text = TESTBED_CONFIG.replace("BENCH_BACKENDS", &backends.join(", "));
     let cfg =
         config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let st = State::apply_config(&mut tb.dp, &cfg, None)?;
-    Ok((tb, st))
+    let p = balancer::control::reconcile(
+        &mut tb.dp,
+        &cfg,
+        None,
+        &Default::default(),
+        &Default::default(),
+    )?;
+    Ok((tb, p.next))
 }
 
 fn sa(s: &str) -> SocketAddr {

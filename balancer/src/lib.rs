@@ -11,6 +11,8 @@
 //! | [`api`] | the root-only control socket (protocol, server, client, status table) and metrics |
 //! | [`host`] | interface addresses, VIPs, sysctls; systemd notifications |
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod config;
 pub mod control;

@@ -1,9 +1,15 @@
 //! The `balancer` command.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use balancer::{config, control::daemon, dataplane::Dataplane, host::net};
+use balancer::{
+    config,
+    control::{daemon, operator::Verb},
+    dataplane::Dataplane,
+    host::net,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -129,17 +135,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Check { config } => match config::load(&config) {
             Ok(v) => {
-                // What `run` would refuse on this host: SNAT ports inside the kernel's
-                // ephemeral range (the health checks' source ports).
-                let [lo, hi] = *v.raw.dataplane.snat_ports.get_ref();
-                if let Ok((elo, ehi)) = net::ephemeral_ports()
-                    && lo <= ehi
-                    && elo <= hi
-                {
-                    eprintln!(
-                        "{}: snat_ports {lo}-{hi} overlap this host's ephemeral ports {elo}-{ehi} (net.ipv4.ip_local_port_range)",
-                        config.display()
-                    );
+                // What `run` and `reload` would refuse on this host.
+                if let Err(e) = v.check_host() {
+                    eprintln!("{}: {e}", config.display());
                     std::process::exit(1);
                 }
                 println!("{}: ok ({} services)", config.display(), v.services.len());
@@ -156,7 +154,7 @@ fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let pin = pin_path
-                .or_else(|| cfg.as_ref().map(|c| c.raw.dataplane.pin_path.clone()))
+                .or_else(|| cfg.as_ref().map(|c| c.pin_path.clone()))
                 .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PIN_PATH));
             if let Some(c) = &cfg {
                 for s in &c.services {
@@ -190,7 +188,11 @@ fn main() -> anyhow::Result<()> {
             socket,
         } => std::process::exit(balancer::api::cli(
             &socket,
-            &balancer::api::Command::Drain { service, backend },
+            &balancer::api::Command::Backend {
+                verb: Verb::Drain,
+                service,
+                backend,
+            },
         )),
         Cmd::Disable {
             service,
@@ -198,7 +200,11 @@ fn main() -> anyhow::Result<()> {
             socket,
         } => std::process::exit(balancer::api::cli(
             &socket,
-            &balancer::api::Command::Disable { service, backend },
+            &balancer::api::Command::Backend {
+                verb: Verb::Disable,
+                service,
+                backend,
+            },
         )),
         Cmd::Enable {
             service,
@@ -206,7 +212,11 @@ fn main() -> anyhow::Result<()> {
             socket,
         } => std::process::exit(balancer::api::cli(
             &socket,
-            &balancer::api::Command::Enable { service, backend },
+            &balancer::api::Command::Backend {
+                verb: Verb::Enable,
+                service,
+                backend,
+            },
         )),
         Cmd::Reload { socket } => {
             std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload))

@@ -23,13 +23,15 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::api::protocol::{Message, Request, Status, ask};
-use crate::api::client::percent_decode;
+use crate::api::table::status_table;
+use crate::control::operator::Verb;
 
 /// The client's limit for one call (daemon timeout plus slack).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
 /// Largest reply the client reads.
 const MAX_REPLY_BYTES: usize = 64 << 20;
 
+/// Percent-encodes one path segment (everything but RFC 3986 unreserved characters).
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -60,12 +62,13 @@ pub fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The URI of a backend operation (`op` is drain, disable or enable).
-pub fn backend_uri(service: &str, backend: &str, op: &str) -> String {
+/// The URI of an operator action on a backend.
+pub fn backend_uri(service: &str, backend: &str, verb: Verb) -> String {
     format!(
-        "/v1/services/{}/backends/{}/{op}",
+        "/v1/services/{}/backends/{}/{}",
         percent_encode(service),
-        percent_encode(backend)
+        percent_encode(backend),
+        verb.name()
     )
 }
 
@@ -145,22 +148,10 @@ pub enum Command {
         /// Print the API's JSON instead of the table.
         json: bool,
     },
-    /// `balancer drain SVC BACKEND`.
-    Drain {
-        /// Service name.
-        service: String,
-        /// Backend address or IP.
-        backend: String,
-    },
-    /// `balancer disable SVC BACKEND`.
-    Disable {
-        /// Service name.
-        service: String,
-        /// Backend address or IP.
-        backend: String,
-    },
-    /// `balancer enable SVC BACKEND`.
-    Enable {
+    /// `balancer drain|disable|enable SVC BACKEND`.
+    Backend {
+        /// What to do.
+        verb: Verb,
         /// Service name.
         service: String,
         /// Backend address or IP.
@@ -175,15 +166,11 @@ impl Command {
     pub fn request(&self) -> (Method, String) {
         match self {
             Command::Status { .. } => (Method::GET, "/v1/status".into()),
-            Command::Drain { service, backend } => {
-                (Method::POST, backend_uri(service, backend, "drain"))
-            }
-            Command::Disable { service, backend } => {
-                (Method::POST, backend_uri(service, backend, "disable"))
-            }
-            Command::Enable { service, backend } => {
-                (Method::POST, backend_uri(service, backend, "enable"))
-            }
+            Command::Backend {
+                verb,
+                service,
+                backend,
+            } => (Method::POST, backend_uri(service, backend, *verb)),
             Command::Reload => (Method::POST, "/v1/reload".into()),
         }
     }
@@ -227,5 +214,3 @@ pub fn cli(socket: &Path, cmd: &Command) -> i32 {
         }
     }
 }
-
-/// Renders a status as the readable table of `balancer status`.

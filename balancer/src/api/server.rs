@@ -22,14 +22,14 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::api::protocol::{Message, Request, Status, ask};
 use crate::api::client::percent_decode;
+use crate::api::protocol::{AskError, Message, Request, Status, ask};
+use crate::control::operator::Verb;
 
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A whole connection (keep-alive included) is closed after this time.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
-
 
 /// Serves the control API on a unix socket until the listener fails.
 ///
@@ -85,7 +85,7 @@ fn is_transient(e: &std::io::Error) -> bool {
 }
 
 /// Prepares the directory, removes a stale socket, binds and restricts the socket.
-fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -168,7 +168,7 @@ async fn handle(
 /// Why the daemon gave no answer.
 
 /// Maps method and path to a daemon request, or to the 404 / 405 / 400 response.
-fn route(method: &Method, path: &str) -> Result<Request, Box<Response<Full<Bytes>>>> {
+pub(crate) fn route(method: &Method, path: &str) -> Result<Request, Box<Response<Full<Bytes>>>> {
     let segs: Vec<&str> = path.split('/').collect();
     let (allowed, request) = match segs.as_slice() {
         ["", "v1", "status"] => (Method::GET, Request::Status),
@@ -181,13 +181,17 @@ fn route(method: &Method, path: &str) -> Result<Request, Box<Response<Full<Bytes
                     "bad percent-encoding in the path",
                 )));
             };
-            let r = match *op {
-                "drain" => Request::Drain { service, backend },
-                "disable" => Request::Disable { service, backend },
-                "enable" => Request::Enable { service, backend },
-                _ => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
+            let Some(verb) = Verb::parse(op) else {
+                return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route")));
             };
-            (Method::POST, r)
+            (
+                Method::POST,
+                Request::Backend {
+                    verb,
+                    service,
+                    backend,
+                },
+            )
         }
         _ => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
     };
@@ -219,5 +223,3 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
 fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
     json_response(status, &json!({ "error": msg }))
 }
-
-/// Percent-encodes one path segment (everything but RFC 3986 unreserved characters).

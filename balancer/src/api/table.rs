@@ -23,8 +23,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::api::protocol::{Message, Request, Status, ask};
-use crate::api::client::percent_decode;
 
+/// Renders a status as the readable table of `balancer status`.
 pub fn status_table(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -71,13 +71,13 @@ pub fn status_table(s: &Status) -> String {
             vec![
                 svc.name.clone(),
                 svc.vip.to_string(),
-                svc.protocol.clone(),
-                svc.forwarding.clone(),
-                svc.scheduler.clone(),
+                svc.protocol.name().to_string(),
+                svc.forwarding.name().to_string(),
+                svc.scheduler.name().to_string(),
                 svc.health_check.clone().unwrap_or_else(|| "-".into()),
                 svc.active.map_or_else(
                     || {
-                        if svc.scheduler == "failover" {
+                        if svc.scheduler == crate::config::Scheduler::Failover {
                             "NONE".into()
                         } else {
                             "-".into()
@@ -119,9 +119,9 @@ pub fn status_table(s: &Status) -> String {
                 b.address.to_string(),
                 b.weight.to_string(),
                 b.priority.to_string(),
-                b.admin.clone(),
-                b.health.clone(),
-                b.state.clone(),
+                b.admin.name().to_string(),
+                b.health.name().to_string(),
+                b.state.name().to_string(),
                 if b.active { "*".into() } else { "".into() },
                 b.check_latency_ms
                     .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
@@ -153,7 +153,7 @@ pub fn status_table(s: &Status) -> String {
             rows.push(vec![
                 b.pool.clone(),
                 b.address.to_string(),
-                b.health.clone(),
+                b.health.name().to_string(),
                 b.check_latency_ms
                     .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
                 b.requests.to_string(),
@@ -197,7 +197,7 @@ fn columns(rows: &[Vec<String>], align: &str, indent: &str) -> String {
     out
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
     if b < 1024 {
         return format!("{b}B");
@@ -211,7 +211,7 @@ fn human_bytes(b: u64) -> String {
     format!("{v:.1}{}", UNITS[u])
 }
 
-fn uptime(secs: u64) -> String {
+pub(crate) fn uptime(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     if d > 0 {
         format!("{d}d{h:02}h{m:02}m")
@@ -219,4 +219,3 @@ fn uptime(secs: u64) -> String {
         format!("{h}h{m:02}m{s:02}s")
     }
 }
-

@@ -1,8 +1,17 @@
 //! Tests of the control API: routes, client, table, server over a real socket.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use super::*;
+use std::os::unix::fs::PermissionsExt as _;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+use tokio::{net::UnixStream, sync::mpsc};
+
 use crate::{
     api::{
         client::*,
@@ -10,8 +19,14 @@ use crate::{
         server::*,
         table::*,
     },
+    control::operator::Verb,
     dataplane::counters::Traffic,
 };
+
+/// An enum of the status from its lowercase word.
+fn word<T: serde::de::DeserializeOwned>(w: &str) -> T {
+    serde_json::from_value(serde_json::Value::String(w.into())).unwrap()
+}
 
 /// A status with one failover service and one maglev service.
 pub(crate) fn sample_status() -> Status {
@@ -27,13 +42,9 @@ pub(crate) fn sample_status() -> Status {
             address: addr.parse().unwrap(),
             weight,
             priority,
-            admin: if state == "draining" {
-                "drain".into()
-            } else {
-                "up".into()
-            },
-            health: health.into(),
-            state: state.into(),
+            admin: word(if state == "draining" { "drain" } else { "up" }),
+            health: word(health),
+            state: word(state),
             active,
             check_latency_ms: (health == "up").then_some(0.84),
             traffic: traffic(p),
@@ -53,9 +64,9 @@ pub(crate) fn sample_status() -> Status {
             ServiceStatus {
                 name: "hl7-listener".into(),
                 vip: "10.77.0.100:6661".parse().unwrap(),
-                protocol: "tcp".into(),
-                forwarding: "nat".into(),
-                scheduler: "failover".into(),
+                protocol: word("tcp"),
+                forwarding: word("nat"),
+                scheduler: word("failover"),
                 health_check: Some("mllp".into()),
                 active: Some("10.77.0.12:6661".parse().unwrap()),
                 traffic: traffic(5000),
@@ -67,9 +78,9 @@ pub(crate) fn sample_status() -> Status {
             ServiceStatus {
                 name: "web".into(),
                 vip: "10.77.0.100:7002".parse().unwrap(),
-                protocol: "tcp".into(),
-                forwarding: "nat".into(),
-                scheduler: "maglev".into(),
+                protocol: word("tcp"),
+                forwarding: word("nat"),
+                scheduler: word("maglev"),
                 health_check: Some("http".into()),
                 active: None,
                 traffic: traffic(3_000_000),
@@ -99,7 +110,8 @@ fn routes() {
             "/v1/services/web/backends/10.77.0.11%3A7002/drain"
         )
         .ok(),
-        Some(Request::Drain {
+        Some(Request::Backend {
+            verb: Verb::Drain,
             service: "web".into(),
             backend: "10.77.0.11:7002".into()
         })
@@ -110,7 +122,8 @@ fn routes() {
             "/v1/services/hl7/backends/10.77.0.11:6661/disable"
         )
         .ok(),
-        Some(Request::Disable {
+        Some(Request::Backend {
+            verb: Verb::Disable,
             service: "hl7".into(),
             backend: "10.77.0.11:6661".into()
         })
@@ -121,7 +134,8 @@ fn routes() {
             "/v1/services/a%20b/backends/%5Bfd00%3A%3A1%5D%3A80/enable"
         )
         .ok(),
-        Some(Request::Enable {
+        Some(Request::Backend {
+            verb: Verb::Enable,
             service: "a b".into(),
             backend: "[fd00::1]:80".into()
         })
@@ -171,7 +185,7 @@ fn percent_round_trip() {
     assert_eq!(percent_decode("%4"), None);
     assert_eq!(percent_decode("%é1"), None);
     assert_eq!(
-        backend_uri("web", "10.0.0.1:80", "drain"),
+        backend_uri("web", "10.0.0.1:80", Verb::Drain),
         "/v1/services/web/backends/10.0.0.1%3A80/drain"
     );
 }
@@ -216,18 +230,18 @@ fn fake_daemon() -> mpsc::Sender<Message> {
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             let reply = match m.request {
-                Request::Status => {
-                    serde_json::to_value(sample_status()).map_err(|e| e.to_string())
-                }
+                Request::Status => serde_json::to_value(sample_status()).map_err(|e| e.to_string()),
                 Request::Reload => {
                     Err("config refused, nothing changed:\nbalancer.toml:3:7: bad".into())
                 }
-                Request::Drain { service, backend } if service == "web" => {
+                Request::Backend {
+                    verb: Verb::Drain,
+                    service,
+                    backend,
+                } if service == "web" => {
                     Ok(json!({ "ok": true, "message": format!("drain: {service} {backend}") }))
                 }
-                Request::Drain { service, .. }
-                | Request::Disable { service, .. }
-                | Request::Enable { service, .. } => Err(format!("no service '{service}'")),
+                Request::Backend { service, .. } => Err(format!("no service '{service}'")),
             };
             let _ = m.reply.send(reply);
         }
@@ -279,7 +293,7 @@ async fn serve_and_call() {
     let v = call(
         &path,
         Method::POST,
-        &backend_uri("web", "10.77.0.11:7002", "drain"),
+        &backend_uri("web", "10.77.0.11:7002", Verb::Drain),
     )
     .await
     .unwrap();
@@ -289,7 +303,7 @@ async fn serve_and_call() {
     let e = call(
         &path,
         Method::POST,
-        &backend_uri("nope", "1.2.3.4", "drain"),
+        &backend_uri("nope", "1.2.3.4", Verb::Drain),
     )
     .await
     .unwrap_err();
@@ -303,7 +317,11 @@ async fn serve_and_call() {
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 409"), "{r}");
-    let r = raw(&path, "POST /v1/services/nope/backends/x/enable HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let r = raw(
+        &path,
+        "POST /v1/services/nope/backends/x/enable HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     let r = raw(
         &path,

@@ -2,24 +2,29 @@
 //! requests and signals. One task owns all state; everything else talks to it by channel.
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use balancer_health::{Health as Checked, HealthEvent, Monitor, TargetId};
+use balancer_health::{Health as Checked, HealthEvent, Monitor};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::{self, AdminState, Validated},
     api::protocol::{BackendStatus, Message, Request, ServiceStatus, Status},
-    config::health,
-    control::reconcile::{Event, Health, State},
+    config::{self, Validated},
+    control::{
+        ReconcileError,
+        checks::{Checks, Owner},
+        operator::{self, OperatorStates},
+        plan::{self, HealthBook},
+        state::{BackendHealth, Event, State},
+        status::{Published, StatusBoard},
+    },
     dataplane::{Dataplane, LoadOptions, counters::Traffic},
     host::net,
 };
@@ -40,78 +45,123 @@ pub struct Daemon {
     dp: Dataplane,
     state: State,
     monitor: Monitor,
-    targets: HashMap<TargetId, (String, usize)>,
+    checks: Checks,
     l7: Option<balancer_l7::L7>,
-    l7_targets: HashMap<TargetId, (String, std::net::SocketAddr)>,
     gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
-    gc: crate::control::flow_expiry::Collector,
-    started: Instant,
+    /// Kept for its lifetime: dropping it stops the sweep.
+    _flow_expiry: crate::control::flow_expiry::Collector,
+    board: StatusBoard,
     reloads: u64,
     config_errors: u64,
     failovers: u64,
 }
 
-fn target_id(service_id: u32, backend: usize) -> TargetId {
-    ((service_id as u64) << 32) | backend as u64
+/// Why a reload was refused or failed; the running config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not validate.
+    #[error("config refused, nothing changed:\n{0}")]
+    Config(#[from] config::ConfigError),
+    /// This host cannot run it (SNAT ports in the ephemeral range).
+    #[error("{0}; nothing changed")]
+    Host(#[from] config::HostCheckError),
+    /// Interfaces, pin path or the presence of `[l7]` changed.
+    #[error("{0} change only with a restart; nothing changed")]
+    RestartNeeded(&'static str),
+    /// The L7 proxy refused its part (certificate, listeners).
+    #[error("l7 refused, nothing changed: {0}")]
+    L7(String),
+    /// The planner refused it, or applying it failed and was undone.
+    #[error("reload refused, nothing changed: {0}")]
+    Reconcile(#[from] ReconcileError),
 }
 
 impl Daemon {
     /// Loads, adopts or attaches, and applies the config.
     pub async fn start(
         opts: RunOptions,
-        events: mpsc::UnboundedSender<HealthEvent>,
+        health_events: mpsc::UnboundedSender<HealthEvent>,
     ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pin = opts
             .pin_path
             .clone()
-            .unwrap_or_else(|| cfg.raw.dataplane.pin_path.clone());
-        check_snat_ports(&cfg)?;
+            .unwrap_or_else(|| cfg.pin_path.clone());
+        cfg.check_host()?;
         let mut dp = Dataplane::load(&LoadOptions {
             pin_path: Some(pin.clone()),
-            flow_entries: cfg.raw.dataplane.flow_table_size,
+            flow_entries: cfg.flow_table_size,
         })?;
         if dp.adopted {
             info!(pin_path = %pin.display(), "adopted pinned maps: established flows continue");
         }
-        let state = State::apply_config(&mut dp, &cfg, None)?;
+        let admin_file = admin_file(&cfg);
+        let ops = operator::load(&admin_file).unwrap_or_else(|e| {
+            warn!(path = %admin_file.display(), error = %e, "ignoring unreadable operator states");
+            OperatorStates::new()
+        });
+        let health_file = health_file(&cfg);
+        let book = plan::load_health(&health_file).unwrap_or_else(|e| {
+            warn!(path = %health_file.display(), error = %e, "ignoring an unreadable health record");
+            HealthBook::new()
+        });
+        let p = crate::control::reconcile(&mut dp, &cfg, None, &book, &ops)?;
+        for ((svc, addr), o) in &ops {
+            info!(service = %svc, backend = %addr, state = ?o.admin, "operator state restored");
+        }
+        // The first choice of an active backend is no failover (failover.rs logs it).
+        let state = p.next;
         for iface in &cfg.interfaces {
             net::enable_forwarding(iface)?;
-            dp.attach(iface, cfg.raw.dataplane.xdp_mode)
+            dp.attach(iface, cfg.xdp_mode)
                 .with_context(|| format!("attaching to {iface}"))?;
         }
         let gc_timeouts = std::sync::Arc::new(std::sync::Mutex::new(timeouts(&cfg)));
-        let gc = crate::control::flow_expiry::Collector::start(&pin, gc_timeouts.clone(), Duration::from_secs(5))?;
-        let l7 = match &cfg.raw.l7 {
+        let gc = crate::control::flow_expiry::Collector::start(
+            &pin,
+            gc_timeouts.clone(),
+            Duration::from_secs(5),
+        )?;
+        let l7 = match &cfg.l7 {
             Some(l7) => {
-                add_l7_addresses(&cfg)?;
+                // Its addresses were put on the interface with the VIPs.
                 Some(
-                    balancer_l7::L7::start(l7.get_ref().clone())
+                    balancer_l7::L7::start(l7.clone())
                         .await
                         .context("starting the L7 proxy")?,
                 )
             }
             None => None,
         };
+        let board = StatusBoard::new(
+            Published {
+                status: Status::default(),
+                slots: Vec::new(),
+            },
+            Dataplane::open_pinned(&pin).context("opening the pinned maps for status readers")?,
+            gc.entries.clone(),
+            l7.as_ref().map(balancer_l7::L7::metrics_handle),
+            Instant::now(),
+        );
         let mut d = Daemon {
             opts,
             cfg,
             dp,
             state,
-            monitor: Monitor::new(events),
-            targets: HashMap::new(),
+            monitor: Monitor::new(health_events),
+            checks: Checks::default(),
             l7,
-            l7_targets: HashMap::new(),
             gc_timeouts,
-            gc,
-            started: Instant::now(),
+            _flow_expiry: gc,
+            board,
             reloads: 0,
             config_errors: 0,
             failovers: 0,
         };
-        d.restore_admin();
         d.register_checks();
         d.prime_neighbours(true);
+        d.save_health();
+        d.publish();
         Ok(d)
     }
 
@@ -126,55 +176,56 @@ impl Daemon {
         }
     }
 
-    /// (Re)registers a health check for every backend of every service (and L7 pool) that
-    /// has one.
+    /// Makes the registered checks those of the state in force (and of the L7 pools): an
+    /// unchanged check keeps running, a changed one restarts from the last known result.
     fn register_checks(&mut self) {
-        for id in std::mem::take(&mut self.targets).into_keys() {
-            self.monitor.remove(id);
-        }
-        for id in std::mem::take(&mut self.l7_targets).into_keys() {
-            self.monitor.remove(id);
-        }
-        if let Some(l7) = &self.cfg.raw.l7 {
-            for (p, pool) in l7.get_ref().pools.iter().enumerate() {
+        let mut wanted = Vec::new();
+        if let Some(l7) = &self.cfg.l7 {
+            for pool in &l7.pools {
                 let Some(spec) = &pool.health else { continue };
-                for (i, b) in pool.backends.iter().enumerate() {
-                    let id = (1u64 << 63) | ((p as u64) << 32) | i as u64;
-                    self.monitor.add(id, b.address, spec.clone(), Checked::Up);
-                    self.l7_targets.insert(id, (pool.name.clone(), b.address));
+                let owner = Owner::Pool(pool.name.clone());
+                for b in &pool.backends {
+                    let initial = self
+                        .checks
+                        .id_of(&owner, b.address)
+                        .and_then(|id| self.monitor.state(id))
+                        .unwrap_or(Checked::Up);
+                    wanted.push((owner.clone(), b.address, spec.clone(), initial));
                 }
             }
         }
         for (name, s) in &self.state.services {
-            let Some(table) = &s.spec.health else {
+            let Some(spec) = &s.spec.health else {
                 continue;
             };
-            let spec = match health::spec_from_table(table) {
-                Ok(spec) => spec,
-                Err(e) => {
-                    // Validated already; a failure here is a bug, not an operator error.
-                    error!(service = %name, error = %e, "health check spec invalid");
-                    continue;
-                }
-            };
-            for (i, b) in s.backends.iter().enumerate() {
-                let id = target_id(s.id, i);
-                let initial = if b.health == Health::Down {
+            for b in &s.backends {
+                let initial = if b.health == BackendHealth::Down {
                     Checked::Down
                 } else {
                     Checked::Up
                 };
-                self.monitor.add(id, b.address, spec.clone(), initial);
-                self.targets.insert(id, (name.clone(), i));
+                wanted.push((
+                    Owner::Service(name.clone()),
+                    b.address,
+                    spec.clone(),
+                    initial,
+                ));
             }
+        }
+        let changes = self.checks.reconcile(wanted);
+        for id in changes.stop {
+            self.monitor.remove(id);
+        }
+        for c in changes.start {
+            self.monitor.add(c.id, c.address, c.spec, c.initial);
         }
         // A checked backend starts up (it needs `fall` failures to go down), as the monitor
         // sees it; both states mean the same to the dataplane, so no map write.
         for s in self.state.services.values_mut() {
             if s.spec.health.is_some() {
                 for b in &mut s.backends {
-                    if b.health == Health::Unchecked {
-                        b.health = Health::Up;
+                    if b.health == BackendHealth::Unchecked {
+                        b.health = BackendHealth::Up;
                     }
                 }
             }
@@ -195,124 +246,134 @@ impl Daemon {
         }
     }
 
-    /// Applies one health change.
+    /// Applies one health change and publishes the status.
     pub fn on_health(&mut self, ev: HealthEvent) {
-        if let Some((pool, addr)) = self.l7_targets.get(&ev.target) {
-            if let Some(l7) = &self.l7 {
-                l7.set_backend_health(pool, *addr, ev.health.is_up());
-                info!(pool = %pool, backend = %addr, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
+        self.apply_health(ev);
+        self.publish();
+    }
+
+    /// Applies one health change. An event of a superseded registration is dropped.
+    fn apply_health(&mut self, ev: HealthEvent) {
+        let Some(reg) = self.checks.resolve(ev.target) else {
+            debug!(
+                target_id = ev.target,
+                "health event of a superseded check dropped"
+            );
+            return;
+        };
+        let service = match &reg.owner {
+            Owner::Pool(pool) => {
+                if let Some(l7) = &self.l7 {
+                    l7.set_backend_health(pool, reg.address, ev.health.is_up());
+                    info!(pool = %pool, backend = %reg.address, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
+                }
+                return;
             }
-            return;
-        }
-        let Some((service, idx)) = self.targets.get(&ev.target).cloned() else {
-            return;
+            Owner::Service(s) => s.clone(),
         };
+        let address = reg.address;
         let new = if ev.health.is_up() {
-            Health::Up
+            BackendHealth::Up
         } else {
-            Health::Down
+            BackendHealth::Down
         };
-        let Some(old) = self
+        let change = match self.state.health_change(&service, address, new) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                error!(service = %service, backend = %address, error = %e, "health event for an unknown backend");
+                return;
+            }
+        };
+        let old = self
             .state
             .services
             .get(&service)
-            .and_then(|s| s.backends.get(idx))
-            .map(|b| b.health)
-        else {
-            return;
-        };
-        if old == new {
-            return;
-        }
-        match self.state.set_health(&mut self.dp, &service, idx, new) {
-            Ok(e) => {
+            .and_then(|s| s.backends.iter().find(|b| b.address == address))
+            .map(|b| b.health);
+        match self.state.set(&mut self.dp, Some(change)) {
+            Ok(event) => {
                 let took = ev.at.elapsed();
                 info!(
                     service = %service,
-                    backend = %ev.addr,
+                    backend = %address,
                     old = ?old,
                     new = ?new,
                     reason = %ev.reason,
                     map_update_us = took.as_micros() as u64,
                     "backend health changed"
                 );
-                self.note(e);
+                self.note(event);
+                self.save_health();
             }
             Err(e) => {
-                error!(service = %service, backend = %ev.addr, error = %e, "cannot apply health change")
+                error!(service = %service, backend = %address, error = %e, "cannot apply health change")
             }
         }
     }
 
-    /// Re-reads the config file; a bad file changes nothing.
+    /// Re-reads the config file; a refused or failed reload changes nothing.
     pub async fn reload(&mut self) -> Result<String, String> {
-        let new = match config::load(&self.opts.config) {
-            Ok(c) => c,
+        let r = self.reload_inner();
+        self.publish();
+        r
+    }
+
+    fn reload_inner(&mut self) -> Result<String, String> {
+        match self.try_reload() {
+            Ok(n) => {
+                info!(services = n, "config reloaded");
+                Ok(format!("reloaded: {n} services"))
+            }
             Err(e) => {
                 self.config_errors += 1;
-                error!(errors = %e, "reload refused: the running config keeps serving");
-                return Err(format!("config refused, nothing changed:\n{e}"));
+                error!(error = %e, "reload refused: the running config keeps serving");
+                Err(e.to_string())
             }
+        }
+    }
+
+    fn try_reload(&mut self) -> Result<usize, ReloadError> {
+        let new = config::load(&self.opts.config)?;
+        new.check_host()?;
+        if new.interfaces != self.cfg.interfaces {
+            return Err(ReloadError::RestartNeeded("interfaces"));
+        }
+        if new.pin_path != self.cfg.pin_path {
+            return Err(ReloadError::RestartNeeded("pin_path"));
+        }
+        // L7 is checked first (certificates, listeners) and made live only after L4 applied.
+        let l7 = match (&self.l7, &new.l7) {
+            (Some(l7), Some(c)) => Some(
+                l7.prepare(c.clone())
+                    .map_err(|e| ReloadError::L7(format!("{e:#}")))?,
+            ),
+            (None, None) => None,
+            _ => return Err(ReloadError::RestartNeeded("adding or removing [l7]")),
         };
-        if let Err(e) = check_snat_ports(&new) {
-            self.config_errors += 1;
-            return Err(e.to_string());
+        let health = plan::health_book(&self.state);
+        let ops = operator::from_state(&self.state);
+        let p = crate::control::reconcile(&mut self.dp, &new, Some(&self.state), &health, &ops)?;
+        if let (Some(l7), Some(prepared)) = (&self.l7, l7) {
+            l7.commit(prepared);
         }
-        if new.interfaces != self.cfg.interfaces
-            || new.raw.dataplane.pin_path != self.cfg.raw.dataplane.pin_path
-        {
-            self.config_errors += 1;
-            return Err("interfaces and pin_path change only with a restart".into());
+        // Active backends a reload changes are logged by failover.rs, not counted as failovers.
+        self.state = p.next;
+        if let Ok(mut t) = self.gc_timeouts.lock() {
+            *t = timeouts(&new);
         }
-        // L7 first: it refuses a bad certificate as a whole, before anything else changes.
-        match (&self.l7, &new.raw.l7) {
-            (Some(l7), Some(c)) => {
-                if let Err(e) = add_l7_addresses(&new) {
-                    self.config_errors += 1;
-                    return Err(e.to_string());
-                }
-                if let Err(e) = l7.reload(c.get_ref().clone()).await {
-                    self.config_errors += 1;
-                    error!(error = %e, "reload refused by the L7 proxy: the running config keeps serving");
-                    return Err(format!("l7 refused, nothing changed: {e:#}"));
-                }
-            }
-            (None, None) => {}
-            _ => {
-                self.config_errors += 1;
-                return Err("adding or removing the [l7] section needs a restart".into());
-            }
-        }
-        match State::apply_config(&mut self.dp, &new, Some(self.state.clone())) {
-            Ok(s) => {
-                self.state = s;
-                if let Ok(mut t) = self.gc_timeouts.lock() {
-                    *t = timeouts(&new);
-                }
-                self.cfg = new;
-                self.reloads += 1;
-                self.register_checks();
-                self.prime_neighbours(true);
-                self.save_admin();
-                info!(services = self.state.services.len(), "config reloaded");
-                Ok(format!("reloaded: {} services", self.state.services.len()))
-            }
-            Err(e) => {
-                self.config_errors += 1;
-                error!(error = %e, "reload failed");
-                Err(format!("reload failed: {e}"))
-            }
-        }
+        self.cfg = new;
+        self.reloads += 1;
+        self.register_checks();
+        self.prime_neighbours(true);
+        self.save_admin();
+        self.save_health();
+        Ok(self.state.services.len())
     }
 
     /// Answers an operator request.
     pub async fn on_request(&mut self, req: Request) -> Result<serde_json::Value, String> {
-        let admin = |op: &str| match op {
-            "drain" => AdminState::Drain,
-            "disable" => AdminState::Disabled,
-            _ => AdminState::Up,
-        };
-        let (op, service, backend) = match req {
+        let (verb, service, backend) = match req {
             Request::Status => {
                 return serde_json::to_value(self.status()).map_err(|e| e.to_string());
             }
@@ -322,94 +383,134 @@ impl Daemon {
                     .await
                     .map(|m| serde_json::json!({ "ok": true, "message": m }));
             }
-            Request::Drain { service, backend } => ("drain", service, backend),
-            Request::Disable { service, backend } => ("disable", service, backend),
-            Request::Enable { service, backend } => ("enable", service, backend),
+            Request::Backend {
+                verb,
+                service,
+                backend,
+            } => (verb, service, backend),
         };
-        let (svc, idx) = self
+        let addr = self
             .state
             .find(&service, &backend)
             .map_err(|e| e.to_string())?;
-        let old = self.state.services[&svc].backends[idx].admin;
-        let ev = self
+        let old = self
             .state
-            .set_admin(&mut self.dp, &svc, idx, admin(op))
+            .services
+            .get(&service)
+            .and_then(|s| s.backends.iter().find(|b| b.address == addr))
+            .map(|b| b.admin);
+        let admin = verb.admin();
+        let change = self
+            .state
+            .admin_change(&service, addr, admin)
             .map_err(|e| e.to_string())?;
-        let addr = self.state.services[&svc].backends[idx].address;
-        info!(service = %svc, backend = %addr, old = ?old, new = ?admin(op), reason = "operator", "backend admin state changed");
+        let event = self
+            .state
+            .set(&mut self.dp, change)
+            .map_err(|e| e.to_string())?;
+        self.note(event);
+        info!(service = %service, backend = %addr, old = ?old, new = ?admin, reason = "operator", "backend admin state changed");
         self.save_admin();
-        self.note(ev);
-        Ok(serde_json::json!({ "ok": true, "message": format!("{op}: {svc} {addr}") }))
+        self.publish();
+        Ok(
+            serde_json::json!({ "ok": true, "message": format!("{}: {service} {addr}", verb.name()) }),
+        )
     }
 
-    /// The status report.
+    /// The status, counters read now (what `status` and the metrics endpoint answer).
     pub fn status(&self) -> Status {
-        let flows = self.gc.entries.load(std::sync::atomic::Ordering::Relaxed) as usize;
-        // Only the verdict reasons: service and backend counters are read per entry below.
-        let reasons = self.dp.reasons();
-        let l7 = self.l7.as_ref().map(|l| l.metrics());
+        self.board.status()
+    }
+
+    /// Publishes the daemon's part of the status for readers.
+    fn publish(&self) {
+        self.board.publish(self.published());
+    }
+
+    /// The daemon's part of the status: everything but the counters.
+    fn published(&self) -> Published {
+        let mut slots = Vec::new();
         let services = self
             .state
             .services
             .values()
-            .map(|s| ServiceStatus {
-                name: s.spec.name.clone(),
-                vip: s.spec.vip,
-                protocol: format!("{:?}", s.spec.protocol).to_lowercase(),
-                forwarding: format!("{:?}", s.spec.forwarding).to_lowercase(),
-                scheduler: format!("{:?}", s.spec.scheduler).to_lowercase(),
-                health_check: s
-                    .spec
-                    .health
-                    .as_ref()
-                    .and_then(|h| h.get("kind"))
-                    .and_then(|k| k.as_str())
-                    .map(str::to_string),
-                active: s.active.map(|a| s.backends[a].address),
-                traffic: self.dp.service_counters(s.id).into(),
-                backends: s
-                    .backends
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| BackendStatus {
-                        address: b.address,
-                        weight: b.weight,
-                        priority: b.priority,
-                        admin: format!("{:?}", b.admin).to_lowercase(),
-                        health: format!("{:?}", b.health).to_lowercase(),
-                        state: s.state_name(i).to_string(),
-                        active: s.active == Some(i),
-                        check_latency_ms: self
-                            .monitor
-                            .last_latency(target_id(s.id, i))
-                            .map(|d| d.as_secs_f64() * 1e3),
-                        traffic: Traffic::from(self.dp.backend_counters(b.slot)),
-                    })
-                    .collect(),
+            .map(|s| {
+                slots.push((s.id, s.backends.iter().map(|b| b.slot).collect()));
+                ServiceStatus {
+                    name: s.spec.name.clone(),
+                    vip: s.spec.vip,
+                    protocol: s.spec.protocol,
+                    forwarding: s.spec.forwarding,
+                    scheduler: s.spec.scheduler,
+                    health_check: s.spec.health.as_ref().map(|h| h.kind.name().to_string()),
+                    active: s.active.and_then(|a| s.backends.get(a)).map(|b| b.address),
+                    traffic: Traffic::default(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| BackendStatus {
+                            address: b.address,
+                            weight: b.weight,
+                            priority: b.priority,
+                            admin: b.admin,
+                            health: b.health,
+                            state: s.slot_state(i),
+                            active: s.active == Some(i),
+                            check_latency_ms: self
+                                .checks
+                                .id_of(&Owner::Service(s.spec.name.clone()), b.address)
+                                .and_then(|id| self.monitor.last_latency(id))
+                                .map(|d| d.as_secs_f64() * 1e3),
+                            traffic: Traffic::default(),
+                        })
+                        .collect(),
+                }
             })
             .collect();
-        Status {
-            config: self.opts.config.display().to_string(),
-            interfaces: self.cfg.interfaces.clone(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            reloads: self.reloads,
-            config_errors: self.config_errors,
-            failovers: self.failovers,
-            flows,
-            reasons: reasons
-                .into_iter()
-                .map(|(r, v)| (r.name().to_string(), v))
-                .collect(),
-            services,
-            l7_backends: self.l7_backends(l7.as_ref()),
-            l7,
+        Published {
+            status: Status {
+                config: self.opts.config.display().to_string(),
+                interfaces: self.cfg.interfaces.clone(),
+                uptime_secs: 0,
+                reloads: self.reloads,
+                config_errors: self.config_errors,
+                failovers: self.failovers,
+                flows: 0,
+                reasons: Default::default(),
+                services,
+                l7_backends: self.l7_backends(),
+                l7: None,
+            },
+            slots,
         }
     }
 }
 
-/// Starts the control socket and the metrics endpoint.
-fn start_endpoints(d: &Daemon, tx: &mpsc::Sender<Message>) {
-    let socket = d.cfg.raw.controller.socket.clone();
+/// Starts the control socket and the metrics endpoint. Status requests are answered from
+/// the published snapshot, off the daemon loop; the others go to the loop.
+fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
+    let (tx, mut rx) = mpsc::channel::<Message>(64);
+    let board = d.board.clone();
+    let to_daemon = daemon_tx.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if msg.request == Request::Status {
+                let board = board.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = serde_json::to_value(board.status()).map_err(|e| e.to_string());
+                    let _ = msg.reply.send(reply);
+                });
+            } else {
+                // Its own task: a busy loop must not hold up the status requests behind it.
+                let t = to_daemon.clone();
+                tokio::spawn(async move {
+                    let _ = t.send(msg).await;
+                });
+            }
+        }
+    });
+    let socket = d.cfg.socket.clone();
     let t = tx.clone();
     tokio::spawn(async move {
         if let Err(e) = crate::api::server::serve(&socket, t).await {
@@ -426,133 +527,64 @@ fn start_endpoints(d: &Daemon, tx: &mpsc::Sender<Message>) {
     }
 }
 
-/// Puts the L7 listeners' and redirects' addresses on the interface (like VIPs), so the proxy
-/// can bind them and the kernel answers ARP / ND for them.
-fn add_l7_addresses(cfg: &Validated) -> anyhow::Result<()> {
-    let Some(l7) = &cfg.raw.l7 else { return Ok(()) };
-    let Some(iface) = cfg.interfaces.first() else {
-        return Ok(());
-    };
-    let addrs = l7
-        .get_ref()
-        .listeners
-        .iter()
-        .map(|l| l.address)
-        .chain(l7.get_ref().redirects.iter().map(|r| r.address));
-    for a in addrs {
-        let ip = a.ip();
-        if ip.is_unspecified() || ip.is_loopback() {
-            continue;
-        }
-        net::add_vip(iface, ip).with_context(|| format!("adding L7 address {ip}"))?;
-    }
-    Ok(())
+/// Where operator overrides are kept across controller restarts: beside the control socket
+/// (a runtime directory: a reboot starts from the config again).
+fn admin_file(cfg: &Validated) -> PathBuf {
+    cfg.socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/run/balancer"))
+        .join("admin-state.json")
 }
 
-/// Operator overrides (drain / disable / enable against the config), by service and backend.
-type AdminOverrides =
-    std::collections::BTreeMap<String, std::collections::BTreeMap<String, AdminState>>;
+/// Where the last known health is kept for the next controller (beside the operator states).
+fn health_file(cfg: &Validated) -> PathBuf {
+    admin_file(cfg).with_file_name("health-state.json")
+}
 
 impl Daemon {
-    /// Where operator overrides are kept across controller restarts: beside the control
-    /// socket (a runtime directory: a reboot starts from the config again).
-    fn admin_file(&self) -> PathBuf {
-        let sock = &self.cfg.raw.controller.socket;
-        sock.parent()
-            .unwrap_or(std::path::Path::new("/run/balancer"))
-            .join("admin-state.json")
+    /// Writes the last known health of every backend.
+    fn save_health(&self) {
+        let path = health_file(&self.cfg);
+        if let Err(e) = plan::save_health(&path, &self.state) {
+            warn!(path = %path.display(), error = %e, "cannot save backend health; a restarted controller starts from the pinned states");
+        }
     }
 
-    /// Writes the operator overrides (atomically, root-only).
+    /// Writes the operator overrides.
     fn save_admin(&self) {
-        let mut o = AdminOverrides::new();
-        for (name, s) in &self.state.services {
-            for (b, spec) in s.backends.iter().zip(&s.spec.backends) {
-                if b.admin != spec.state {
-                    o.entry(name.clone())
-                        .or_default()
-                        .insert(b.address.to_string(), b.admin);
-                }
-            }
-        }
-        let path = self.admin_file();
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> anyhow::Result<()> {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            std::io::Write::write_all(&mut f, serde_json::to_string_pretty(&o)?.as_bytes())?;
-            std::fs::rename(&tmp, &path)?;
-            Ok(())
-        };
-        if let Err(e) = write() {
+        let path = admin_file(&self.cfg);
+        if let Err(e) = operator::save(&path, &self.state) {
             warn!(path = %path.display(), error = %e, "cannot save operator states; they will not survive a restart");
         }
     }
 
-    /// Re-applies the operator overrides saved by a previous controller.
-    fn restore_admin(&mut self) {
-        let path = self.admin_file();
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        let o: AdminOverrides = match serde_json::from_str(&text) {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "ignoring unreadable operator states");
-                return;
-            }
-        };
-        for (svc, backends) in o {
-            for (addr, admin) in backends {
-                let Ok((name, idx)) = self.state.find(&svc, &addr) else {
-                    continue;
-                };
-                match self.state.set_admin(&mut self.dp, &name, idx, admin) {
-                    Ok(ev) => {
-                        info!(service = %name, backend = %addr, state = ?admin, "operator state restored");
-                        self.note(ev);
-                    }
-                    Err(e) => {
-                        warn!(service = %name, backend = %addr, error = %e, "cannot restore operator state")
-                    }
-                }
-            }
-        }
-    }
-
-    /// Members of the L7 pools with their checked health and counters.
-    fn l7_backends(
-        &self,
-        m: Option<&balancer_l7::Metrics>,
-    ) -> Vec<crate::api::protocol::L7BackendStatus> {
-        let Some(l7) = &self.cfg.raw.l7 else {
+    /// Members of the L7 pools with their checked health (counters are filled when read).
+    fn l7_backends(&self) -> Vec<crate::api::protocol::L7BackendStatus> {
+        let Some(l7) = &self.cfg.l7 else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (p, pool) in l7.get_ref().pools.iter().enumerate() {
-            for (i, b) in pool.backends.iter().enumerate() {
-                let id = (1u64 << 63) | ((p as u64) << 32) | i as u64;
-                let health = match (pool.health.is_some(), self.monitor.state(id)) {
-                    (false, _) | (true, None) => "unchecked".to_string(),
-                    (true, Some(h)) => if h.is_up() { "up" } else { "down" }.to_string(),
+        for pool in &l7.pools {
+            let owner = Owner::Pool(pool.name.clone());
+            for b in &pool.backends {
+                let id = self.checks.id_of(&owner, b.address);
+                let health = match (
+                    pool.health.is_some(),
+                    id.and_then(|id| self.monitor.state(id)),
+                ) {
+                    (false, _) | (true, None) => BackendHealth::Unchecked,
+                    (true, Some(Checked::Up)) => BackendHealth::Up,
+                    (true, Some(Checked::Down)) => BackendHealth::Down,
                 };
-                let counters = m.and_then(|m| {
-                    m.backends
-                        .iter()
-                        .find(|x| x.pool == pool.name && x.address == b.address)
-                });
                 out.push(crate::api::protocol::L7BackendStatus {
                     pool: pool.name.clone(),
                     address: b.address,
                     health,
-                    check_latency_ms: self.monitor.last_latency(id).map(|d| d.as_secs_f64() * 1e3),
-                    requests: counters.map_or(0, |c| c.requests),
-                    connect_failures: counters.map_or(0, |c| c.connect_failures),
+                    check_latency_ms: id
+                        .and_then(|id| self.monitor.last_latency(id))
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    requests: 0,
+                    connect_failures: 0,
                 });
             }
         }
@@ -562,20 +594,9 @@ impl Daemon {
 
 fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
     crate::control::flow_expiry::Timeouts {
-        tcp_idle: cfg.raw.dataplane.tcp_idle_timeout.as_secs() as u32,
-        udp_idle: cfg.raw.dataplane.udp_idle_timeout.as_secs() as u32,
+        tcp_idle: u32::try_from(cfg.tcp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
+        udp_idle: u32::try_from(cfg.udp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
     }
-}
-
-fn check_snat_ports(cfg: &Validated) -> anyhow::Result<()> {
-    let (eph_lo, eph_hi) = net::ephemeral_ports()?;
-    let [lo, hi] = *cfg.raw.dataplane.snat_ports.get_ref();
-    if lo <= eph_hi && eph_lo <= hi {
-        anyhow::bail!(
-            "snat_ports {lo}-{hi} overlap the kernel's ephemeral ports {eph_lo}-{eph_hi} (net.ipv4.ip_local_port_range): choose a disjoint range"
-        );
-    }
-    Ok(())
 }
 
 /// Runs until SIGTERM / SIGINT. The dataplane keeps forwarding after the process exits
@@ -595,6 +616,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut neigh = tokio::time::interval(Duration::from_secs(10));
+    // Check latencies change without events: refresh the published status now and then.
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
     // The watchdog is fed from this loop, so a stuck loop gets the daemon restarted.
     let mut dog = tokio::time::interval(
         crate::host::systemd::watchdog_period()
@@ -605,6 +628,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = dog.tick() => crate::host::systemd::watchdog(),
             _ = neigh.tick() => d.prime_neighbours(false),
+            _ = refresh.tick() => d.publish(),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
