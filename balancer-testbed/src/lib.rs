@@ -119,7 +119,7 @@ impl Testbed {
             ] {
                 std::fs::write(p, "1").with_context(|| format!("writing {p}"))?;
             }
-            crate::net::ifindex("t0")
+            balancer::host::net::ifindex("t0")
         };
         let ifindex = match setup() {
             Ok(i) => i,

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use balancer::{
     config,
     control::{daemon, operator::Verb},

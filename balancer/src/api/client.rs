@@ -1,28 +1,16 @@
 //! The control API's client: the CLI's calls over the unix socket.
 
-use std::{
-    convert::Infallible,
-    fmt::Write as _,
-    io::ErrorKind,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
-    path::Path,
-    time::Duration,
-};
+use std::{fmt::Write as _, io::ErrorKind, path::Path, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request as HttpRequest, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty, Full, Limited};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::{Value, json};
-use tokio::{
-    net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
-};
-use tracing::{debug, info, warn};
+use http::{Method, Request as HttpRequest, header};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::UnixStream;
 
-use crate::api::protocol::{Message, Request, Status, ask};
+use crate::api::protocol::Status;
 use crate::api::table::status_table;
 use crate::control::operator::Verb;
 

@@ -2,28 +2,24 @@
 
 use std::{
     convert::Infallible,
-    fmt::Write as _,
     io::ErrorKind,
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::Path,
     time::Duration,
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request as HttpRequest, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty, Full, Limited};
+use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::{
-    net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
-};
+use tokio::{net::UnixListener, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::api::client::percent_decode;
-use crate::api::protocol::{AskError, Message, Request, Status, ask};
+use crate::api::protocol::{AskError, Message, Request, ask};
 use crate::control::operator::Verb;
 
 /// A client must send its request headers within this time.

@@ -1,28 +1,8 @@
 //! The `balancer status` table, rendered from a [`Status`].
 
-use std::{
-    convert::Infallible,
-    fmt::Write as _,
-    io::ErrorKind,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
-    path::Path,
-    time::Duration,
-};
+use std::fmt::Write as _;
 
-use anyhow::{Context as _, anyhow, bail};
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request as HttpRequest, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty, Full, Limited};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::{Value, json};
-use tokio::{
-    net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
-};
-use tracing::{debug, info, warn};
-
-use crate::api::protocol::{Message, Request, Status, ask};
+use crate::api::protocol::Status;
 
 /// Renders a status as the readable table of `balancer status`.
 pub fn status_table(s: &Status) -> String {
