@@ -772,7 +772,7 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
 fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let (mut tb, _st) = configured_testbed(65536).unwrap();
     let vip = sa("10.77.0.100:7002");
-    let t = balancer::gc::Timeouts {
+    let t = balancer::control::flow_expiry::Timeouts {
         tcp_idle: 3600,
         udp_idle: 300,
     };
@@ -821,7 +821,7 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
     assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
     let s = tb
         .dp
-        .sweep_flows(t, atime + balancer::gc::CLOSED_LINGER_SECS + 1);
+        .sweep_flows(t, atime + balancer::control::flow_expiry::CLOSED_LINGER_SECS + 1);
     assert_eq!((s.closed, s.idle), (1, 0));
     assert_eq!(
         tb.dp.flows().len(),
