@@ -69,6 +69,36 @@ fn build_tls(cfg: &L7Config) -> anyhow::Result<HashMap<String, Arc<rustls::Serve
         .collect()
 }
 
+/// Reads the proxy's counters from anywhere (see [`L7::metrics_handle`]).
+#[derive(Clone)]
+pub struct MetricsHandle(Arc<Shared>);
+
+impl MetricsHandle {
+    /// A snapshot of the counters.
+    pub fn snapshot(&self) -> Metrics {
+        self.0.registry.snapshot()
+    }
+}
+
+impl std::fmt::Debug for MetricsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsHandle").finish_non_exhaustive()
+    }
+}
+
+/// A configuration checked by [`L7::prepare`], not live yet.
+pub struct Prepared {
+    cfg: L7Config,
+    tls: HashMap<String, Arc<rustls::ServerConfig>>,
+    snapshot: Snapshot,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").finish_non_exhaustive()
+    }
+}
+
 impl L7 {
     /// Validates the configuration, loads certificates, binds every listener and starts serving.
     pub async fn start(cfg: L7Config) -> anyhow::Result<L7> {
@@ -127,6 +157,15 @@ impl L7 {
     /// listeners (names and addresses) and redirect listeners cannot change without a restart.
     /// Requests in flight finish on the configuration they started with.
     pub async fn reload(&self, cfg: L7Config) -> anyhow::Result<()> {
+        let prepared = self.prepare(cfg)?;
+        self.commit(prepared);
+        Ok(())
+    }
+
+    /// Everything [`L7::reload`] can refuse, done without changing anything: validation,
+    /// the listener set, certificates, keys and CAs, routes and pools. [`L7::commit`] makes
+    /// the result live; dropping it changes nothing.
+    pub fn prepare(&self, cfg: L7Config) -> anyhow::Result<Prepared> {
         cfg.validate().map_err(invalid)?;
         let old = self.shared.config.load();
         let names = |c: &L7Config| {
@@ -148,6 +187,12 @@ impl L7 {
         }
         let tls = build_tls(&cfg)?;
         let snapshot = Snapshot::build(&cfg, &self.shared.health, &self.shared.registry)?;
+        Ok(Prepared { cfg, tls, snapshot })
+    }
+
+    /// Makes a prepared configuration live, atomically per listener.
+    pub fn commit(&self, prepared: Prepared) {
+        let Prepared { cfg, tls, snapshot } = prepared;
         for (name, c) in tls {
             if let Some(slot) = self.shared.tls.get(&name) {
                 slot.store(c);
@@ -156,7 +201,6 @@ impl L7 {
         self.shared.snapshot.store(Arc::new(snapshot));
         self.shared.config.store(Arc::new(cfg));
         tracing::info!("l7 configuration reloaded");
-        Ok(())
     }
 
     /// Marks a backend of a pool up or down (fed by the controller's health checks).
@@ -179,6 +223,11 @@ impl L7 {
     /// The bound addresses of the redirect listeners, in configuration order.
     pub fn redirect_addrs(&self) -> &[SocketAddr] {
         &self.redirects
+    }
+
+    /// A handle on the counters that any task can read without the `L7` itself.
+    pub fn metrics_handle(&self) -> MetricsHandle {
+        MetricsHandle(self.shared.clone())
     }
 
     /// A snapshot of the counters.

@@ -1,9 +1,14 @@
 //! The `balancer` command.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
-use balancer::{config, daemon, dataplane::Dataplane, net};
+use balancer::{
+    config,
+    control::{daemon, operator::Verb},
+    dataplane::Dataplane,
+    host::net,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -57,12 +62,6 @@ enum Cmd {
         /// Where to pin the link (remove the file to detach).
         #[arg(long)]
         pin: PathBuf,
-    },
-    /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
-    BenchXdp {
-        /// Calls per case (repeat = 1 each).
-        #[arg(long, default_value_t = 1_000_000)]
-        calls: u32,
     },
     /// Show services, backends, health, weights, the active listener and counters.
     Status {
@@ -135,17 +134,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Check { config } => match config::load(&config) {
             Ok(v) => {
-                // What `run` would refuse on this host: SNAT ports inside the kernel's
-                // ephemeral range (the health checks' source ports).
-                let [lo, hi] = *v.raw.dataplane.snat_ports.get_ref();
-                if let Ok((elo, ehi)) = net::ephemeral_ports()
-                    && lo <= ehi
-                    && elo <= hi
-                {
-                    eprintln!(
-                        "{}: snat_ports {lo}-{hi} overlap this host's ephemeral ports {elo}-{ehi} (net.ipv4.ip_local_port_range)",
-                        config.display()
-                    );
+                // What `run` and `reload` would refuse on this host.
+                if let Err(e) = v.check_host() {
+                    eprintln!("{}: {e}", config.display());
                     std::process::exit(1);
                 }
                 println!("{}: ok ({} services)", config.display(), v.services.len());
@@ -162,7 +153,7 @@ fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let pin = pin_path
-                .or_else(|| cfg.as_ref().map(|c| c.raw.dataplane.pin_path.clone()))
+                .or_else(|| cfg.as_ref().map(|c| c.pin_path.clone()))
                 .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PIN_PATH));
             if let Some(c) = &cfg {
                 for s in &c.services {
@@ -177,20 +168,15 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Counters { pin_path, json } => {
             let dp = Dataplane::open_pinned(&pin_path)?;
-            let report = balancer::report::counters(&dp);
+            let report = balancer::dataplane::counters::counters(&dp);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", balancer::report::counters_text(&report));
+                print!("{}", balancer::dataplane::counters::counters_text(&report));
             }
             Ok(())
         }
         Cmd::XdpPass { interface, pin } => balancer::dataplane::attach_pass(&interface, &pin),
-        Cmd::BenchXdp { calls } => {
-            let table = balancer::bench::xdp(calls).context("bench-xdp")?;
-            print!("{table}");
-            Ok(())
-        }
         Cmd::Status { json, socket } => std::process::exit(balancer::api::cli(
             &socket,
             &balancer::api::Command::Status { json },
@@ -201,7 +187,11 @@ fn main() -> anyhow::Result<()> {
             socket,
         } => std::process::exit(balancer::api::cli(
             &socket,
-            &balancer::api::Command::Drain { service, backend },
+            &balancer::api::Command::Backend {
+                verb: Verb::Drain,
+                service,
+                backend,
+            },
         )),
         Cmd::Disable {
             service,
@@ -209,7 +199,11 @@ fn main() -> anyhow::Result<()> {
             socket,
         } => std::process::exit(balancer::api::cli(
             &socket,
-            &balancer::api::Command::Disable { service, backend },
+            &balancer::api::Command::Backend {
+                verb: Verb::Disable,
+                service,
+                backend,
+            },
         )),
         Cmd::Enable {
             service,
@@ -217,7 +211,11 @@ fn main() -> anyhow::Result<()> {
             socket,
         } => std::process::exit(balancer::api::cli(
             &socket,
-            &balancer::api::Command::Enable { service, backend },
+            &balancer::api::Command::Backend {
+                verb: Verb::Enable,
+                service,
+                backend,
+            },
         )),
         Cmd::Reload { socket } => {
             std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload))

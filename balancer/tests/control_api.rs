@@ -14,14 +14,21 @@ use std::{
 };
 
 use balancer::{
-    api,
-    control::{BackendStatus, Message, Request, ServiceStatus, Status},
-    report::Traffic,
+    api::{
+        self,
+        protocol::{BackendStatus, Message, Request, ServiceStatus, Status},
+    },
+    dataplane::counters::Traffic,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_balancer");
+
+/// An enum of the status from its lowercase word.
+fn word<T: serde::de::DeserializeOwned>(w: &str) -> T {
+    serde_json::from_value(serde_json::Value::String(w.into())).unwrap()
+}
 
 fn status() -> Status {
     let t = Traffic {
@@ -35,13 +42,9 @@ fn status() -> Status {
         address: a.parse().unwrap(),
         weight: 1,
         priority: if active { 1 } else { 2 },
-        admin: "up".into(),
-        health: health.into(),
-        state: if health == "down" {
-            "down".into()
-        } else {
-            "up".into()
-        },
+        admin: word("up"),
+        health: word(health),
+        state: word(if health == "down" { "down" } else { "up" }),
         active,
         check_latency_ms: Some(1.25),
         traffic: t.clone(),
@@ -60,9 +63,9 @@ fn status() -> Status {
         services: vec![ServiceStatus {
             name: "hl7-listener".into(),
             vip: "10.77.0.100:6661".parse().unwrap(),
-            protocol: "tcp".into(),
-            forwarding: "nat".into(),
-            scheduler: "failover".into(),
+            protocol: word("tcp"),
+            forwarding: word("nat"),
+            scheduler: word("failover"),
             health_check: Some("mllp".into()),
             active: Some("10.77.0.12:6661".parse().unwrap()),
             traffic: t.clone(),
@@ -86,9 +89,9 @@ fn fake_daemon(seen: Arc<AtomicUsize>) -> mpsc::Sender<Message> {
                     "config refused, nothing changed:\nbalancer.toml:4:9: unknown field `vipp`"
                         .into(),
                 ),
-                Request::Drain { service, backend }
-                | Request::Disable { service, backend }
-                | Request::Enable { service, backend } => {
+                Request::Backend {
+                    service, backend, ..
+                } => {
                     if service == "hl7-listener" {
                         Ok(json!({ "ok": true, "message": format!("done: {service} {backend}") }))
                     } else {

@@ -499,3 +499,56 @@ fn a_bad_file_attaches_nothing_and_a_layout_change_replaces_the_pins() {
     let r = lab.client_conns(vip4(ECHO_PORT), 20, 100, 2).unwrap();
     assert_eq!(r.failed, 0, "{:?}", r.errors);
 }
+
+/// The controller issue's scenario: a reload that cannot be applied (an IPv6 NAT service, and
+/// the balancer has no global IPv6 address left) is refused before any map write, and every
+/// old backend keeps taking new connections.
+#[test]
+fn a_refused_reload_keeps_every_old_backend_serving() {
+    let lab = Lab::new(3).unwrap();
+    let _echo = lab.spawn_echo_all().unwrap();
+    let cfg = header(&lab) + &web_service(&lab, "");
+    let b = lab.start_balancer(&cfg).unwrap();
+    let spread = |what: &str| {
+        let r = lab.client_conns(vip4(ECHO_PORT), 120, 200, 4).unwrap();
+        assert_eq!(r.failed, 0, "{what}: {:?}", r.errors);
+        for be in ["be1", "be2", "be3"] {
+            assert!(r.by_backend.contains_key(be), "{what}: {:?}", r.by_backend);
+        }
+    };
+    spread("before");
+    let lb6 = Host::Lb.v6().unwrap();
+    lab.exec(
+        Host::Lb,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "del",
+            &format!("{lb6}/64"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    let without_be3 = cfg.replace(&format!(", {{ address = \"10.77.0.13:{ECHO_PORT}\" }}"), "");
+    assert_ne!(without_be3, cfg);
+    let v6 = format!(
+        "\n[[service]]\nname = \"web6\"\nvip = \"[fd77::100]:{ECHO_PORT}\"\nbackends = [ {{ address = \"[fd77::11]:{ECHO_PORT}\" }} ]\n"
+    );
+    std::fs::write(b.config_path(), without_be3 + &v6).unwrap();
+    let err = cli(&lab, &["reload"]).unwrap_err().to_string();
+    assert!(
+        err.contains("no SNAT address") && err.contains("nothing changed"),
+        "{err}"
+    );
+    let st = status(&lab);
+    assert_eq!(st["config_errors"], 1);
+    assert_eq!(st["reloads"], 0);
+    let services = st["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1, "{st}");
+    let backends = services[0]["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 3, "{st}");
+    assert!(backends.iter().all(|b| b["state"] == "up"), "{st}");
+    spread("after the refused reload");
+}

@@ -26,7 +26,7 @@ pub struct Options {
     /// Parallel connection workers for the rate measurement.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// BPF_PROG_TEST_RUN calls per case for `balancer bench-xdp`.
+    /// BPF_PROG_TEST_RUN calls per case for `balancer-xdp-bench`.
     #[arg(long, default_value_t = 1_000_000)]
     pub calls: u64,
     /// Use the release binaries already built instead of building first.
@@ -88,7 +88,99 @@ pub fn run(opts: &Options) -> Result<()> {
         println!("  failover bench failed: {e:#}");
     }
     sigint::check()?;
+    if let Err(e) = bench_status_during_reload() {
+        println!("  status bench failed: {e:#}");
+    }
+    sigint::check()?;
     bench_l7(opts);
+    Ok(())
+}
+
+/// One `GET /v1/status` on the control socket; returns how long the answer took.
+fn status_call(socket: &std::path::Path) -> Result<std::time::Duration> {
+    use std::io::{Read as _, Write as _};
+    let t = std::time::Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n")?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    if !out.starts_with(b"HTTP/1.1 200") {
+        anyhow::bail!(
+            "status answered {:?}",
+            String::from_utf8_lossy(&out[..out.len().min(40)])
+        );
+    }
+    Ok(t.elapsed())
+}
+
+/// Status answers while the daemon reloads a big config (60 services of 60 backends, full
+/// Maglev rings): the slowest answer beside the reload's own duration (what a status that
+/// queued behind the reload would take).
+fn bench_status_during_reload() -> Result<()> {
+    println!("\n== status during reload (60 services x 60 backends, ring 65537) ==");
+    let lab = Lab::new(1)?;
+    let socket = lab.dir().join("control.sock");
+    let mut cfg = format!(
+        "[dataplane]\ninterface = \"eth0\"\n\n[controller]\nsocket = \"{}\"\n",
+        socket.display()
+    );
+    for s in 0..60u16 {
+        let backends: Vec<String> = (0..60u16)
+            .map(|b| format!("{{ address = \"10.77.0.{}:{}\" }}", 11 + b, 8000 + s))
+            .collect();
+        cfg.push_str(&format!(
+            "\n[[service]]\nname = \"s{s}\"\nvip = \"10.77.0.100:{}\"\nbackends = [ {} ]\n",
+            8000 + s,
+            backends.join(", ")
+        ));
+    }
+    let b = lab.start_balancer(&cfg)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let socket = socket.clone();
+        std::thread::spawn(move || -> Result<(usize, std::time::Duration)> {
+            let mut n = 0;
+            let mut worst = std::time::Duration::ZERO;
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < until
+            {
+                worst = worst.max(status_call(&socket)?);
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok((n, worst))
+        })
+    };
+    let mut reloads = Vec::new();
+    for i in 0..3 {
+        sigint::check()?;
+        // A changed weight everywhere: every ring is rebuilt.
+        let next = cfg.replace(" }", &format!(", weight = {} }}", 2 + i));
+        std::fs::write(b.config_path(), &next)?;
+        let t = std::time::Instant::now();
+        let out = lab.balancer_cli(&["reload", "--socket", &socket.to_string_lossy()])?;
+        reloads.push(t.elapsed());
+        if !out.contains("reloaded") {
+            anyhow::bail!("reload: {out}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, worst) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("status reader panicked"))??;
+    reloads.sort_unstable();
+    println!(
+        "  reload (balancer reload, 3600 backends): median {:.0} ms, max {:.0} ms",
+        reloads[reloads.len() / 2].as_secs_f64() * 1e3,
+        reloads[reloads.len() - 1].as_secs_f64() * 1e3
+    );
+    println!(
+        "  status answers during the reloads: {n}, slowest {:.1} ms (a status queued behind a reload would wait up to the reload's time)",
+        worst.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
@@ -392,13 +484,13 @@ fn print_table(rows: &[(Path, Row)], opts: &Options) {
     }
 }
 
-/// `balancer bench-xdp --calls N`, its table printed as it is.
+/// `balancer-xdp-bench --calls N` (the test bed's tool), its table printed as it is.
 fn bench_xdp(calls: u64) {
     println!("\n== XDP ns/packet (BPF_PROG_TEST_RUN, repeat=1) ==");
     let result = (|| -> Result<()> {
-        let bin = balancer_bin()?;
+        let bin = crate::cmd::release_dir().join("balancer-xdp-bench");
         let out = Command::new(&bin)
-            .args(["bench-xdp", "--calls", &calls.to_string()])
+            .args(["--calls", &calls.to_string()])
             .output()
             .with_context(|| format!("running {}", bin.display()))?;
         let stdout = String::from_utf8_lossy(&out.stdout);

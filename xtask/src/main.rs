@@ -69,7 +69,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { args } => {
             setup::setup()?;
-            cmd::build_release(&["balancer", "balancer-tests"])?;
+            cmd::build_release(&["balancer", "balancer-tests", "balancer-testbed"])?;
             cmd::test(&args)
         }
         Task::Demo { no_build } => {
@@ -94,6 +94,6 @@ fn build_for_lab(no_build: bool) -> Result<()> {
         cmd::point_lab_at_release();
         Ok(())
     } else {
-        cmd::build_release(&["balancer", "balancer-tests"])
+        cmd::build_release(&["balancer", "balancer-tests", "balancer-testbed"])
     }
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use balancer_common::{BE_DOWN, BE_DRAINING, Counters, PROTO_TCP};
 use serde::{Deserialize, Serialize};
 
-use crate::{dataplane::Dataplane, net};
+use crate::{dataplane::Dataplane, host::net};
 
 /// Traffic counters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

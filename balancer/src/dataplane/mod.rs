@@ -32,6 +32,9 @@ use tracing::{info, warn};
 
 use crate::config;
 
+pub mod counters;
+pub mod maglev;
+
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
 
@@ -425,6 +428,11 @@ impl Dataplane {
         self.globals.set(0, g, 0).context("writing globals")
     }
 
+    /// Reads the globals.
+    pub fn globals(&self) -> anyhow::Result<Globals> {
+        self.globals.get(&0, 0).context("reading globals")
+    }
+
     /// Inserts or replaces a service (its `ring_half` must already hold a ring).
     pub fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> anyhow::Result<()> {
         self.services
@@ -553,9 +561,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// One expiry pass over the flow table (the daemon runs [`crate::gc::Collector`]).
-    pub fn sweep_flows(&mut self, t: crate::gc::Timeouts, now: u32) -> crate::gc::Sweep {
-        crate::gc::sweep(&mut self.flows, t, now)
+    /// One expiry pass over the flow table (the daemon runs [`crate::control::flow_expiry::Collector`]).
+    pub fn sweep_flows(
+        &mut self,
+        t: crate::control::flow_expiry::Timeouts,
+        now: u32,
+    ) -> crate::control::flow_expiry::Sweep {
+        crate::control::flow_expiry::sweep(&mut self.flows, t, now)
     }
 }
 

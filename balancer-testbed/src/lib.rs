@@ -1,5 +1,7 @@
-//! A private network namespace in which the XDP program runs under BPF_PROG_TEST_RUN: the
-//! packet-table tests and `balancer bench-xdp` use it.
+//! The XDP test bed: a private network namespace in which the XDP program runs under
+//! BPF_PROG_TEST_RUN. The packet-table tests (`tests/packet_table.rs`) and the
+//! `balancer-xdp-bench` tool use it. Kept out of the production `balancer` library (with its
+//! packet builders and etherparse) so the shipped binary carries no test tooling.
 //!
 //! The namespace has a veth `t0` (MAC 02:00:00:00:00:01, 10.77.0.1/24, fd77::1/64) with
 //! permanent neighbours for the client (…::2 / .2) and backends (.11–.74), so the
@@ -17,7 +19,9 @@ use anyhow::{Context as _, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use nix::sched::{CloneFlags, setns};
 
-use crate::dataplane::{Dataplane, LoadOptions};
+use balancer::dataplane::{Dataplane, LoadOptions};
+
+pub mod bench;
 
 /// MAC of the balancer's interface in the testbed.
 pub const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
@@ -115,7 +119,7 @@ impl Testbed {
             ] {
                 std::fs::write(p, "1").with_context(|| format!("writing {p}"))?;
             }
-            crate::net::ifindex("t0")
+            balancer::host::net::ifindex("t0")
         };
         let ifindex = match setup() {
             Ok(i) => i,

@@ -1,7 +1,8 @@
 //! Prometheus metrics: the daemon's [`Status`] snapshot in the OpenMetrics text format.
 //!
-//! Each scrape asks the daemon for a fresh status through the control channel and renders it
-//! into a new registry, so the endpoint holds no state of its own. Names (all prefixed
+//! Each scrape asks for the status through the control channel (answered from the daemon's
+//! published snapshot plus live counters, never by the daemon loop) and renders it into a new
+//! registry, so the endpoint holds no state of its own. Names (all prefixed
 //! `balancer_`):
 //!
 //! | metric | type | labels |
@@ -37,9 +38,9 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::{
-    api::{AskError, ask},
-    control::{Message, Request, Status},
-    report::Traffic,
+    api::protocol::{AskError, Message, Request, Status, ask},
+    control::state::{BackendHealth, SlotState},
+    dataplane::counters::Traffic,
 };
 
 /// The content type of the OpenMetrics text format that [`render`] produces.
@@ -135,7 +136,7 @@ pub fn render(status: &Status) -> String {
     for s in &status.services {
         let sl: Labels = vec![("service", esc(&s.name))];
         service_traffic.add(&sl, &s.traffic);
-        if s.scheduler == "failover" {
+        if s.scheduler == crate::config::Scheduler::Failover {
             let n = s.backends.iter().filter(|b| b.active).count();
             gauge(&active_backends, &sl, i64::try_from(n).unwrap_or(i64::MAX));
         }
@@ -145,15 +146,15 @@ pub fn render(status: &Status) -> String {
                 ("backend", b.address.to_string()),
             ];
             backend_traffic.add(&bl, &b.traffic);
-            gauge(&health_up, &bl, i64::from(b.health != "down"));
-            gauge(&serving, &bl, i64::from(b.state == "up"));
+            gauge(&health_up, &bl, i64::from(b.health != BackendHealth::Down));
+            gauge(&serving, &bl, i64::from(b.state == SlotState::Up));
             let with = |key, value: &str| {
                 let mut l = bl.clone();
                 l.push((key, esc(value)));
                 l
             };
-            gauge(&state, &with("state", &b.state), 1);
-            gauge(&admin, &with("admin", &b.admin), 1);
+            gauge(&state, &with("state", b.state.name()), 1);
+            gauge(&admin, &with("admin", b.admin.name()), 1);
             gauge(&active, &bl, i64::from(b.active));
             gauge(&weight, &bl, i64::from(b.weight));
             gauge(&priority, &bl, i64::from(b.priority));

@@ -1,6 +1,19 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod controller;
+pub mod dataplane;
+pub mod health;
+pub mod service;
+
+pub use controller::ControllerSection;
+pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
+pub(crate) use service::names;
+pub use service::{
+    AdminState, BackendEntry, BackendSpec, DownAction, Forwarding, Protocol, Scheduler,
+    ServiceSection, ServiceSpec,
+};
+
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
@@ -25,277 +38,57 @@ pub const DEFAULT_SNAT_PORTS: [u16; 2] = [10000, 32767];
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where and how the XDP program runs.
-    pub dataplane: Dataplane,
+    pub dataplane: DataplaneSection,
     /// Control socket, metrics.
     #[serde(default)]
-    pub controller: Controller,
+    pub controller: ControllerSection,
     /// Layer-4 services.
     #[serde(default, rename = "service")]
-    pub services: Vec<Service>,
+    pub services: Vec<ServiceSection>,
     /// Layer-7 (TLS-terminating HTTP proxy): listeners, routes, pools, redirects.
     pub l7: Option<Spanned<balancer_l7::L7Config>>,
 }
 
-/// `[dataplane]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Dataplane {
-    /// One interface to attach to.
-    pub interface: Option<Spanned<String>>,
-    /// Several interfaces (two-arm set-ups); alternative to `interface`.
-    #[serde(default)]
-    pub interfaces: Vec<Spanned<String>>,
-    /// `auto` (driver, falling back to skb), `driver`, `skb`.
-    #[serde(default)]
-    pub xdp_mode: XdpMode,
-    /// SNAT source for IPv4 backends; default: the interface's own IPv4 address.
-    pub snat_ipv4: Option<Spanned<String>>,
-    /// SNAT source for IPv6 backends; default: the interface's own global IPv6 address.
-    pub snat_ipv6: Option<Spanned<String>>,
-    /// First and last SNAT port, e.g. `[10000, 32767]`.
-    #[serde(default = "default_snat_ports")]
-    pub snat_ports: Spanned<[u16; 2]>,
-    /// Flow-table entries (a NAT flow takes two).
-    #[serde(default = "default_flow_table")]
-    pub flow_table_size: u32,
-    /// Pin directory.
-    #[serde(default = "default_pin_path")]
-    pub pin_path: PathBuf,
-    /// Idle time after which a TCP flow's SNAT port may go to a new flow (e.g. "1h").
-    #[serde(default = "default_tcp_idle", with = "humantime_serde")]
-    pub tcp_idle_timeout: std::time::Duration,
-    /// Idle time after which a UDP flow's SNAT port may go to a new flow (e.g. "5m").
-    #[serde(default = "default_udp_idle", with = "humantime_serde")]
-    pub udp_idle_timeout: std::time::Duration,
-}
-
-fn default_tcp_idle() -> std::time::Duration {
-    std::time::Duration::from_secs(balancer_common::DEFAULT_TCP_IDLE_SECS as u64)
-}
-fn default_udp_idle() -> std::time::Duration {
-    std::time::Duration::from_secs(balancer_common::DEFAULT_UDP_IDLE_SECS as u64)
-}
-
-fn default_snat_ports() -> Spanned<[u16; 2]> {
-    Spanned::new(0..0, DEFAULT_SNAT_PORTS)
-}
-fn default_flow_table() -> u32 {
-    balancer_common::DEFAULT_FLOW_ENTRIES
-}
-fn default_pin_path() -> PathBuf {
-    PathBuf::from(DEFAULT_PIN_PATH)
-}
-
-/// `[controller]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Controller {
-    /// Unix control socket (root only).
-    #[serde(default = "default_socket")]
-    pub socket: PathBuf,
-    /// Prometheus metrics listen address, e.g. "127.0.0.1:9550"; off when absent.
-    pub metrics: Option<Spanned<String>>,
-}
-
-fn default_socket() -> PathBuf {
-    PathBuf::from(DEFAULT_SOCKET)
-}
-
-impl Default for Controller {
-    fn default() -> Self {
-        Controller {
-            socket: default_socket(),
-            metrics: None,
-        }
-    }
-}
-
-/// XDP attach mode.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Driver mode, falling back to skb (generic) mode with a log line.
-    #[default]
-    Auto,
-    /// Native (driver) mode only.
-    Driver,
-    /// Generic (skb) mode only.
-    Skb,
-}
-
-/// L4 protocol of a service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP.
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-/// How packets reach the backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Forwarding {
-    /// Full NAT: backends need no change.
-    #[default]
-    Nat,
-    /// Direct server return: MAC rewrite only, backends hold the VIP on a loopback.
-    Dsr,
-}
-
-/// How a backend is chosen for a new flow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheduler {
-    /// Weighted Maglev consistent hashing over the healthy backends.
-    #[default]
-    Maglev,
-    /// One active backend, chosen by priority.
-    Failover,
-}
-
-/// What flows of a backend that went down get.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DownAction {
-    /// A TCP RST, so the client reconnects at once.
-    #[default]
-    Reset,
-    /// Silently dropped.
-    Drop,
-}
-
-/// Operator state of a backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdminState {
-    /// Takes traffic when healthy.
-    #[default]
-    Up,
-    /// Keeps its flows, takes no new ones.
-    Drain,
-    /// Out of service; its flows are reset.
-    Disabled,
-}
-
-/// `[[service]]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Service {
-    /// Unique name.
-    pub name: Spanned<String>,
-    /// `"10.77.0.100:7002"` or `"[fd77::100]:7002"`.
-    pub vip: Spanned<String>,
-    /// `tcp` or `udp`.
-    #[serde(default)]
-    pub protocol: Protocol,
-    /// `nat` or `dsr`.
-    #[serde(default)]
-    pub forwarding: Forwarding,
-    /// `maglev` or `failover`.
-    #[serde(default)]
-    pub scheduler: Scheduler,
-    /// Failover only: a recovered higher-priority backend takes the traffic back.
-    #[serde(default)]
-    pub failback: bool,
-    /// Maglev ring size, a prime ≤ 65537.
-    #[serde(default = "default_ring")]
-    pub ring_size: Spanned<u32>,
-    /// `reset` or `drop`.
-    #[serde(default)]
-    pub on_backend_down: DownAction,
-    /// Most new flows per second per CPU (0: no limit).
-    #[serde(default)]
-    pub new_flow_rate: u32,
-    /// Health check (see the README); none means backends are always healthy.
-    pub health: Option<Spanned<toml::Table>>,
-    /// The backends.
-    pub backends: Spanned<Vec<Backend>>,
-}
-
-fn default_ring() -> Spanned<u32> {
-    Spanned::new(0..0, balancer_common::RING_MAX)
-}
-
-/// One backend of a service.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Backend {
-    /// `"10.77.0.11:7002"`.
-    pub address: Spanned<String>,
-    /// Maglev weight (0–65535, default 1).
-    #[serde(default = "default_weight")]
-    pub weight: u32,
-    /// Failover priority: lower is preferred (default: position in the list).
-    pub priority: Option<u32>,
-    /// Initial operator state.
-    #[serde(default)]
-    pub state: AdminState,
-}
-
-fn default_weight() -> u32 {
-    1
-}
-
-/// A validated service, ready for the dataplane.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServiceSpec {
-    /// Name.
-    pub name: String,
-    /// VIP and port.
-    pub vip: SocketAddr,
-    /// Protocol.
-    pub protocol: Protocol,
-    /// Forwarding.
-    pub forwarding: Forwarding,
-    /// Scheduler.
-    pub scheduler: Scheduler,
-    /// Failback.
-    pub failback: bool,
-    /// Ring size.
-    pub ring_size: u32,
-    /// Down action.
-    pub on_backend_down: DownAction,
-    /// New flows per second per CPU (0: no limit).
-    pub new_flow_rate: u32,
-    /// Health check, as written (validated by the health module).
-    pub health: Option<toml::Table>,
-    /// Backends.
-    pub backends: Vec<BackendSpec>,
-}
-
-/// A validated backend.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackendSpec {
-    /// Address.
-    pub address: SocketAddr,
-    /// Weight.
-    pub weight: u32,
-    /// Priority (lower first).
-    pub priority: u32,
-    /// Initial operator state.
-    pub state: AdminState,
-}
-
-/// A validated file.
+/// A validated file: everything callers read, typed.
 #[derive(Debug, Clone)]
 pub struct Validated {
     /// Where it came from.
     pub path: PathBuf,
-    /// The file as parsed.
-    pub raw: Config,
     /// Interfaces to attach to.
     pub interfaces: Vec<String>,
+    /// XDP attach mode.
+    pub xdp_mode: XdpMode,
     /// SNAT IPv4 override.
     pub snat_ipv4: Option<IpAddr>,
     /// SNAT IPv6 override.
     pub snat_ipv6: Option<IpAddr>,
+    /// SNAT source ports.
+    pub snat_ports: SnatPorts,
+    /// Flow-table entries.
+    pub flow_table_size: u32,
+    /// Pin directory.
+    pub pin_path: PathBuf,
+    /// TCP idle timeout.
+    pub tcp_idle_timeout: std::time::Duration,
+    /// UDP idle timeout.
+    pub udp_idle_timeout: std::time::Duration,
+    /// Control socket.
+    pub socket: PathBuf,
     /// Metrics address.
     pub metrics: Option<SocketAddr>,
     /// Services, in file order.
     pub services: Vec<ServiceSpec>,
+    /// The `[l7]` section, validated.
+    pub l7: Option<balancer_l7::L7Config>,
+}
+
+impl Validated {
+    /// Checks what only this host can tell: the SNAT ports against the ephemeral range.
+    pub fn check_host(&self) -> Result<(), HostCheckError> {
+        let eph = crate::host::net::ephemeral_ports()
+            .map_err(|e| HostCheckError::Unreadable(e.to_string()))?;
+        self.snat_ports.check_against(eph)
+    }
 }
 
 /// One problem, at a place in the file.
@@ -530,7 +323,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             );
         }
         let ring = *s.ring_size.get_ref();
-        if ring > balancer_common::RING_MAX || !crate::maglev::is_prime(ring) {
+        if ring > balancer_common::RING_MAX || !crate::dataplane::maglev::is_prime(ring) {
             d.at(
                 s.ring_size.span(),
                 format!("ring_size {ring} must be a prime no larger than 65537"),
@@ -573,11 +366,16 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 state: b.state,
             });
         }
-        if let Some(h) = &s.health
-            && let Err(e) = crate::health::spec_from_table(h.get_ref())
-        {
-            d.at(h.span(), format!("health: {e}"));
-        }
+        let check = match &s.health {
+            Some(h) => match health::spec_from_table(h.get_ref()) {
+                Ok(spec) => Some(spec),
+                Err(e) => {
+                    d.at(h.span(), format!("health: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
         if let Some(vip) = vip {
             services.push(ServiceSpec {
                 name,
@@ -589,7 +387,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 ring_size: ring,
                 on_backend_down: s.on_backend_down,
                 new_flow_rate: s.new_flow_rate,
-                health: s.health.as_ref().map(|h| h.get_ref().clone()),
+                health: check,
                 backends,
             });
         }
@@ -621,11 +419,21 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
     Validated {
         path: path.to_path_buf(),
         interfaces,
+        xdp_mode: raw.dataplane.xdp_mode,
         snat_ipv4,
         snat_ipv6,
+        snat_ports: SnatPorts {
+            first: lo,
+            last: hi,
+        },
+        flow_table_size: raw.dataplane.flow_table_size,
+        pin_path: raw.dataplane.pin_path.clone(),
+        tcp_idle_timeout: raw.dataplane.tcp_idle_timeout,
+        udp_idle_timeout: raw.dataplane.udp_idle_timeout,
+        socket: raw.controller.socket.clone(),
         metrics,
         services,
-        raw,
+        l7: raw.l7.map(Spanned::into_inner),
     }
 }
 
@@ -732,8 +540,27 @@ backends = [
             "packaging/balancer.toml",
         ] {
             let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-            assert!(!v.services.is_empty() || v.raw.l7.is_some(), "{f}");
+            assert!(!v.services.is_empty() || v.l7.is_some(), "{f}");
         }
+    }
+
+    #[test]
+    fn snat_ports_inside_the_ephemeral_range_are_refused() {
+        let p = SnatPorts {
+            first: 10000,
+            last: 32767,
+        };
+        assert!(p.check_against((32768, 60999)).is_ok());
+        let e = p.check_against((32000, 60999)).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+        assert!(
+            SnatPorts {
+                first: 61000,
+                last: 65535
+            }
+            .check_against((32768, 60999))
+            .is_ok()
+        );
     }
 
     #[test]

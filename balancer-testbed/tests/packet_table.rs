@@ -7,15 +7,14 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use balancer::{
-    bench::configured_testbed,
     config::AdminState,
-    net::addr16,
-    reconcile::{Health, State},
-    testbed::{LB_MAC, Testbed, host_mac, packet, run_prog},
+    control::state::{BackendHealth as Health, State},
+    host::net::addr16,
 };
 use balancer_common::{
     Flow, FlowKey, PROTO_TCP, PROTO_UDP, Reason, flow_hash, reduce, snat_first_port,
 };
+use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet, run_prog};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 const XDP_DROP: u32 = 1;
@@ -97,6 +96,20 @@ fn assert_checksums(frame: &[u8]) {
     }
 }
 
+/// Sets backend `i` of `svc` to `h` the way the daemon does.
+fn set_health(tb: &mut Testbed, st: &mut State, svc: &str, i: usize, h: Health) {
+    let a = st.services[svc].backends[i].address;
+    let c = st.health_change(svc, a, h).unwrap();
+    st.set(&mut tb.dp, c).unwrap();
+}
+
+/// Sets backend `i` of `svc` to operator state `a` the way the daemon does.
+fn set_admin(tb: &mut Testbed, st: &mut State, svc: &str, i: usize, a: AdminState) {
+    let addr = st.services[svc].backends[i].address;
+    let c = st.admin_change(svc, addr, a).unwrap();
+    st.set(&mut tb.dp, c).unwrap();
+}
+
 /// Where the dataplane must send a new flow: the backend from the live ring, and the SNAT
 /// port it tries first.
 fn predict(
@@ -134,7 +147,7 @@ fn predict(
         .expect("ring points at a backend");
     (
         be.address,
-        snat_first_port(h, st.snat_ports.0, st.snat_ports.1),
+        snat_first_port(h, st.globals.snat_port_lo, st.globals.snat_port_hi),
     )
 }
 
@@ -564,7 +577,7 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
             .iter()
             .position(|b| b.address == be)
             .unwrap();
-        st.set_health(&mut tb.dp, svc, i, Health::Down).unwrap();
+        set_health(&mut tb, &mut st, svc, i, Health::Down);
         // An established segment with payload: RST with seq = its ack.
         let data = packet::tcp(
             host_mac(2),
@@ -588,14 +601,14 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
         };
         assert!(!t.rst());
         assert_ne!(&out[0..6], &mac_of(be.ip()), "{svc}: not the down backend");
-        st.set_health(&mut tb.dp, svc, i, Health::Up).unwrap();
+        set_health(&mut tb, &mut st, svc, i, Health::Up);
     }
     // hl7 is configured with on_backend_down = "drop"; an RST from the client is never answered.
     let vip = sa("10.77.0.100:6661");
     let client = sa("10.77.0.2:40009");
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 100, 0, packet::SYN, &[]);
     assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
-    st.set_health(&mut tb.dp, "hl7", 0, Health::Down).unwrap();
+    set_health(&mut tb, &mut st, "hl7", 0, Health::Down);
     let data = packet::tcp(
         host_mac(2),
         LB_MAC,
@@ -630,8 +643,7 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
         .iter()
         .position(|b| b.address == be)
         .unwrap();
-    st.set_admin(&mut tb.dp, "web", i, AdminState::Disabled)
-        .unwrap();
+    set_admin(&mut tb, &mut st, "web", i, AdminState::Disabled);
     let rst = packet::tcp(
         host_mac(2),
         LB_MAC,
@@ -656,7 +668,7 @@ fn flow_of_a_down_backend_is_reset_or_dropped() {
 fn no_live_backend_refuses_at_once() {
     let (mut tb, mut st) = configured_testbed(65536).unwrap();
     for i in 0..3 {
-        st.set_health(&mut tb.dp, "web", i, Health::Down).unwrap();
+        set_health(&mut tb, &mut st, "web", i, Health::Down);
     }
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40011");
@@ -712,8 +724,7 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
         .iter()
         .position(|b| b.address == be)
         .unwrap();
-    st.set_admin(&mut tb.dp, "web", i, AdminState::Drain)
-        .unwrap();
+    set_admin(&mut tb, &mut st, "web", i, AdminState::Drain);
     let snat = SocketAddr::new(lb_addr(false), port);
     run_rows(
         &tb,
@@ -763,7 +774,7 @@ fn draining_backend_keeps_old_flows_and_takes_no_new_ones() {
 fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let (mut tb, _st) = configured_testbed(65536).unwrap();
     let vip = sa("10.77.0.100:7002");
-    let t = balancer::gc::Timeouts {
+    let t = balancer::control::flow_expiry::Timeouts {
         tcp_idle: 3600,
         udp_idle: 300,
     };
@@ -812,7 +823,7 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
     assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
     let s = tb
         .dp
-        .sweep_flows(t, atime + balancer::gc::CLOSED_LINGER_SECS + 1);
+        .sweep_flows(t, atime + balancer::control::flow_expiry::CLOSED_LINGER_SECS + 1);
     assert_eq!((s.closed, s.idle), (1, 0));
     assert_eq!(
         tb.dp.flows().len(),

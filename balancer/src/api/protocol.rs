@@ -1,12 +1,17 @@
 //! Messages between the control API (and metrics) and the daemon loop, and the status
 //! report they carry. The daemon owns all state; the API asks it through a channel.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::report::Traffic;
+use crate::{
+    config::{AdminState, Forwarding, Protocol, Scheduler},
+    control::operator::Verb,
+    control::state::{BackendHealth, SlotState},
+    dataplane::counters::Traffic,
+};
 
 /// What an operator (or the metrics endpoint) asks of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,25 +19,13 @@ use crate::report::Traffic;
 pub enum Request {
     /// The whole status.
     Status,
-    /// No new flows to the backend; existing flows continue.
-    Drain {
+    /// An operator action on one backend: drain, disable or enable.
+    Backend {
+        /// What to do.
+        verb: Verb,
         /// Service name.
         service: String,
         /// Backend address ("10.77.0.11:7002") or IP.
-        backend: String,
-    },
-    /// Out of service: its flows are reset at once.
-    Disable {
-        /// Service name.
-        service: String,
-        /// Backend address or IP.
-        backend: String,
-    },
-    /// Back in service (subject to its health check).
-    Enable {
-        /// Service name.
-        service: String,
-        /// Backend address or IP.
         backend: String,
     },
     /// Re-read the config file; a bad file is refused and the running config keeps serving.
@@ -61,11 +54,11 @@ pub struct BackendStatus {
     /// Priority (failover).
     pub priority: u32,
     /// Operator state: up / drain / disabled.
-    pub admin: String,
+    pub admin: AdminState,
     /// Health: unchecked / up / down.
-    pub health: String,
-    /// What the dataplane does with it: up / draining / down.
-    pub state: String,
+    pub health: BackendHealth,
+    /// What the dataplane does with it: up / draining / down / standby.
+    pub state: SlotState,
     /// The failover service's active backend.
     pub active: bool,
     /// Last successful check latency in milliseconds.
@@ -82,11 +75,11 @@ pub struct ServiceStatus {
     /// VIP.
     pub vip: SocketAddr,
     /// tcp / udp.
-    pub protocol: String,
+    pub protocol: Protocol,
     /// nat / dsr.
-    pub forwarding: String,
+    pub forwarding: Forwarding,
     /// maglev / failover.
-    pub scheduler: String,
+    pub scheduler: Scheduler,
     /// Health check kind, if any.
     pub health_check: Option<String>,
     /// Active backend of a failover service.
@@ -98,7 +91,7 @@ pub struct ServiceStatus {
 }
 
 /// Everything `balancer status` shows.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     /// Config file in use.
     pub config: String,
@@ -134,11 +127,48 @@ pub struct L7BackendStatus {
     /// Address.
     pub address: SocketAddr,
     /// Health: unchecked / up / down.
-    pub health: String,
+    pub health: BackendHealth,
     /// Last successful check latency in milliseconds.
     pub check_latency_ms: Option<f64>,
     /// Requests sent to it.
     pub requests: u64,
     /// Failed connects to it.
     pub connect_failures: u64,
+}
+
+/// How long the daemon may take to answer one request (a reload re-reads the config and
+/// rewrites maps; everything else is immediate).
+pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskError {
+    /// The daemon loop is gone (shutting down).
+    Gone,
+    /// No answer within [`DAEMON_TIMEOUT`].
+    Timeout,
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Gone => f.write_str("the daemon is shutting down"),
+            AskError::Timeout => f.write_str("the daemon did not answer in time"),
+        }
+    }
+}
+
+impl std::error::Error for AskError {}
+
+/// Sends one request to the daemon loop and waits (at most [`DAEMON_TIMEOUT`]) for its reply.
+pub async fn ask(tx: &mpsc::Sender<Message>, request: Request) -> Result<Reply, AskError> {
+    let (reply, rx) = oneshot::channel();
+    let work = async {
+        tx.send(Message { request, reply })
+            .await
+            .map_err(|_| AskError::Gone)?;
+        rx.await.map_err(|_| AskError::Gone)
+    };
+    tokio::time::timeout(DAEMON_TIMEOUT, work)
+        .await
+        .map_err(|_| AskError::Timeout)?
 }

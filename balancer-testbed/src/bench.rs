@@ -1,13 +1,11 @@
-//! `balancer bench-xdp`: ns/packet through BPF_PROG_TEST_RUN (kernel-measured, `repeat = 1`
+//! `balancer-xdp-bench`: ns/packet through BPF_PROG_TEST_RUN (kernel-measured, `repeat = 1`
 //! per call) beside a bare XDP_PASS program, and Maglev table build times.
 
 use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Instant};
 
-use crate::{
-    config, maglev,
-    reconcile::State,
-    testbed::{LB_MAC, Testbed, host_mac, packet, run_prog},
-};
+use balancer::{config, control::state::State, dataplane::maglev};
+
+use crate::{LB_MAC, Testbed, host_mac, packet, run_prog};
 
 /// The config the testbed benches and packet tables use (interface `t0` of the testbed).
 pub const TESTBED_CONFIG: &str = r#"
@@ -58,8 +56,14 @@ pub fn configured_testbed(flow_entries: u32) -> anyhow::Result<(Testbed, State)>
     let text = TESTBED_CONFIG.replace("BENCH_BACKENDS", &backends.join(", "));
     let cfg =
         config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let st = State::apply_config(&mut tb.dp, &cfg, None)?;
-    Ok((tb, st))
+    let p = balancer::control::reconcile(
+        &mut tb.dp,
+        &cfg,
+        None,
+        &Default::default(),
+        &Default::default(),
+    )?;
+    Ok((tb, p.next))
 }
 
 fn sa(s: &str) -> SocketAddr {

@@ -1,0 +1,204 @@
+//! The control API's client: the CLI's calls over the unix socket.
+
+use std::{fmt::Write as _, io::ErrorKind, path::Path, time::Duration};
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::Bytes;
+use http::{Method, Request as HttpRequest, header};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::UnixStream;
+
+use crate::api::protocol::Status;
+use crate::api::table::status_table;
+use crate::control::operator::Verb;
+
+/// The client's limit for one call (daemon timeout plus slack).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
+/// Largest reply the client reads.
+const MAX_REPLY_BYTES: usize = 64 << 20;
+
+/// Percent-encodes one path segment (everything but RFC 3986 unreserved characters).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Decodes one percent-encoded path segment; `None` on a bad escape or non-UTF-8 result.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The URI of an operator action on a backend.
+pub fn backend_uri(service: &str, backend: &str, verb: Verb) -> String {
+    format!(
+        "/v1/services/{}/backends/{}/{}",
+        percent_encode(service),
+        percent_encode(backend),
+        verb.name()
+    )
+}
+
+/// Calls the control API on `path`: the reply's JSON on success, the daemon's `error`
+/// message as the error otherwise.
+pub async fn call(path: &Path, method: Method, uri: &str) -> anyhow::Result<Value> {
+    tokio::time::timeout(CLIENT_TIMEOUT, call_inner(path, method, uri))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "no answer from the control socket {} within {CLIENT_TIMEOUT:?}",
+                path.display()
+            )
+        })?
+}
+
+async fn call_inner(path: &Path, method: Method, uri: &str) -> anyhow::Result<Value> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            ErrorKind::NotFound => anyhow!(
+                "is balancer running? no control socket at {}",
+                path.display()
+            ),
+            ErrorKind::ConnectionRefused => {
+                anyhow!(
+                    "is balancer running? the control socket {} refuses connections",
+                    path.display()
+                )
+            }
+            ErrorKind::PermissionDenied => anyhow!(
+                "permission denied on {}: the control socket is root only",
+                path.display()
+            ),
+            _ => anyhow!("connecting to {}: {e}", path.display()),
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("control socket handshake")?;
+    let conn = tokio::spawn(conn);
+    let req = HttpRequest::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::HOST, "balancer")
+        .header(header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .context("building the request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("sending the request")?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the reply: {e}"))?
+        .to_bytes();
+    conn.abort();
+    let value: Value = serde_json::from_slice(&body).with_context(|| {
+        format!("the control socket answered {status} with a body that is not JSON")
+    })?;
+    if status.is_success() {
+        Ok(value)
+    } else {
+        match value.get("error").and_then(Value::as_str) {
+            Some(e) => bail!("{e}"),
+            None => bail!("the control socket answered {status}"),
+        }
+    }
+}
+
+/// A CLI verb spoken over the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `balancer status [--json]`.
+    Status {
+        /// Print the API's JSON instead of the table.
+        json: bool,
+    },
+    /// `balancer drain|disable|enable SVC BACKEND`.
+    Backend {
+        /// What to do.
+        verb: Verb,
+        /// Service name.
+        service: String,
+        /// Backend address or IP.
+        backend: String,
+    },
+    /// `balancer reload`.
+    Reload,
+}
+
+impl Command {
+    /// The method and URI of the verb.
+    pub fn request(&self) -> (Method, String) {
+        match self {
+            Command::Status { .. } => (Method::GET, "/v1/status".into()),
+            Command::Backend {
+                verb,
+                service,
+                backend,
+            } => (Method::POST, backend_uri(service, backend, *verb)),
+            Command::Reload => (Method::POST, "/v1/reload".into()),
+        }
+    }
+}
+
+/// Runs a verb against the daemon and returns what to print: the status table (or JSON),
+/// or the daemon's message. The error is the daemon's refusal, or why it could not be asked.
+pub async fn command(socket: &Path, cmd: &Command) -> anyhow::Result<String> {
+    let (method, uri) = cmd.request();
+    let v = call(socket, method, &uri).await?;
+    Ok(match cmd {
+        Command::Status { json: true } => format!("{}\n", serde_json::to_string_pretty(&v)?),
+        Command::Status { json: false } => {
+            let s: Status =
+                serde_json::from_value(v).context("the daemon's status has an unexpected shape")?;
+            status_table(&s)
+        }
+        _ => match v.get("message").and_then(Value::as_str) {
+            Some(m) => format!("{m}\n"),
+            None => format!("{v}\n"),
+        },
+    })
+}
+
+/// The CLI's entry for a verb: prints the result on stdout, or `balancer: <error>` on stderr,
+/// and returns the process exit code (0 or 1).
+pub fn cli(socket: &Path, cmd: &Command) -> i32 {
+    let out = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(command(socket, cmd)));
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("balancer: {e:#}");
+            1
+        }
+    }
+}

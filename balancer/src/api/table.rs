@@ -1,0 +1,201 @@
+//! The `balancer status` table, rendered from a [`Status`].
+
+use std::fmt::Write as _;
+
+use crate::api::protocol::Status;
+
+/// Renders a status as the readable table of `balancer status`.
+pub fn status_table(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "config {}  interfaces {}  uptime {}",
+        s.config,
+        if s.interfaces.is_empty() {
+            "-".to_string()
+        } else {
+            s.interfaces.join(",")
+        },
+        uptime(s.uptime_secs)
+    );
+    let _ = writeln!(
+        out,
+        "reloads {}  config errors {}  failovers {}  flows {}",
+        s.reloads, s.config_errors, s.failovers, s.flows
+    );
+    if !s.reasons.is_empty() {
+        let reasons: Vec<String> = s.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "verdicts {}", reasons.join("  "));
+    }
+    for svc in &s.services {
+        out.push('\n');
+        let t = &svc.traffic;
+        let head = [
+            vec![
+                "SERVICE",
+                "VIP",
+                "PROTO",
+                "FWD",
+                "SCHEDULER",
+                "CHECK",
+                "ACTIVE",
+                "PACKETS",
+                "BYTES",
+                "NEW FLOWS",
+                "RESETS",
+                "DROPS",
+            ]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+            vec![
+                svc.name.clone(),
+                svc.vip.to_string(),
+                svc.protocol.name().to_string(),
+                svc.forwarding.name().to_string(),
+                svc.scheduler.name().to_string(),
+                svc.health_check.clone().unwrap_or_else(|| "-".into()),
+                svc.active.map_or_else(
+                    || {
+                        if svc.scheduler == crate::config::Scheduler::Failover {
+                            "NONE".into()
+                        } else {
+                            "-".into()
+                        }
+                    },
+                    |a| a.to_string(),
+                ),
+                t.packets.to_string(),
+                human_bytes(t.bytes),
+                t.new_flows.to_string(),
+                t.resets.to_string(),
+                t.drops.to_string(),
+            ],
+        ];
+        out.push_str(&columns(&head, "lllllllrrrrr", ""));
+        let mut rows = vec![
+            [
+                "BACKEND",
+                "WEIGHT",
+                "PRIO",
+                "ADMIN",
+                "HEALTH",
+                "STATE",
+                "ACTIVE",
+                "LATENCY",
+                "PACKETS",
+                "BYTES",
+                "NEW FLOWS",
+                "RESETS",
+                "DROPS",
+            ]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+        ];
+        for b in &svc.backends {
+            let t = &b.traffic;
+            rows.push(vec![
+                b.address.to_string(),
+                b.weight.to_string(),
+                b.priority.to_string(),
+                b.admin.name().to_string(),
+                b.health.name().to_string(),
+                b.state.name().to_string(),
+                if b.active { "*".into() } else { "".into() },
+                b.check_latency_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                t.packets.to_string(),
+                human_bytes(t.bytes),
+                t.new_flows.to_string(),
+                t.resets.to_string(),
+                t.drops.to_string(),
+            ]);
+        }
+        out.push_str(&columns(&rows, "lrrllllrrrrrr", "  "));
+    }
+    if !s.l7_backends.is_empty() {
+        out.push('\n');
+        let mut rows = vec![
+            [
+                "L7 POOL",
+                "BACKEND",
+                "HEALTH",
+                "LATENCY",
+                "REQUESTS",
+                "CONNECT FAILURES",
+            ]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+        ];
+        for b in &s.l7_backends {
+            rows.push(vec![
+                b.pool.clone(),
+                b.address.to_string(),
+                b.health.name().to_string(),
+                b.check_latency_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                b.requests.to_string(),
+                b.connect_failures.to_string(),
+            ]);
+        }
+        out.push_str(&columns(&rows, "lllrrr", ""));
+    }
+    out
+}
+
+/// Aligns rows in columns; `align` has one letter per column: `l`eft or `r`ight.
+fn columns(rows: &[Vec<String>], align: &str, indent: &str) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::from(indent);
+        for (i, c) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let w = widths[i];
+            if align.as_bytes().get(i) != Some(&b'r') {
+                let _ = write!(line, "{c:<w$}");
+            } else {
+                let _ = write!(line, "{c:>w$}");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub(crate) fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b}B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1}{}", UNITS[u])
+}
+
+pub(crate) fn uptime(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d{h:02}h{m:02}m")
+    } else {
+        format!("{h}h{m:02}m{s:02}s")
+    }
+}

@@ -1,0 +1,659 @@
+//! `balancer run`: load, adopt or attach, apply the config, then serve health events, operator
+//! requests and signals. One task owns all state; everything else talks to it by channel.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use balancer_health::{Health as Checked, HealthEvent, Monitor};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    api::protocol::{BackendStatus, Message, Request, ServiceStatus, Status},
+    config::{self, Validated},
+    control::{
+        ReconcileError,
+        checks::{Checks, Owner},
+        operator::{self, OperatorStates},
+        plan::{self, HealthBook},
+        state::{BackendHealth, Event, State},
+        status::{Published, StatusBoard},
+    },
+    dataplane::{Dataplane, LoadOptions, counters::Traffic},
+    host::net,
+};
+
+/// Options of `balancer run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Config file.
+    pub config: PathBuf,
+    /// Pin directory override.
+    pub pin_path: Option<PathBuf>,
+}
+
+/// Everything the daemon task owns.
+pub struct Daemon {
+    opts: RunOptions,
+    cfg: Validated,
+    dp: Dataplane,
+    state: State,
+    monitor: Monitor,
+    checks: Checks,
+    l7: Option<balancer_l7::L7>,
+    gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
+    /// Kept for its lifetime: dropping it stops the sweep.
+    _flow_expiry: crate::control::flow_expiry::Collector,
+    board: StatusBoard,
+    reloads: u64,
+    config_errors: u64,
+    failovers: u64,
+}
+
+/// Why a reload was refused or failed; the running config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not validate.
+    #[error("config refused, nothing changed:\n{0}")]
+    Config(#[from] config::ConfigError),
+    /// This host cannot run it (SNAT ports in the ephemeral range).
+    #[error("{0}; nothing changed")]
+    Host(#[from] config::HostCheckError),
+    /// Interfaces, pin path or the presence of `[l7]` changed.
+    #[error("{0} change only with a restart; nothing changed")]
+    RestartNeeded(&'static str),
+    /// The L7 proxy refused its part (certificate, listeners).
+    #[error("l7 refused, nothing changed: {0}")]
+    L7(String),
+    /// The planner refused it, or applying it failed and was undone.
+    #[error("reload refused, nothing changed: {0}")]
+    Reconcile(#[from] ReconcileError),
+}
+
+impl Daemon {
+    /// Loads, adopts or attaches, and applies the config.
+    pub async fn start(
+        opts: RunOptions,
+        health_events: mpsc::UnboundedSender<HealthEvent>,
+    ) -> anyhow::Result<Self> {
+        let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pin = opts
+            .pin_path
+            .clone()
+            .unwrap_or_else(|| cfg.pin_path.clone());
+        cfg.check_host()?;
+        let mut dp = Dataplane::load(&LoadOptions {
+            pin_path: Some(pin.clone()),
+            flow_entries: cfg.flow_table_size,
+        })?;
+        if dp.adopted {
+            info!(pin_path = %pin.display(), "adopted pinned maps: established flows continue");
+        }
+        let admin_file = admin_file(&cfg);
+        let ops = operator::load(&admin_file).unwrap_or_else(|e| {
+            warn!(path = %admin_file.display(), error = %e, "ignoring unreadable operator states");
+            OperatorStates::new()
+        });
+        let health_file = health_file(&cfg);
+        let book = plan::load_health(&health_file).unwrap_or_else(|e| {
+            warn!(path = %health_file.display(), error = %e, "ignoring an unreadable health record");
+            HealthBook::new()
+        });
+        let p = crate::control::reconcile(&mut dp, &cfg, None, &book, &ops)?;
+        for ((svc, addr), o) in &ops {
+            info!(service = %svc, backend = %addr, state = ?o.admin, "operator state restored");
+        }
+        // The first choice of an active backend is no failover (failover.rs logs it).
+        let state = p.next;
+        for iface in &cfg.interfaces {
+            net::enable_forwarding(iface)?;
+            dp.attach(iface, cfg.xdp_mode)
+                .with_context(|| format!("attaching to {iface}"))?;
+        }
+        let gc_timeouts = std::sync::Arc::new(std::sync::Mutex::new(timeouts(&cfg)));
+        let gc = crate::control::flow_expiry::Collector::start(
+            &pin,
+            gc_timeouts.clone(),
+            Duration::from_secs(5),
+        )?;
+        let l7 = match &cfg.l7 {
+            Some(l7) => {
+                // Its addresses were put on the interface with the VIPs.
+                Some(
+                    balancer_l7::L7::start(l7.clone())
+                        .await
+                        .context("starting the L7 proxy")?,
+                )
+            }
+            None => None,
+        };
+        let board = StatusBoard::new(
+            Published {
+                status: Status::default(),
+                slots: Vec::new(),
+            },
+            Dataplane::open_pinned(&pin).context("opening the pinned maps for status readers")?,
+            gc.entries.clone(),
+            l7.as_ref().map(balancer_l7::L7::metrics_handle),
+            Instant::now(),
+        );
+        let mut d = Daemon {
+            opts,
+            cfg,
+            dp,
+            state,
+            monitor: Monitor::new(health_events),
+            checks: Checks::default(),
+            l7,
+            gc_timeouts,
+            _flow_expiry: gc,
+            board,
+            reloads: 0,
+            config_errors: 0,
+            failovers: 0,
+        };
+        d.register_checks();
+        d.prime_neighbours(true);
+        d.save_health();
+        d.publish();
+        Ok(d)
+    }
+
+    /// Resolves backends' neighbours: all of them (`all`), or those no health check touches.
+    fn prime_neighbours(&self, all: bool) {
+        for s in self.state.services.values() {
+            if all || s.spec.health.is_none() {
+                for b in &s.backends {
+                    net::prime_neighbour(b.address.ip());
+                }
+            }
+        }
+    }
+
+    /// Makes the registered checks those of the state in force (and of the L7 pools): an
+    /// unchanged check keeps running, a changed one restarts from the last known result.
+    fn register_checks(&mut self) {
+        let mut wanted = Vec::new();
+        if let Some(l7) = &self.cfg.l7 {
+            for pool in &l7.pools {
+                let Some(spec) = &pool.health else { continue };
+                let owner = Owner::Pool(pool.name.clone());
+                for b in &pool.backends {
+                    let initial = self
+                        .checks
+                        .id_of(&owner, b.address)
+                        .and_then(|id| self.monitor.state(id))
+                        .unwrap_or(Checked::Up);
+                    wanted.push((owner.clone(), b.address, spec.clone(), initial));
+                }
+            }
+        }
+        for (name, s) in &self.state.services {
+            let Some(spec) = &s.spec.health else {
+                continue;
+            };
+            for b in &s.backends {
+                let initial = if b.health == BackendHealth::Down {
+                    Checked::Down
+                } else {
+                    Checked::Up
+                };
+                wanted.push((
+                    Owner::Service(name.clone()),
+                    b.address,
+                    spec.clone(),
+                    initial,
+                ));
+            }
+        }
+        let changes = self.checks.reconcile(wanted);
+        for id in changes.stop {
+            self.monitor.remove(id);
+        }
+        for c in changes.start {
+            self.monitor.add(c.id, c.address, c.spec, c.initial);
+        }
+        // A checked backend starts up (it needs `fall` failures to go down), as the monitor
+        // sees it; both states mean the same to the dataplane, so no map write.
+        for s in self.state.services.values_mut() {
+            if s.spec.health.is_some() {
+                for b in &mut s.backends {
+                    if b.health == BackendHealth::Unchecked {
+                        b.health = BackendHealth::Up;
+                    }
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, ev: Option<Event>) {
+        if let Some(Event::Failover { service, from, to }) = ev {
+            self.failovers += 1;
+            match to {
+                Some(to) => {
+                    info!(service = %service, from = ?from, to = %to, "failover: new active backend")
+                }
+                None => {
+                    warn!(service = %service, from = ?from, "failover: no healthy backend left; new connections are refused")
+                }
+            }
+        }
+    }
+
+    /// Applies one health change and publishes the status.
+    pub fn on_health(&mut self, ev: HealthEvent) {
+        self.apply_health(ev);
+        self.publish();
+    }
+
+    /// Applies one health change. An event of a superseded registration is dropped.
+    fn apply_health(&mut self, ev: HealthEvent) {
+        let Some(reg) = self.checks.resolve(ev.target) else {
+            debug!(
+                target_id = ev.target,
+                "health event of a superseded check dropped"
+            );
+            return;
+        };
+        let service = match &reg.owner {
+            Owner::Pool(pool) => {
+                if let Some(l7) = &self.l7 {
+                    l7.set_backend_health(pool, reg.address, ev.health.is_up());
+                    info!(pool = %pool, backend = %reg.address, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
+                }
+                return;
+            }
+            Owner::Service(s) => s.clone(),
+        };
+        let address = reg.address;
+        let new = if ev.health.is_up() {
+            BackendHealth::Up
+        } else {
+            BackendHealth::Down
+        };
+        let change = match self.state.health_change(&service, address, new) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                error!(service = %service, backend = %address, error = %e, "health event for an unknown backend");
+                return;
+            }
+        };
+        let old = self
+            .state
+            .services
+            .get(&service)
+            .and_then(|s| s.backends.iter().find(|b| b.address == address))
+            .map(|b| b.health);
+        match self.state.set(&mut self.dp, Some(change)) {
+            Ok(event) => {
+                let took = ev.at.elapsed();
+                info!(
+                    service = %service,
+                    backend = %address,
+                    old = ?old,
+                    new = ?new,
+                    reason = %ev.reason,
+                    map_update_us = took.as_micros() as u64,
+                    "backend health changed"
+                );
+                self.note(event);
+                self.save_health();
+            }
+            Err(e) => {
+                error!(service = %service, backend = %address, error = %e, "cannot apply health change")
+            }
+        }
+    }
+
+    /// Re-reads the config file; a refused or failed reload changes nothing.
+    pub async fn reload(&mut self) -> Result<String, String> {
+        let r = self.reload_inner();
+        self.publish();
+        r
+    }
+
+    fn reload_inner(&mut self) -> Result<String, String> {
+        match self.try_reload() {
+            Ok(n) => {
+                info!(services = n, "config reloaded");
+                Ok(format!("reloaded: {n} services"))
+            }
+            Err(e) => {
+                self.config_errors += 1;
+                error!(error = %e, "reload refused: the running config keeps serving");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn try_reload(&mut self) -> Result<usize, ReloadError> {
+        let new = config::load(&self.opts.config)?;
+        new.check_host()?;
+        if new.interfaces != self.cfg.interfaces {
+            return Err(ReloadError::RestartNeeded("interfaces"));
+        }
+        if new.pin_path != self.cfg.pin_path {
+            return Err(ReloadError::RestartNeeded("pin_path"));
+        }
+        // L7 is checked first (certificates, listeners) and made live only after L4 applied.
+        let l7 = match (&self.l7, &new.l7) {
+            (Some(l7), Some(c)) => Some(
+                l7.prepare(c.clone())
+                    .map_err(|e| ReloadError::L7(format!("{e:#}")))?,
+            ),
+            (None, None) => None,
+            _ => return Err(ReloadError::RestartNeeded("adding or removing [l7]")),
+        };
+        let health = plan::health_book(&self.state);
+        let ops = operator::from_state(&self.state);
+        let p = crate::control::reconcile(&mut self.dp, &new, Some(&self.state), &health, &ops)?;
+        if let (Some(l7), Some(prepared)) = (&self.l7, l7) {
+            l7.commit(prepared);
+        }
+        // Active backends a reload changes are logged by failover.rs, not counted as failovers.
+        self.state = p.next;
+        if let Ok(mut t) = self.gc_timeouts.lock() {
+            *t = timeouts(&new);
+        }
+        self.cfg = new;
+        self.reloads += 1;
+        self.register_checks();
+        self.prime_neighbours(true);
+        self.save_admin();
+        self.save_health();
+        Ok(self.state.services.len())
+    }
+
+    /// Answers an operator request.
+    pub async fn on_request(&mut self, req: Request) -> Result<serde_json::Value, String> {
+        let (verb, service, backend) = match req {
+            Request::Status => {
+                return serde_json::to_value(self.status()).map_err(|e| e.to_string());
+            }
+            Request::Reload => {
+                return self
+                    .reload()
+                    .await
+                    .map(|m| serde_json::json!({ "ok": true, "message": m }));
+            }
+            Request::Backend {
+                verb,
+                service,
+                backend,
+            } => (verb, service, backend),
+        };
+        let addr = self
+            .state
+            .find(&service, &backend)
+            .map_err(|e| e.to_string())?;
+        let old = self
+            .state
+            .services
+            .get(&service)
+            .and_then(|s| s.backends.iter().find(|b| b.address == addr))
+            .map(|b| b.admin);
+        let admin = verb.admin();
+        let change = self
+            .state
+            .admin_change(&service, addr, admin)
+            .map_err(|e| e.to_string())?;
+        let event = self
+            .state
+            .set(&mut self.dp, change)
+            .map_err(|e| e.to_string())?;
+        self.note(event);
+        info!(service = %service, backend = %addr, old = ?old, new = ?admin, reason = "operator", "backend admin state changed");
+        self.save_admin();
+        self.publish();
+        Ok(
+            serde_json::json!({ "ok": true, "message": format!("{}: {service} {addr}", verb.name()) }),
+        )
+    }
+
+    /// The status, counters read now (what `status` and the metrics endpoint answer).
+    pub fn status(&self) -> Status {
+        self.board.status()
+    }
+
+    /// Publishes the daemon's part of the status for readers.
+    fn publish(&self) {
+        self.board.publish(self.published());
+    }
+
+    /// The daemon's part of the status: everything but the counters.
+    fn published(&self) -> Published {
+        let mut slots = Vec::new();
+        let services = self
+            .state
+            .services
+            .values()
+            .map(|s| {
+                slots.push((s.id, s.backends.iter().map(|b| b.slot).collect()));
+                ServiceStatus {
+                    name: s.spec.name.clone(),
+                    vip: s.spec.vip,
+                    protocol: s.spec.protocol,
+                    forwarding: s.spec.forwarding,
+                    scheduler: s.spec.scheduler,
+                    health_check: s.spec.health.as_ref().map(|h| h.kind.name().to_string()),
+                    active: s.active.and_then(|a| s.backends.get(a)).map(|b| b.address),
+                    traffic: Traffic::default(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| BackendStatus {
+                            address: b.address,
+                            weight: b.weight,
+                            priority: b.priority,
+                            admin: b.admin,
+                            health: b.health,
+                            state: s.slot_state(i),
+                            active: s.active == Some(i),
+                            check_latency_ms: self
+                                .checks
+                                .id_of(&Owner::Service(s.spec.name.clone()), b.address)
+                                .and_then(|id| self.monitor.last_latency(id))
+                                .map(|d| d.as_secs_f64() * 1e3),
+                            traffic: Traffic::default(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Published {
+            status: Status {
+                config: self.opts.config.display().to_string(),
+                interfaces: self.cfg.interfaces.clone(),
+                uptime_secs: 0,
+                reloads: self.reloads,
+                config_errors: self.config_errors,
+                failovers: self.failovers,
+                flows: 0,
+                reasons: Default::default(),
+                services,
+                l7_backends: self.l7_backends(),
+                l7: None,
+            },
+            slots,
+        }
+    }
+}
+
+/// Starts the control socket and the metrics endpoint. Status requests are answered from
+/// the published snapshot, off the daemon loop; the others go to the loop.
+fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
+    let (tx, mut rx) = mpsc::channel::<Message>(64);
+    let board = d.board.clone();
+    let to_daemon = daemon_tx.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if msg.request == Request::Status {
+                let board = board.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = serde_json::to_value(board.status()).map_err(|e| e.to_string());
+                    let _ = msg.reply.send(reply);
+                });
+            } else {
+                // Its own task: a busy loop must not hold up the status requests behind it.
+                let t = to_daemon.clone();
+                tokio::spawn(async move {
+                    let _ = t.send(msg).await;
+                });
+            }
+        }
+    });
+    let socket = d.cfg.socket.clone();
+    let t = tx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::api::server::serve(&socket, t).await {
+            error!(error = %e, "control socket failed");
+        }
+    });
+    if let Some(addr) = d.cfg.metrics {
+        let t = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::metrics::serve(addr, t).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+}
+
+/// Where operator overrides are kept across controller restarts: beside the control socket
+/// (a runtime directory: a reboot starts from the config again).
+fn admin_file(cfg: &Validated) -> PathBuf {
+    cfg.socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/run/balancer"))
+        .join("admin-state.json")
+}
+
+/// Where the last known health is kept for the next controller (beside the operator states).
+fn health_file(cfg: &Validated) -> PathBuf {
+    admin_file(cfg).with_file_name("health-state.json")
+}
+
+impl Daemon {
+    /// Writes the last known health of every backend.
+    fn save_health(&self) {
+        let path = health_file(&self.cfg);
+        if let Err(e) = plan::save_health(&path, &self.state) {
+            warn!(path = %path.display(), error = %e, "cannot save backend health; a restarted controller starts from the pinned states");
+        }
+    }
+
+    /// Writes the operator overrides.
+    fn save_admin(&self) {
+        let path = admin_file(&self.cfg);
+        if let Err(e) = operator::save(&path, &self.state) {
+            warn!(path = %path.display(), error = %e, "cannot save operator states; they will not survive a restart");
+        }
+    }
+
+    /// Members of the L7 pools with their checked health (counters are filled when read).
+    fn l7_backends(&self) -> Vec<crate::api::protocol::L7BackendStatus> {
+        let Some(l7) = &self.cfg.l7 else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for pool in &l7.pools {
+            let owner = Owner::Pool(pool.name.clone());
+            for b in &pool.backends {
+                let id = self.checks.id_of(&owner, b.address);
+                let health = match (
+                    pool.health.is_some(),
+                    id.and_then(|id| self.monitor.state(id)),
+                ) {
+                    (false, _) | (true, None) => BackendHealth::Unchecked,
+                    (true, Some(Checked::Up)) => BackendHealth::Up,
+                    (true, Some(Checked::Down)) => BackendHealth::Down,
+                };
+                out.push(crate::api::protocol::L7BackendStatus {
+                    pool: pool.name.clone(),
+                    address: b.address,
+                    health,
+                    check_latency_ms: id
+                        .and_then(|id| self.monitor.last_latency(id))
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    requests: 0,
+                    connect_failures: 0,
+                });
+            }
+        }
+        out
+    }
+}
+
+fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
+    crate::control::flow_expiry::Timeouts {
+        tcp_idle: u32::try_from(cfg.tcp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
+        udp_idle: u32::try_from(cfg.udp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
+    }
+}
+
+/// Runs until SIGTERM / SIGINT. The dataplane keeps forwarding after the process exits
+/// (everything is pinned); `balancer teardown` removes it.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut d = Daemon::start(opts, ev_tx).await?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
+    start_endpoints(&d, &ctl_tx);
+    info!(
+        services = d.state.services.len(),
+        interfaces = ?d.cfg.interfaces,
+        "balancer ready"
+    );
+    crate::host::systemd::ready();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut neigh = tokio::time::interval(Duration::from_secs(10));
+    // Check latencies change without events: refresh the published status now and then.
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    // The watchdog is fed from this loop, so a stuck loop gets the daemon restarted.
+    let mut dog = tokio::time::interval(
+        crate::host::systemd::watchdog_period()
+            .map(|p| p / 2)
+            .unwrap_or(Duration::from_secs(3600)),
+    );
+    loop {
+        tokio::select! {
+            _ = dog.tick() => crate::host::systemd::watchdog(),
+            _ = neigh.tick() => d.prime_neighbours(false),
+            _ = refresh.tick() => d.publish(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                crate::host::systemd::reloading();
+                let _ = d.reload().await;
+                crate::host::systemd::ready();
+            }
+            Some(ev) = ev_rx.recv() => d.on_health(ev),
+            Some(msg) = ctl_rx.recv() => {
+                let reload = msg.request == Request::Reload;
+                if reload {
+                    crate::host::systemd::reloading();
+                }
+                let reply = d.on_request(msg.request).await;
+                if reload {
+                    crate::host::systemd::ready();
+                }
+                let _ = msg.reply.send(reply);
+            }
+        }
+    }
+    crate::host::systemd::stopping();
+    if let Some(l7) = d.l7.take() {
+        l7.shutdown(Duration::from_secs(10)).await;
+    }
+    info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! The status as readers see it: what only the daemon knows (services, backends, health,
+//! operator states, reload counts) is published as an immutable snapshot after every change;
+//! counters are read from the pinned maps by the reader itself. So `status` and a metrics
+//! scrape never wait for the daemon loop, a reload or a burst of health events.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    api::protocol::Status,
+    dataplane::{Dataplane, counters::Traffic},
+};
+
+/// The daemon's part of the status: `traffic`, `flows`, `uptime_secs`, `reasons` and the L7
+/// counters are filled in when read.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The status without counters.
+    pub status: Status,
+    /// For each service of `status` (same order): its id and its backends' slots.
+    pub slots: Vec<(u32, Vec<u32>)>,
+}
+
+/// Where the daemon publishes and readers read.
+#[derive(Clone)]
+pub struct StatusBoard {
+    published: Arc<ArcSwap<Published>>,
+    maps: Arc<Mutex<Dataplane>>,
+    flows: Arc<AtomicU64>,
+    l7: Option<balancer_l7::MetricsHandle>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for StatusBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusBoard").finish_non_exhaustive()
+    }
+}
+
+impl StatusBoard {
+    /// A board starting with `first`; `maps` is a read-only handle on the pinned maps.
+    pub fn new(
+        first: Published,
+        maps: Dataplane,
+        flows: Arc<AtomicU64>,
+        l7: Option<balancer_l7::MetricsHandle>,
+        started: Instant,
+    ) -> Self {
+        StatusBoard {
+            published: Arc::new(ArcSwap::from_pointee(first)),
+            maps: Arc::new(Mutex::new(maps)),
+            flows,
+            l7,
+            started,
+        }
+    }
+
+    /// Replaces the daemon's part (readers in flight keep the one they loaded).
+    pub fn publish(&self, p: Published) {
+        self.published.store(Arc::new(p));
+    }
+
+    /// The whole status, with counters read now.
+    pub fn status(&self) -> Status {
+        let p = self.published.load_full();
+        let mut s = p.status.clone();
+        s.uptime_secs = self.started.elapsed().as_secs();
+        s.flows = usize::try_from(self.flows.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        // Only readers share this lock; the daemon has maps of its own.
+        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        s.reasons = maps
+            .reasons()
+            .into_iter()
+            .map(|(r, v)| (r.name().to_string(), v))
+            .collect();
+        for (svc, (id, slots)) in s.services.iter_mut().zip(&p.slots) {
+            svc.traffic = maps.service_counters(*id).into();
+            for (b, slot) in svc.backends.iter_mut().zip(slots) {
+                b.traffic = Traffic::from(maps.backend_counters(*slot));
+            }
+        }
+        drop(maps);
+        if let Some(l7) = &self.l7 {
+            let m = l7.snapshot();
+            for b in &mut s.l7_backends {
+                let c = m
+                    .backends
+                    .iter()
+                    .find(|x| x.pool == b.pool && x.address == b.address);
+                b.requests = c.map_or(0, |c| c.requests);
+                b.connect_failures = c.map_or(0, |c| c.connect_failures);
+            }
+            s.l7 = Some(m);
+        }
+        s
+    }
+}
