@@ -334,11 +334,8 @@ impl TryFrom<RawSpec> for HealthSpec {
             ("sni", r.sni.is_some(), r.kind == RawKind::Https),
             ("message", r.message.is_some(), r.kind == RawKind::Mllp),
         ];
-        if let Some((key, ..)) = present.iter().find(|(_, set, allowed)| *set && !allowed) {
-            return Err(SpecError::KeyOfOtherKind {
-                key: *key,
-                kind: name,
-            });
+        if let Some(&(key, ..)) = present.iter().find(|(_, set, allowed)| *set && !allowed) {
+            return Err(SpecError::KeyOfOtherKind { key, kind: name });
         }
         let path = r.path.unwrap_or_else(|| DEFAULT_PATH.to_string());
         let expect_status = r
