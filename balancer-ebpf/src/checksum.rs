@@ -147,9 +147,10 @@ mod tests {
     #[test]
     fn udp_zero_checksum_kept_and_zero_result_sent_as_ffff() {
         assert_eq!(apply_udp(0, diff16(0, 1, 2)), 0);
-        // A checksum that would become 0x0000 is sent as 0xffff.
-        let c = apply_udp(0xfffe, diff16(0, 0, 1));
-        assert_ne!(c, 0);
+        // Stored 0x0001, one word 0 -> 1: the updated sum is 0x0000, which UDP sends as 0xffff.
+        let d = diff16(0, 0, 1);
+        assert_eq!(apply(0x0001, d), 0, "the case must reach the zero branch");
+        assert_eq!(apply_udp(0x0001, d), 0xffff);
     }
 
     #[test]

@@ -33,12 +33,14 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod error;
 pub mod mllp;
 mod monitor;
 mod probe;
 mod spec;
 mod tls;
 
+pub use error::{IoReason, ProbeError, SpecError};
 pub use monitor::{Health, HealthEvent, Monitor, TargetId};
 pub use probe::probe;
 pub use spec::{CheckKind, HealthSpec};

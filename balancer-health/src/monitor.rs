@@ -260,7 +260,7 @@ async fn run_target(
             shared.up.store(health == Health::Up, Ordering::Relaxed);
             let reason = match &result {
                 Ok(s) => s.detail.clone(),
-                Err(r) => r.clone(),
+                Err(e) => e.to_string(),
             };
             // debug: the controller logs each change once, at info, when it acts on it.
             tracing::debug!(target_id = id, %addr, kind, %health, %reason, "health changed");

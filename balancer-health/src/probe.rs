@@ -20,7 +20,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{CheckKind, HealthSpec, mllp, tls};
+use crate::{CheckKind, HealthSpec, IoReason, ProbeError, mllp, tls};
 
 /// Most of a response body read to look for `body_contains`.
 const MAX_BODY: usize = 64 * 1024;
@@ -33,7 +33,7 @@ const MAX_ACK: usize = 64 * 1024;
 /// `"connect refused"`, `"status 503"`, `"MSA-1 AE"` or `"timeout 200ms"`. A reason never
 /// contains response bodies or HL7 content. For `https`, the CA file is read on every call;
 /// [`crate::Monitor`] reads it once per target.
-pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<Duration, String> {
+pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<Duration, ProbeError> {
     Prober::new(addr, spec.clone())
         .run()
         .await
@@ -53,7 +53,7 @@ pub(crate) struct Success {
 pub(crate) struct Prober {
     addr: SocketAddr,
     spec: HealthSpec,
-    tls: Option<Result<Arc<ClientConfig>, String>>,
+    tls: Option<Result<Arc<ClientConfig>, ProbeError>>,
 }
 
 impl Prober {
@@ -69,7 +69,7 @@ impl Prober {
     }
 
     /// One check, bounded by the spec's timeout.
-    pub(crate) async fn run(&self) -> Result<Success, String> {
+    pub(crate) async fn run(&self) -> Result<Success, ProbeError> {
         let start = Instant::now();
         match tokio::time::timeout(self.spec.timeout, self.check()).await {
             Ok(Ok(detail)) => Ok(Success {
@@ -77,11 +77,11 @@ impl Prober {
                 detail,
             }),
             Ok(Err(reason)) => Err(reason),
-            Err(_) => Err(format!("timeout {:?}", self.spec.timeout)),
+            Err(_) => Err(ProbeError::Timeout(self.spec.timeout)),
         }
     }
 
-    async fn check(&self) -> Result<String, String> {
+    async fn check(&self) -> Result<String, ProbeError> {
         match &self.spec.kind {
             CheckKind::Tcp => {
                 connect(self.addr).await?;
@@ -115,14 +115,14 @@ impl Prober {
                 let config = match &self.tls {
                     Some(Ok(c)) => c.clone(),
                     Some(Err(e)) => return Err(e.clone()),
-                    None => return Err("tls setup missing".into()),
+                    None => return Err(ProbeError::TlsSetup("missing".into())),
                 };
                 let name = tls::server_name(sni.as_deref(), host.as_deref(), self.addr.ip())?;
                 let stream = connect(self.addr).await?;
                 let stream = tokio_rustls::TlsConnector::from(config)
                     .connect(name, stream)
                     .await
-                    .map_err(|e| tls::handshake_reason(&e))?;
+                    .map_err(|e| tls::handshake_error(&e))?;
                 let authority = host.clone().unwrap_or_else(|| self.addr.to_string());
                 http_get(
                     stream,
@@ -144,31 +144,13 @@ impl Prober {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("connect {}", io_reason(&e)))?;
+        .map_err(|e| ProbeError::Connect(IoReason::from(&e)))?;
     // Small request, answer awaited at once: do not let Nagle hold it back.
     let _ = stream.set_nodelay(true);
     Ok(stream)
-}
-
-/// A short name for an I/O error, from its kind (no OS text, no payload).
-pub(crate) fn io_reason(e: &io::Error) -> String {
-    use io::ErrorKind as K;
-    match e.kind() {
-        K::ConnectionRefused => "refused".into(),
-        K::ConnectionReset => "reset".into(),
-        K::ConnectionAborted => "aborted".into(),
-        K::TimedOut => "timed out".into(),
-        K::UnexpectedEof => "closed by peer".into(),
-        K::BrokenPipe => "broken pipe".into(),
-        K::HostUnreachable => "host unreachable".into(),
-        K::NetworkUnreachable => "network unreachable".into(),
-        K::AddrNotAvailable => "address not available".into(),
-        K::PermissionDenied => "permission denied".into(),
-        other => format!("error ({other:?})"),
-    }
 }
 
 /// Aborts the spawned connection driver when the exchange ends, whatever its outcome.
@@ -186,13 +168,13 @@ async fn http_get<S>(
     path: &str,
     expect_status: &[u16],
     body_contains: Option<&str>,
-) -> Result<String, String>
+) -> Result<String, ProbeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| http_reason(&e))?;
+        .map_err(|e| http_error(&e))?;
     let _driver = AbortOnDrop(tokio::spawn(async move {
         let _ = conn.await;
     }));
@@ -201,23 +183,26 @@ where
         .header(USER_AGENT, "balancer-health")
         .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|_| "http: invalid request".to_string())?;
+        .map_err(|_| ProbeError::InvalidRequest)?;
     let response = sender
         .send_request(request)
         .await
-        .map_err(|e| http_reason(&e))?;
+        .map_err(|e| http_error(&e))?;
     let status = response.status().as_u16();
     if !expect_status.contains(&status) {
-        return Err(format!("status {status}"));
+        return Err(ProbeError::Status(status));
     }
     if let Some(needle) = body_contains {
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|_| format!("status {status}, body unreadable or over {MAX_BODY} bytes"))?
+            .map_err(|_| ProbeError::BodyUnreadable {
+                status,
+                max: MAX_BODY,
+            })?
             .to_bytes();
         if !contains(&body, needle.as_bytes()) {
-            return Err(format!("status {status}, body mismatch"));
+            return Err(ProbeError::BodyMismatch(status));
         }
         return Ok(format!("status {status}, body match"));
     }
@@ -225,7 +210,7 @@ where
 }
 
 /// hyper's error kinds, named without any of the bytes that caused them.
-fn http_reason(e: &hyper::Error) -> String {
+fn http_error(e: &hyper::Error) -> ProbeError {
     let what = if e.is_parse() || e.is_parse_status() {
         "malformed response"
     } else if e.is_incomplete_message() {
@@ -237,33 +222,37 @@ fn http_reason(e: &hyper::Error) -> String {
     } else {
         "exchange failed"
     };
-    format!("http: {what}")
+    ProbeError::Http(what)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-async fn mllp_exchange(addr: SocketAddr, message: &[u8]) -> Result<String, String> {
+async fn mllp_exchange(addr: SocketAddr, message: &[u8]) -> Result<String, ProbeError> {
     let mut stream = connect(addr).await?;
     stream
         .write_all(&mllp::frame(message))
         .await
-        .map_err(|e| format!("mllp send: {}", io_reason(&e)))?;
+        .map_err(|e| ProbeError::MllpSend(IoReason::from(&e)))?;
     let mut reader = BufReader::new(stream);
     let reply = mllp::read_frame(&mut reader, MAX_ACK)
         .await
         .map_err(|e| match e.kind() {
-            io::ErrorKind::InvalidData => format!("mllp: {e}"),
-            io::ErrorKind::UnexpectedEof => "mllp: connection closed before ACK".to_string(),
-            _ => format!("mllp receive: {}", io_reason(&e)),
+            // read_frame's InvalidData messages name the problem, never the bytes.
+            io::ErrorKind::InvalidData => ProbeError::MllpFrame(e.to_string()),
+            io::ErrorKind::UnexpectedEof => ProbeError::MllpClosed,
+            _ => ProbeError::MllpReceive(IoReason::from(&e)),
         })?;
     match mllp::ack_code(&reply).as_deref() {
         Some(code @ ("AA" | "CA")) => Ok(format!("MSA-1 {code}")),
         // Known codes only: anything else in MSA-1 is payload and is not echoed.
-        Some(code @ ("AE" | "AR" | "CE" | "CR")) => Err(format!("MSA-1 {code}")),
-        Some(_) => Err("mllp: MSA-1 is not an acknowledgment code".into()),
-        None => Err("mllp: reply without MSA segment".into()),
+        Some("AE") => Err(ProbeError::Nack("AE")),
+        Some("AR") => Err(ProbeError::Nack("AR")),
+        Some("CE") => Err(ProbeError::Nack("CE")),
+        Some("CR") => Err(ProbeError::Nack("CR")),
+        Some(_) => Err(ProbeError::NotAnAck),
+        None => Err(ProbeError::NoMsa),
     }
 }
 
@@ -281,6 +270,9 @@ mod tests {
     #[test]
     fn io_reasons_are_short() {
         let e = io::Error::from(io::ErrorKind::ConnectionRefused);
-        assert_eq!(format!("connect {}", io_reason(&e)), "connect refused");
+        assert_eq!(
+            ProbeError::Connect(IoReason::from(&e)).to_string(),
+            "connect refused"
+        );
     }
 }

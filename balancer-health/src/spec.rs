@@ -4,6 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
+use crate::SpecError;
+
 /// Default time between two checks of one target (HAProxy's `inter`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 /// Upper bound of the default timeout (the default is half the interval, at most this).
@@ -160,31 +162,31 @@ impl HealthSpec {
     /// `rise, fall` in `1..=1000`, HTTP path starting with `/`, status codes in `100..=599`,
     /// no `ca_file` together with `insecure`, a well-formed `sni`, an MLLP message starting
     /// with `MSH`. Returns a short human-readable message on the first problem.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         if self.port == Some(0) {
-            return Err("port must be 1..=65535".into());
+            return Err(SpecError::ZeroPort);
         }
         if self.interval < Duration::from_millis(1) {
-            return Err("interval must be at least 1ms".into());
+            return Err(SpecError::IntervalTooShort);
         }
         if self.timeout.is_zero() {
-            return Err("timeout must be above zero".into());
+            return Err(SpecError::ZeroTimeout);
         }
         if self.timeout >= self.interval {
-            return Err(format!(
-                "timeout ({:?}) must be below interval ({:?})",
-                self.timeout, self.interval
-            ));
+            return Err(SpecError::TimeoutNotBelowInterval {
+                timeout: self.timeout,
+                interval: self.interval,
+            });
         }
         if self.jitter > self.interval / 2 {
-            return Err(format!(
-                "jitter ({:?}) must be at most half the interval ({:?})",
-                self.jitter, self.interval
-            ));
+            return Err(SpecError::JitterTooLarge {
+                jitter: self.jitter,
+                interval: self.interval,
+            });
         }
-        for (name, v) in [("rise", self.rise), ("fall", self.fall)] {
-            if !(1..=1000).contains(&v) {
-                return Err(format!("{name} must be between 1 and 1000, got {v}"));
+        for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=1000).contains(&value) {
+                return Err(SpecError::CountOutOfRange { name, value });
             }
         }
         match &self.kind {
@@ -216,11 +218,11 @@ impl HealthSpec {
                     host.as_deref(),
                 )?;
                 if *insecure && ca_file.is_some() {
-                    return Err("insecure = true and ca_file contradict each other".into());
+                    return Err(SpecError::InsecureWithCaFile);
                 }
                 if let Some(sni) = sni {
                     rustls_pki_types::ServerName::try_from(sni.as_str())
-                        .map_err(|_| format!("sni {sni:?} is not a DNS name or IP address"))?;
+                        .map_err(|_| SpecError::BadSni(sni.clone()))?;
                 }
                 Ok(())
             }
@@ -229,12 +231,12 @@ impl HealthSpec {
                 Some(m) => {
                     let b = m.as_bytes();
                     if !m.starts_with("MSH") || b.len() < 8 {
-                        return Err("mllp message must start with an MSH segment".into());
+                        return Err(SpecError::MllpWithoutMsh);
                     }
                     if b.iter()
                         .any(|&c| c == crate::mllp::START || c == crate::mllp::END)
                     {
-                        return Err("mllp message must not contain MLLP framing bytes".into());
+                        return Err(SpecError::MllpFramingBytes);
                     }
                     Ok(())
                 }
@@ -248,26 +250,24 @@ fn validate_http(
     expect_status: &[u16],
     body_contains: Option<&str>,
     host: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), SpecError> {
     let printable = |s: &str| s.bytes().all(|c| c.is_ascii_graphic());
     if !path.starts_with('/') || !printable(path) {
-        return Err(format!(
-            "path {path:?} must start with '/' and hold no spaces"
-        ));
+        return Err(SpecError::BadPath(path.to_string()));
     }
     if expect_status.is_empty() {
-        return Err("expect_status must not be empty".into());
+        return Err(SpecError::NoExpectStatus);
     }
     if let Some(bad) = expect_status.iter().find(|s| !(100..=599).contains(*s)) {
-        return Err(format!("expect_status {bad} is not in 100..=599"));
+        return Err(SpecError::BadStatus(*bad));
     }
     if body_contains == Some("") {
-        return Err("body_contains must not be empty".into());
+        return Err(SpecError::EmptyBodyContains);
     }
     if let Some(h) = host
         && (h.is_empty() || !printable(h))
     {
-        return Err(format!("host {h:?} must be non-empty and hold no spaces"));
+        return Err(SpecError::BadHost(h.to_string()));
     }
     Ok(())
 }
@@ -314,9 +314,9 @@ enum RawKind {
 }
 
 impl TryFrom<RawSpec> for HealthSpec {
-    type Error = String;
+    type Error = SpecError;
 
-    fn try_from(r: RawSpec) -> Result<Self, String> {
+    fn try_from(r: RawSpec) -> Result<Self, SpecError> {
         let name = match r.kind {
             RawKind::Tcp => "tcp",
             RawKind::Http => "http",
@@ -334,8 +334,8 @@ impl TryFrom<RawSpec> for HealthSpec {
             ("sni", r.sni.is_some(), r.kind == RawKind::Https),
             ("message", r.message.is_some(), r.kind == RawKind::Mllp),
         ];
-        if let Some((key, ..)) = present.iter().find(|(_, set, allowed)| *set && !allowed) {
-            return Err(format!("`{key}` is not a key of kind = \"{name}\""));
+        if let Some(&(key, ..)) = present.iter().find(|(_, set, allowed)| *set && !allowed) {
+            return Err(SpecError::KeyOfOtherKind { key, kind: name });
         }
         let path = r.path.unwrap_or_else(|| DEFAULT_PATH.to_string());
         let expect_status = r

@@ -12,6 +12,8 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 
+use crate::{IoReason, ProbeError};
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -24,11 +26,11 @@ fn provider() -> Arc<CryptoProvider> {
 pub(crate) fn client_config(
     ca_file: Option<&Path>,
     insecure: bool,
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, ProbeError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| format!("tls setup: {e}"))?;
+        .map_err(|e| ProbeError::TlsSetup(e.to_string()))?;
     let mut config = if insecure {
         builder
             .dangerous()
@@ -45,15 +47,19 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
-fn load_ca_file(path: &Path) -> Result<RootCertStore, String> {
+fn load_ca_file(path: &Path) -> Result<RootCertStore, ProbeError> {
+    let bad = |e: rustls_pki_types::pem::Error| ProbeError::CaFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+        .map_err(bad)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        .map_err(bad)?;
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(format!("ca_file {}: no usable certificate", path.display()));
+        return Err(ProbeError::NoUsableCa(path.to_path_buf()));
     }
     Ok(roots)
 }
@@ -79,13 +85,13 @@ pub(crate) fn server_name(
     sni: Option<&str>,
     host: Option<&str>,
     ip: std::net::IpAddr,
-) -> Result<ServerName<'static>, String> {
+) -> Result<ServerName<'static>, ProbeError> {
     let name = match (sni, host) {
         (Some(s), _) => s.to_string(),
         (None, Some(h)) => strip_port(h).to_string(),
         (None, None) => return Ok(ServerName::IpAddress(ip.into())),
     };
-    ServerName::try_from(name).map_err(|_| "invalid server name".to_string())
+    ServerName::try_from(name).map_err(|_| ProbeError::ServerName)
 }
 
 /// `host:port` -> `host`, `[v6]:port` -> `v6`, anything else unchanged.
@@ -106,10 +112,10 @@ fn strip_port(h: &str) -> &str {
 }
 
 /// Short reason for a failed TLS handshake, from rustls' error when there is one.
-pub(crate) fn handshake_reason(e: &std::io::Error) -> String {
+pub(crate) fn handshake_error(e: &std::io::Error) -> ProbeError {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(tls) => format!("tls: {tls}"),
-        None => format!("tls: {}", crate::probe::io_reason(e)),
+        Some(tls) => ProbeError::Handshake(tls.to_string()),
+        None => ProbeError::Handshake(IoReason::from(e).to_string()),
     }
 }
 

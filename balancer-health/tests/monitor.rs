@@ -34,9 +34,20 @@ async fn next_event(rx: &mut UnboundedReceiver<HealthEvent>) -> HealthEvent {
         .expect("event channel closed")
 }
 
-/// Asserts that no event arrives during `d`.
-async fn quiet_for(rx: &mut UnboundedReceiver<HealthEvent>, d: Duration) {
-    if let Ok(ev) = tokio::time::timeout(d, rx.recv()).await {
+/// Waits until `count()` (checks a peer has served) has grown by `n + 1`, so that the
+/// results of `n` checks have been handled, then asserts that none of them gave an event.
+async fn no_event_over_checks(
+    rx: &mut UnboundedReceiver<HealthEvent>,
+    count: impl Fn() -> usize,
+    n: usize,
+) {
+    let start = count();
+    let deadline = Instant::now() + WAIT;
+    while count() < start + n + 1 {
+        assert!(Instant::now() < deadline, "checks stopped at {}", count());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Ok(ev) = rx.try_recv() {
         panic!("unexpected event: {ev:?}");
     }
 }
@@ -86,9 +97,7 @@ async fn rise_and_fall_debounce_and_events_only_on_change() {
     assert_eq!(monitor.state(7), Some(Health::Up));
 
     // Steady state: checks go on, no events.
-    let hits = server.hits();
-    quiet_for(&mut rx, Duration::from_millis(300)).await;
-    assert!(server.hits() > hits, "checks stopped");
+    no_event_over_checks(&mut rx, || server.hits(), 5).await;
     assert!(monitor.last_latency(7).is_some());
 
     // Failing: down only after 3 consecutive failures.
@@ -104,7 +113,7 @@ async fn rise_and_fall_debounce_and_events_only_on_change() {
     );
     assert_eq!(monitor.state(7), Some(Health::Down));
     assert_eq!(monitor.last_latency(7), None);
-    quiet_for(&mut rx, Duration::from_millis(200)).await;
+    no_event_over_checks(&mut rx, || server.hits(), 3).await;
 
     // Recovering.
     server.set_status(200);
@@ -125,8 +134,7 @@ async fn flapping_target_never_changes_state() {
         timing(CheckKind::http("/"), 40, 39, 3, 3),
         Health::Up,
     );
-    quiet_for(&mut rx, Duration::from_millis(600)).await;
-    assert!(server.hits() >= 6, "only {} checks", server.hits());
+    no_event_over_checks(&mut rx, || server.hits(), 8).await;
     assert_eq!(monitor.state(3), Some(Health::Up));
 }
 
@@ -151,14 +159,15 @@ async fn fifty_targets_are_checked_concurrently() {
     let (tx, mut rx) = unbounded_channel();
     let mut monitor = Monitor::new(tx);
     let mut want = HashMap::new();
+    let mut silent = Vec::new();
     for id in 0..50u64 {
         if id % 2 == 0 {
-            // Silent peers: each check takes the whole 300 ms timeout, so 25 of them one
-            // after the other would need 7.5 s.
+            // Silent peers: each check waits out its whole 300 ms timeout.
             let peer = common::mllp_server(MllpReply::Silence).await;
             let spec = timing(CheckKind::mllp(), 10_000, 300, 1, 1);
             monitor.add(id, peer.addr, spec, Health::Up);
             want.insert(id, Health::Down);
+            silent.push(peer);
         } else {
             let peer = common::mllp_server(MllpReply::Ack("AA")).await;
             let spec = timing(CheckKind::mllp(), 10_000, 300, 1, 1);
@@ -166,20 +175,25 @@ async fn fifty_targets_are_checked_concurrently() {
             want.insert(id, Health::Up);
         }
     }
-    let start = Instant::now();
     let mut got = HashMap::new();
     while got.len() < 50 {
         let ev = next_event(&mut rx).await;
+        if ev.health == Health::Down
+            && !got.values().any(|e: &HealthEvent| e.health == Health::Down)
+        {
+            // When the first silent check gives up, every silent peer already holds its
+            // message: the checks wait side by side, not one after the other.
+            let waiting = silent
+                .iter()
+                .filter(|p| !p.received.lock().unwrap().is_empty())
+                .count();
+            assert_eq!(waiting, silent.len(), "checks ran one after the other");
+        }
         assert!(
             got.insert(ev.target, ev.clone()).is_none(),
             "second event {ev:?}"
         );
     }
-    assert!(
-        start.elapsed() < Duration::from_secs(4),
-        "checks ran one after the other: {:?}",
-        start.elapsed()
-    );
     for (id, health) in &want {
         assert_eq!(got[id].health, *health, "target {id}");
         assert_eq!(monitor.state(*id), Some(*health));
@@ -194,14 +208,33 @@ async fn fifty_targets_are_checked_concurrently() {
 
 #[tokio::test]
 async fn remove_stops_checks_and_events() {
-    let down = common::closed_port().await;
+    let removed = common::http_server(503).await;
+    let other = common::http_server(200).await;
     let (tx, mut rx) = unbounded_channel();
     let mut monitor = Monitor::new(tx);
-    monitor.add(5, down, timing(CheckKind::Tcp, 100, 50, 1, 3), Health::Up);
+    monitor.add(
+        5,
+        removed.addr,
+        timing(CheckKind::http("/"), 20, 15, 1, 1),
+        Health::Up,
+    );
+    let ev = next_event(&mut rx).await;
+    assert_eq!((ev.target, ev.health), (5, Health::Down));
     monitor.remove(5);
     assert_eq!(monitor.state(5), None);
     assert_eq!(monitor.last_latency(5), None);
-    quiet_for(&mut rx, Duration::from_millis(500)).await;
+    // A check in flight at the removal may still reach the peer; none after it.
+    let hits = removed.hits() + 1;
+    removed.set_status(200);
+    monitor.add(
+        6,
+        other.addr,
+        timing(CheckKind::http("/"), 20, 15, 1, 1),
+        Health::Up,
+    );
+    // Ten checks of the other target, at the removed one's pace: none of the removed one.
+    no_event_over_checks(&mut rx, || other.hits(), 10).await;
+    assert!(removed.hits() <= hits, "checks went on after remove");
     monitor.remove(5); // unknown ids are ignored
 }
 
@@ -228,7 +261,6 @@ async fn add_replaces_a_target() {
     assert_eq!(ev.health, Health::Up);
     assert_eq!(monitor.state(1), Some(Health::Up));
     assert_eq!(monitor.targets().collect::<Vec<_>>(), vec![1]);
-    quiet_for(&mut rx, Duration::from_millis(200)).await;
 }
 
 #[tokio::test]

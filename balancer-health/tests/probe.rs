@@ -23,6 +23,7 @@ async fn run(addr: SocketAddr, spec: &HealthSpec) -> Result<Duration, String> {
     tokio::time::timeout(WAIT, probe(addr, spec))
         .await
         .expect("probe not bounded by its timeout")
+        .map_err(|e| e.to_string())
 }
 
 fn assert_no_payload(reason: &str) {
@@ -33,8 +34,7 @@ fn assert_no_payload(reason: &str) {
 #[tokio::test]
 async fn tcp_up_and_refused() {
     let up = common::tcp_listener().await;
-    let latency = run(up, &spec(CheckKind::Tcp)).await.unwrap();
-    assert!(latency < WAIT);
+    run(up, &spec(CheckKind::Tcp)).await.unwrap();
 
     let down = common::closed_port().await;
     let e = run(down, &spec(CheckKind::Tcp)).await.unwrap_err();

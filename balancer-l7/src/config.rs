@@ -53,9 +53,21 @@ pub struct ListenerConfig {
     /// Largest request head (request line plus headers) accepted; larger gets 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Largest request body accepted; larger gets 413. Unset means no limit.
+    /// Largest request body accepted; larger gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Client connections open at once on this listener; a connection past it is closed at
+    /// accept (counted in `connections_refused`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A write to the client that makes no progress for this long (a client that stops
+    /// reading its response) closes the connection (counted in `client_write_timeouts`).
+    #[serde(default = "default_client_write_timeout", with = "humantime_serde")]
+    pub client_write_timeout: Duration,
+    /// What becomes of a client's `X-Forwarded-For`: `append` the client address to it, or
+    /// `replace` it (and drop the client's `Forwarded` and `X-Real-IP`).
     #[serde(default)]
-    pub max_body_bytes: Option<u64>,
+    pub x_forwarded_for: ForwardedFor,
     /// Time a client has to send a complete request head; it also bounds an idle HTTP/1.1 keep-alive wait.
     #[serde(default = "default_client_header_timeout", with = "humantime_serde")]
     pub client_header_timeout: Duration,
@@ -65,6 +77,19 @@ pub struct ListenerConfig {
     /// Time a TLS handshake may take.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+}
+
+/// Handling of the forwarding headers a client sends.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardedFor {
+    /// Keep the client's `X-Forwarded-For` lines and append the client address (clients
+    /// behind a trusted proxy).
+    #[default]
+    Append,
+    /// `X-Forwarded-For` is the client address alone; `Forwarded` and `X-Real-IP` from the
+    /// client are removed, so a backend cannot be fooled by a forged chain.
+    Replace,
 }
 
 /// A certificate chain and its private key, PEM files.
@@ -116,6 +141,9 @@ pub struct RedirectConfig {
     /// Redirect status: 301, 302, 307 or 308.
     #[serde(default = "default_redirect_status")]
     pub status: u16,
+    /// Client connections open at once; a connection past it is closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 /// A route: requests whose host and path match go to `pool`.
@@ -138,6 +166,10 @@ pub struct RouteConfig {
     pub listeners: Vec<String>,
     /// Pool that serves the route.
     pub pool: String,
+    /// Put the request path (never the query string) in the access log. Off by default:
+    /// paths such as `/Patient/12345` identify patients.
+    #[serde(default)]
+    pub log_path: bool,
 }
 
 /// A pool of backends.
@@ -261,6 +293,15 @@ fn default_alpn() -> Vec<String> {
 fn default_max_header_bytes() -> usize {
     16 * 1024
 }
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_client_write_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_client_header_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -354,10 +395,16 @@ impl L7Config {
             if l.max_header_bytes < 1024 {
                 errs.push(format!("{at}: max_header_bytes must be at least 1024"));
             }
-            if l.client_header_timeout.is_zero() || l.idle_timeout.is_zero() {
+            if l.client_header_timeout.is_zero()
+                || l.idle_timeout.is_zero()
+                || l.client_write_timeout.is_zero()
+            {
                 errs.push(format!(
-                    "{at}: client_header_timeout and idle_timeout must be > 0"
+                    "{at}: client_header_timeout, idle_timeout and client_write_timeout must be > 0"
                 ));
+            }
+            if l.max_connections == 0 {
+                errs.push(format!("{at}: max_connections must be at least 1"));
             }
         }
         for (i, r) in self.redirects.iter().enumerate() {
@@ -367,6 +414,9 @@ impl L7Config {
             }
             if ![301, 302, 307, 308].contains(&r.status) {
                 errs.push(format!("{at}: status must be 301, 302, 307 or 308"));
+            }
+            if r.max_connections == 0 {
+                errs.push(format!("{at}: max_connections must be at least 1"));
             }
         }
         let mut pool_names = HashSet::new();

@@ -34,8 +34,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub use config::{
-    BackendConfig, BackendProtocol, CertificateConfig, L7Config, ListenerConfig, PoolConfig,
-    RedirectConfig, RouteConfig, Scheme, Selection, Sticky, TlsVersion, UnknownSni,
+    BackendConfig, BackendProtocol, CertificateConfig, ForwardedFor, L7Config, ListenerConfig,
+    PoolConfig, RedirectConfig, RouteConfig, Scheme, Selection, Sticky, TlsVersion, UnknownSni,
 };
 pub use metrics::{BackendMetrics, LATENCY_BUCKETS, Metrics, RouteMetrics};
 pub use tls::CertError;

@@ -54,6 +54,8 @@ pub(crate) struct Registry {
     pub(crate) tls_failures: AtomicU64,
     pub(crate) open_connections: AtomicU64,
     pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) client_write_timeouts: AtomicU64,
     pub(crate) redirects: AtomicU64,
 }
 
@@ -104,6 +106,8 @@ impl Registry {
             tls_handshake_failures: self.tls_failures.load(Relaxed),
             open_connections: self.open_connections.load(Relaxed),
             connections_total: self.connections_total.load(Relaxed),
+            connections_refused: self.connections_refused.load(Relaxed),
+            client_write_timeouts: self.client_write_timeouts.load(Relaxed),
             redirects: self.redirects.load(Relaxed),
         }
     }
@@ -126,6 +130,14 @@ pub struct Metrics {
     pub open_connections: u64,
     /// Client connections accepted since start (TLS listeners).
     pub connections_total: u64,
+    /// Connections closed at accept because their listener had `max_connections` open
+    /// (TLS and redirect listeners).
+    #[serde(default)]
+    pub connections_refused: u64,
+    /// Client connections closed because a write to the client made no progress for
+    /// `client_write_timeout`.
+    #[serde(default)]
+    pub client_write_timeouts: u64,
     /// Redirects answered by the redirect listeners.
     pub redirects: u64,
 }

@@ -1,5 +1,6 @@
 //! One proxied request: route, pick a backend (next one on connect failure), rewrite
-//! headers, forward, and log the exchange without query string, body or other headers.
+//! headers, forward, and log the exchange: route and status, the path only for routes that
+//! opt in, never the query string, a body or another header.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
+use crate::config::ForwardedFor;
 use crate::metrics::RouteCounters;
 use crate::pool::{Body, BoxError, InFlight, Pool, Sender};
 use crate::route::normalize_host;
@@ -112,7 +114,8 @@ fn head_size(req: &Request<Incoming>) -> usize {
 struct Exchange {
     method: Method,
     host: String,
-    path: String,
+    /// The request path, kept only when the route has `log_path = true`.
+    path: Option<String>,
     route: String,
     status: u16,
     backend: Option<SocketAddr>,
@@ -131,12 +134,13 @@ impl Exchange {
         let backend = self
             .backend
             .map_or_else(|| "-".to_string(), |b| b.to_string());
-        // Never the query string, body, cookies or other headers: they can carry patient data.
+        // Never the query string, body, cookies or other headers, and the path only where the
+        // route allows it: all of them can identify a patient.
         tracing::info!(
             target: "access",
             method = %self.method,
             host = %self.host,
-            path = %self.path,
+            path = %self.path.as_deref().unwrap_or("-"),
             route = %self.route,
             status = self.status,
             bytes,
@@ -253,7 +257,7 @@ pub(crate) async fn handle(
     let mut ex = Exchange {
         method: req.method().clone(),
         host: host.clone(),
-        path: req.uri().path().to_string(),
+        path: None,
         route: "-".into(),
         status: 0,
         backend: None,
@@ -279,12 +283,12 @@ pub(crate) async fn handle(
             "request header fields too large\n",
         ));
     }
-    let max_body = lcfg.max_body_bytes;
-    if let Some(limit) = max_body
-        && let Some(len) = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    let limit = lcfg.max_body_bytes;
+    let forwarded_for = lcfg.x_forwarded_for;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > limit
     {
         ex.counters = Some(shared.registry.route("", ""));
@@ -305,6 +309,9 @@ pub(crate) async fn handle(
     };
     ex.route = route.name.clone();
     ex.counters = Some(route.counters.clone());
+    if route.log_path {
+        ex.path = Some(req.uri().path().to_string());
+    }
     let pool = route.pool.clone();
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -328,31 +335,15 @@ pub(crate) async fn handle(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    // Every earlier X-Forwarded-For line is kept, in order, then the client's address.
-    let mut xff: Vec<String> = parts
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    xff.push(client.ip().to_string());
-    let xff = xff.join(", ");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
-    }
+    set_forwarded_for(&mut parts.headers, forwarded_for, client);
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("https"));
     if let Ok(v) = HeaderValue::from_str(&raw_host) {
         parts.headers.insert("x-forwarded-host", v);
     }
-    let body: Body = match max_body {
-        Some(limit) => {
-            Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync()
-        }
-        None => body.map_err(BoxError::from).boxed_unsync(),
-    };
+    let body: Body =
+        Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync();
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -461,6 +452,35 @@ pub(crate) async fn handle(
     let resp = Response::from_parts(rparts, rbody.map_err(BoxError::from).boxed_unsync());
     Ok(tracked(resp, on_end, ex))
 }
+
+/// `X-Forwarded-For` to the backend. `Append`: every earlier line is kept, in order, then
+/// the client's address. `Replace`: the client's address alone, and the client's own
+/// `Forwarded` and `X-Real-IP` are dropped (a backend must not trust a chain it cannot check).
+fn set_forwarded_for(h: &mut HeaderMap, mode: ForwardedFor, client: SocketAddr) {
+    let ip = client.ip().to_string();
+    let xff = match mode {
+        ForwardedFor::Append => {
+            let mut v: Vec<&str> = h
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            v.push(&ip);
+            v.join(", ")
+        }
+        ForwardedFor::Replace => {
+            h.remove(header::FORWARDED);
+            h.remove(X_REAL_IP);
+            ip
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Whether a failed exchange was cut by the request body limit (a body without
 /// `Content-Length`, or one longer than announced).
@@ -597,7 +617,7 @@ pub(crate) async fn redirect(
     let mut ex = Exchange {
         method: req.method().clone(),
         host: host.clone(),
-        path: req.uri().path().to_string(),
+        path: None,
         route: "redirect".into(),
         status: 0,
         backend: None,

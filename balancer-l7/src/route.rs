@@ -15,6 +15,8 @@ pub(crate) struct Route {
     listeners: Vec<String>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) counters: Arc<RouteCounters>,
+    /// The access log may carry this route's paths.
+    pub(crate) log_path: bool,
 }
 
 /// Everything a request needs, swapped as one on reload.
@@ -83,6 +85,7 @@ impl Snapshot {
                     prefix: r.path_prefix.clone(),
                     listeners: r.listeners.clone(),
                     counters: registry.route(&r.name, &r.pool),
+                    log_path: r.log_path,
                     pool,
                 })
             })

@@ -74,7 +74,9 @@ pub(crate) enum Kind {
     Redirect(RedirectConfig),
 }
 
-/// Accepts connections until the soft stop.
+/// Accepts connections until the soft stop. A connection past the listener's
+/// `max_connections` is closed at once (as Envoy's listener limit does) rather than left in
+/// the backlog, so a flood of slow clients cannot hold every descriptor.
 pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -82,16 +84,23 @@ pub(crate) async fn accept_loop(
     drain: mpsc::Sender<()>,
 ) {
     let mut stop = shared.soft_stop.subscribe();
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
+                    let Some(slot) = Slot::take(&open, max_connections(&shared, &kind)) else {
+                        shared.registry.connections_refused.fetch_add(1, Relaxed);
+                        tracing::debug!(peer = %peer, "listener at max_connections; connection closed");
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let (shared, kind, drain) = (shared.clone(), kind.clone(), drain.clone());
                     tokio::spawn(async move {
                         match kind {
-                            Kind::Tls(name) => serve_tls(shared, name, tcp, peer).await,
-                            Kind::Redirect(r) => serve_redirect(shared, r, tcp).await,
+                            Kind::Tls(name) => serve_tls(shared, name, tcp, peer, slot).await,
+                            Kind::Redirect(r) => serve_redirect(shared, r, tcp, slot).await,
                         }
                         drop(drain);
                     });
@@ -104,6 +113,37 @@ pub(crate) async fn accept_loop(
             },
             _ = stop.changed() => break,
         }
+    }
+}
+
+/// The connection cap of a listener, from the configuration in force (TLS listeners follow
+/// reloads; redirect listeners keep the value they started with).
+fn max_connections(shared: &Shared, kind: &Kind) -> usize {
+    match kind {
+        Kind::Tls(name) => shared
+            .snapshot
+            .load()
+            .listeners
+            .get(&**name)
+            .map_or(usize::MAX, |l| l.max_connections),
+        Kind::Redirect(r) => r.max_connections,
+    }
+}
+
+/// One of a listener's `max_connections` places, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        open.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -124,8 +164,16 @@ impl Drop for OpenConn<'_> {
     }
 }
 
-async fn serve_tls(shared: Arc<Shared>, name: Arc<str>, tcp: TcpStream, peer: SocketAddr) {
+async fn serve_tls(
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+) {
     let _open = OpenConn::new(&shared.registry);
+    // Declared after `_open`, so dropped first: the place is free once the count drops.
+    let _slot = slot;
     let Some(lcfg) = shared.snapshot.load().listeners.get(&*name).cloned() else {
         return;
     };
@@ -153,10 +201,12 @@ async fn serve_tls(shared: Arc<Shared>, name: Arc<str>, tcp: TcpStream, peer: So
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
 
     let last = Arc::new(AtomicU64::new(shared.now_ms()));
+    let stalled = Arc::new(AtomicU64::new(NOT_STALLED));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let io = Activity {
         inner: tls,
         last: last.clone(),
+        stalled: stalled.clone(),
         shared: shared.clone(),
     };
     let svc = {
@@ -190,7 +240,11 @@ async fn serve_tls(shared: Arc<Shared>, name: Arc<str>, tcp: TcpStream, peer: So
         draining = true;
     }
     let idle_ms = u64::try_from(lcfg.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    let mut tick = tokio::time::interval((lcfg.idle_timeout / 4).max(Duration::from_millis(100)));
+    let write_ms = u64::try_from(lcfg.client_write_timeout.as_millis()).unwrap_or(u64::MAX);
+    let period =
+        (lcfg.idle_timeout.min(lcfg.client_write_timeout) / 4).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -204,9 +258,17 @@ async fn serve_tls(shared: Arc<Shared>, name: Arc<str>, tcp: TcpStream, peer: So
                 draining = true;
             }
             _ = hard.changed() => break,
-            _ = tick.tick(), if !draining => {
-                let quiet = shared.now_ms().saturating_sub(last.load(Relaxed));
-                if in_flight.load(Relaxed) == 0 && quiet >= idle_ms {
+            _ = tick.tick() => {
+                let now = shared.now_ms();
+                let since = stalled.load(Relaxed);
+                if since != NOT_STALLED && now.saturating_sub(since) >= write_ms {
+                    // The client stopped reading: no graceful end is possible, drop it.
+                    shared.registry.client_write_timeouts.fetch_add(1, Relaxed);
+                    tracing::debug!(listener = %lcfg.name, "client stopped reading; connection closed");
+                    break;
+                }
+                let quiet = now.saturating_sub(last.load(Relaxed));
+                if !draining && in_flight.load(Relaxed) == 0 && quiet >= idle_ms {
                     conn.as_mut().graceful_shutdown();
                     draining = true;
                 }
@@ -215,7 +277,7 @@ async fn serve_tls(shared: Arc<Shared>, name: Arc<str>, tcp: TcpStream, peer: So
     }
 }
 
-async fn serve_redirect(shared: Arc<Shared>, r: RedirectConfig, tcp: TcpStream) {
+async fn serve_redirect(shared: Arc<Shared>, r: RedirectConfig, tcp: TcpStream, _slot: Slot) {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
     let in_flight = Arc::new(AtomicUsize::new(0));
     let svc = {
@@ -251,16 +313,41 @@ async fn serve_redirect(shared: Arc<Shared>, r: RedirectConfig, tcp: TcpStream) 
     }
 }
 
-/// A stream that records the time of its last read or write, for the idle timer.
+/// `Activity::stalled` when no write is waiting on the client.
+const NOT_STALLED: u64 = u64::MAX;
+
+/// A stream that records the time of its last read or write, for the idle timer, and since
+/// when a write has been waiting on a client that does not read, for the write timeout.
 struct Activity<T> {
     inner: T,
     last: Arc<AtomicU64>,
+    stalled: Arc<AtomicU64>,
     shared: Arc<Shared>,
 }
 
 impl<T> Activity<T> {
     fn touch(&self) {
         self.last.store(self.shared.now_ms(), Relaxed);
+    }
+
+    /// Notes the outcome of a write or flush: progress clears the stall, a pending one
+    /// starts it (if not started yet).
+    fn wrote<V>(&self, r: &Poll<io::Result<V>>, progress: bool) {
+        match r {
+            Poll::Pending => {
+                if self.stalled.load(Relaxed) == NOT_STALLED {
+                    self.stalled.store(self.shared.now_ms(), Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.stalled.load(Relaxed) != NOT_STALLED {
+                    self.stalled.store(NOT_STALLED, Relaxed);
+                }
+                if progress {
+                    self.touch();
+                }
+            }
+        }
     }
 }
 
@@ -288,9 +375,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
+        this.wrote(&r, matches!(r, Poll::Ready(Ok(n)) if n > 0));
         r
     }
 
@@ -301,9 +386,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
+        this.wrote(&r, matches!(r, Poll::Ready(Ok(n)) if n > 0));
         r
     }
 
@@ -312,7 +395,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(&r, false);
+        r
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

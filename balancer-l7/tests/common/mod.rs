@@ -98,7 +98,8 @@ impl Ca {
 }
 
 /// A small HTTP backend. Answers `id=<id> path=<path> xff=<..> proto=<..> fhost=<..>`;
-/// `/slow` waits 3 s; a request with `Upgrade` gets 101 and an echo of every byte after it.
+/// `/slow` waits 3 s; `/big` answers [`BIG`] bytes; a request with `Upgrade` gets 101 and an
+/// echo of every byte after it.
 /// Dropping it (or `kill`) closes the listener and every open connection.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -137,6 +138,9 @@ async fn backend_svc(
             .body(Full::new(Bytes::new()))
             .unwrap());
     }
+    if req.uri().path().ends_with("/big") {
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; BIG]))));
+    }
     if req.uri().path().ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -148,15 +152,20 @@ async fn backend_svc(
             .to_string()
     };
     let body = format!(
-        "id={id} path={} xff={} proto={} fhost={} version={:?}\n",
+        "id={id} path={} xff={} proto={} fhost={} version={:?} fwd={} realip={}\n",
         req.uri().path(),
         h("x-forwarded-for"),
         h("x-forwarded-proto"),
         h("x-forwarded-host"),
         req.version(),
+        h("forwarded"),
+        h("x-real-ip"),
     );
     Ok(Response::new(Full::new(Bytes::from(body))))
 }
+
+/// Size of the `/big` answer: far more than the socket buffers between proxy and client.
+pub const BIG: usize = 32 * 1024 * 1024;
 
 /// Starts a backend on 127.0.0.1 (plain, or TLS with `tls = Some(ServerConfig)`), HTTP/1.1 and h2.
 pub async fn backend(id: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Backend {

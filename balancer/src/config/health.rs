@@ -7,6 +7,6 @@ pub fn spec_from_table(t: &toml::Table) -> Result<HealthSpec, String> {
     let spec: HealthSpec = toml::Value::Table(t.clone())
         .try_into()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
-    spec.validate()?;
+    spec.validate().map_err(|e| e.to_string())?;
     Ok(spec)
 }
