@@ -887,12 +887,15 @@ impl Translator<'_, '_> {
                     }
                     notes.extend(n);
                     if let Some(codes) = cmd.opt("respCode") {
-                        h.expect_status = codes
-                            .split([',', ' '])
-                            .filter(|s| !s.is_empty())
-                            .map(|s| s.parse::<u16>().ok().filter(|c| (100..=599).contains(c)))
-                            .collect::<Option<Vec<u16>>>()
-                            .map_or_else(|| fail(cmd.line, format!("`{subject}`: -respCode '{codes}' is not a list of status codes (ranges are not supported)")), Ok)?;
+                        h.expect_status = resp_codes(codes).map_or_else(
+                            || {
+                                fail(
+                                    cmd.line,
+                                    format!("`{subject}`: -respCode '{codes}' is not a list of status codes or ranges"),
+                                )
+                            },
+                            Ok,
+                        )?;
                     }
                     if secure {
                         CheckKind::Https(h)
@@ -979,10 +982,38 @@ impl Translator<'_, '_> {
     }
 }
 
+/// `200 302`, `200-299`: the codes, each in 100..=599.
+fn resp_codes(s: &str) -> Option<Vec<u16>> {
+    let mut out = Vec::new();
+    for part in s.split([',', ' ']).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u16>().ok()?, b.parse::<u16>().ok()?),
+            None => {
+                let c = part.parse::<u16>().ok()?;
+                (c, c)
+            }
+        };
+        if !(100..=599).contains(&lo) || !(lo..=599).contains(&hi) {
+            return None;
+        }
+        out.extend(lo..=hi);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_codes_and_ranges() {
+        assert_eq!(resp_codes("200 302"), Some(vec![200, 302]));
+        assert_eq!(resp_codes("200-203").map(|v| v.len()), Some(4));
+        assert_eq!(resp_codes("99"), None);
+        assert_eq!(resp_codes("300-200"), None);
+        assert_eq!(resp_codes("ok"), None);
+    }
 
     #[test]
     fn words_and_options() {

@@ -706,6 +706,22 @@ pub(crate) mod tests {
             config: "/etc/balancer/balancer.toml".into(),
             l7: None,
             l7_backends: Vec::new(),
+            capacity: crate::control::Capacity {
+                flow_table_entries: 262144,
+                snat_ports: 22768,
+            },
+            certificates: vec![
+                crate::control::CertificateStatus {
+                    listener: "https".into(),
+                    cert: "/etc/balancer/tls/lb.example.org.pem".into(),
+                    not_after: Some(1_900_000_000),
+                },
+                crate::control::CertificateStatus {
+                    listener: "https".into(),
+                    cert: "/etc/balancer/tls/missing.pem".into(),
+                    not_after: None,
+                },
+            ],
             interfaces: vec!["eth0".into()],
             uptime_secs: 3723,
             reloads: 2,

@@ -403,6 +403,20 @@ impl Daemon {
             services,
             l7_backends: self.l7_backends(l7.as_ref()),
             l7,
+            capacity: crate::control::Capacity {
+                flow_table_entries: self.cfg.raw.dataplane.flow_table_size,
+                snat_ports: {
+                    let [lo, hi] = *self.cfg.raw.dataplane.snat_ports.get_ref();
+                    u32::from(hi.saturating_sub(lo)) + 1
+                },
+            },
+            certificates: self
+                .cfg
+                .raw
+                .l7
+                .as_ref()
+                .map(|l| crate::metrics::certificate_expiry(l.get_ref()))
+                .unwrap_or_default(),
         }
     }
 }
