@@ -108,6 +108,101 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (balancer.1 and one per command) into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Translate an F5, NetScaler or IIS ARR configuration into a balancer.toml
+    ///
+    /// The file goes to stdout (or --output); the report of what was translated,
+    /// approximated and not translated goes to stderr. Nothing is written for a bad input.
+    Import {
+        /// The product the file comes from.
+        product: ImportFrom,
+        /// bigip.conf, ns.conf or applicationHost.config.
+        file: PathBuf,
+        /// Write the result here (mode 0600) instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Products `balancer import` reads.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportFrom {
+    /// F5 BIG-IP tmsh bigip.conf.
+    F5,
+    /// Citrix ADC / NetScaler ns.conf.
+    Netscaler,
+    /// IIS Application Request Routing applicationHost.config.
+    Arr,
+}
+
+/// `balancer import`: nothing is written unless the input translates and the result validates.
+fn import(
+    from: ImportFrom,
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+    force: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let product = match from {
+        ImportFrom::F5 => balancer_import::Product::F5,
+        ImportFrom::Netscaler => balancer_import::Product::NetScaler,
+        ImportFrom::Arr => balancer_import::Product::Arr,
+    };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let name = file.display().to_string();
+    let out = match balancer_import::import(product, &text, &name) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    // The importer's output must pass the same validation as any hand-written file.
+    if let Err(e) = config::parse(
+        &out.toml,
+        output.unwrap_or(std::path::Path::new("<output>")),
+    ) {
+        anyhow::bail!("the translation of {name} does not validate (an importer bug):\n{e}");
+    }
+    eprint!("{}", out.report.render(&name));
+    match output {
+        None => std::io::stdout().write_all(out.toml.as_bytes())?,
+        Some(path) => {
+            if path.exists() && !force {
+                anyhow::bail!("{} exists (use --force to replace it)", path.display());
+            }
+            // Written beside the target and renamed: a reader never sees half a file.
+            let tmp = path.with_extension("toml.tmp");
+            {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                f.write_all(out.toml.as_bytes())?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn init_logging() {
@@ -220,5 +315,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::Reload { socket } => {
             std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload))
         }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "balancer",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory as _;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))
+        }
+        Cmd::Import {
+            product,
+            file,
+            output,
+            force,
+        } => import(product, &file, output.as_deref(), force),
     }
 }

@@ -52,6 +52,8 @@ fn status() -> Status {
     Status {
         l7: None,
         l7_backends: Vec::new(),
+        capacity: Default::default(),
+        certificates: Vec::new(),
         config: "/etc/balancer/balancer.toml".into(),
         interfaces: vec!["lb0".into()],
         uptime_secs: 42,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cmd;
+mod deb;
 mod demo;
 mod install;
 mod setup;
@@ -43,6 +44,9 @@ enum Task {
     /// Build in release, then install the binary, the systemd unit, the default config
     /// (never over an existing one) and the sysctl.d file; rate the unit's exposure.
     Install(install::Options),
+    /// Build balancer_<version>_amd64.deb with dpkg-deb: binary, unit, conffile, sysctl
+    /// drop-in, man pages, completions (`--lintian` checks it).
+    Deb(deb::Options),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +89,7 @@ fn run(task: Task) -> Result<()> {
             bench::run(&opts)
         }
         Task::Install(opts) => install::install(&opts),
+        Task::Deb(opts) => deb::build(&opts).map(|_| ()),
     }
 }
 

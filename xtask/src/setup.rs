@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "chromium-driver",
     "prometheus",
     "lintian",
+    // `cargo xtask deb`: strip(1) for the packaged binary.
+    "binutils",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -18,8 +18,11 @@
 //! | `backend_check_latency_seconds` (last successful check) | gauge | service, backend |
 //! | `service_active_backends` (failover services; 0: no live listener) | gauge | service |
 //! | `failovers_total`, `reloads_total`, `config_errors_total` | counter | |
-//! | `flow_table_entries`, `uptime_seconds` | gauge | |
+//! | `flow_table_entries`, `flow_table_capacity`, `snat_ports`, `uptime_seconds` | gauge | |
 //! | `dataplane_verdicts_total` | counter | reason |
+//! | `l7_request_duration_seconds` | histogram | route, pool |
+//! | `l7_backend_health_up` | gauge | pool, backend |
+//! | `l7_certificate_expiry_timestamp_seconds` | gauge | listener, cert |
 
 use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
 
@@ -30,8 +33,8 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet, text::encode},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 use tokio::{net::TcpListener, sync::mpsc};
@@ -97,6 +100,61 @@ impl TrafficFamilies {
             self.drops,
         );
     }
+}
+
+/// A histogram counted elsewhere (the L7 proxy's atomics), set once per scrape.
+#[derive(Debug, Default)]
+struct HistogramSnapshot(std::sync::Mutex<(f64, u64, Vec<(f64, u64)>)>);
+
+impl HistogramSnapshot {
+    /// `buckets`: per-bucket counts (not cumulative), the last one `+Inf`.
+    fn set(&self, sum: f64, buckets: &[u64]) {
+        let bounds = balancer_l7::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::MAX]);
+        let b: Vec<(f64, u64)> = bounds.zip(buckets.iter().copied()).collect();
+        let count = buckets.iter().sum();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = (sum, count, b);
+    }
+}
+
+impl TypedMetric for HistogramSnapshot {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for HistogramSnapshot {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        encoder.encode_histogram::<NoLabelSet>(g.0, g.1, &g.2, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The notAfter of each L7 listener's certificate file, read now (the proxy reloads changed
+/// files within `cert_watch_interval`, so the file is what it serves or is about to).
+pub fn certificate_expiry(l7: &balancer_l7::L7Config) -> Vec<crate::api::protocol::CertificateStatus> {
+    let not_after = |path: &std::path::Path| -> Option<i64> {
+        let pem = std::fs::read(path).ok()?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        Some(cert.validity().not_after.timestamp())
+    };
+    l7.listeners
+        .iter()
+        .flat_map(|l| {
+            l.certificates
+                .iter()
+                .map(|c| crate::api::protocol::CertificateStatus {
+                    listener: l.name.clone(),
+                    cert: c.cert.display().to_string(),
+                    not_after: not_after(&c.cert),
+                })
+        })
+        .collect()
 }
 
 /// A label value escaped for the text format (the encoder writes values as they are).
@@ -235,6 +293,16 @@ pub fn render(status: &Status) -> String {
         "Entries in the dataplane flow table",
         g(status.flows as i64),
     );
+    reg.register(
+        "flow_table_capacity",
+        "Size of the dataplane flow table (flow_table_size; a NAT flow takes two entries)",
+        g(i64::from(status.capacity.flow_table_entries)),
+    );
+    reg.register(
+        "snat_ports",
+        "SNAT source ports per SNAT address (the snat_ports range)",
+        g(i64::from(status.capacity.snat_ports)),
+    );
     reg.register_with_unit(
         "uptime",
         "Seconds since the daemon started",
@@ -256,6 +324,32 @@ pub fn render(status: &Status) -> String {
     if let Some(l7) = &status.l7 {
         register_l7(&mut reg, l7);
     }
+    if !status.l7_backends.is_empty() {
+        let up = Gauges::default();
+        for b in &status.l7_backends {
+            let l: Labels = vec![("pool", esc(&b.pool)), ("backend", b.address.to_string())];
+            gauge(&up, &l, i64::from(b.health != "down"));
+        }
+        reg.register(
+            "l7_backend_health_up",
+            "L7 pool member health check passing (1) or failing (0); unchecked counts as 1",
+            up,
+        );
+    }
+    if status.certificates.iter().any(|c| c.not_after.is_some()) {
+        let expiry = Gauges::default();
+        for c in &status.certificates {
+            if let Some(t) = c.not_after {
+                let l: Labels = vec![("listener", esc(&c.listener)), ("cert", esc(&c.cert))];
+                gauge(&expiry, &l, t);
+            }
+        }
+        reg.register(
+            "l7_certificate_expiry_timestamp_seconds",
+            "notAfter of an L7 listener's certificate file, Unix time",
+            expiry,
+        );
+    }
 
     let mut out = String::new();
     // Writing into a String cannot fail.
@@ -268,9 +362,7 @@ pub fn render(status: &Status) -> String {
 /// failures.
 fn register_l7(reg: &mut Registry, m: &balancer_l7::Metrics) {
     let requests = Counters::default();
-    let buckets = Counters::default();
-    let latency_sum =
-        Family::<Labels, prometheus_client::metrics::counter::Counter<f64, AtomicU64>>::default();
+    let durations = Family::<Labels, HistogramSnapshot>::default();
     for r in &m.routes {
         let rl: Labels = vec![("route", esc(&r.route)), ("pool", esc(&r.pool))];
         for (i, n) in r.status_classes.iter().enumerate() {
@@ -278,34 +370,20 @@ fn register_l7(reg: &mut Registry, m: &balancer_l7::Metrics) {
             l.push(("class", format!("{}xx", i + 1)));
             requests.get_or_create(&l).inc_by(*n);
         }
-        // Cumulative, like a Prometheus histogram's buckets.
-        let mut acc = 0u64;
-        for (i, n) in r.latency_buckets.iter().enumerate() {
-            acc += n;
-            let le = balancer_l7::LATENCY_BUCKETS
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            let mut l = rl.clone();
-            l.push(("le", le));
-            buckets.get_or_create(&l).inc_by(acc);
-        }
-        latency_sum.get_or_create(&rl).inc_by(r.latency_sum_seconds);
+        durations
+            .get_or_create(&rl)
+            .set(r.latency_sum_seconds, &r.latency_buckets);
     }
     reg.register(
         "l7_requests",
         "HTTP responses by status class, per route and pool",
         requests,
     );
-    reg.register(
-        "l7_request_duration_le",
-        "Requests answered within `le` seconds (cumulative buckets), per route and pool",
-        buckets,
-    );
     reg.register_with_unit(
-        "l7_request_duration_sum",
-        "Sum of request durations, per route and pool",
+        "l7_request_duration",
+        "Time from request received to response head sent, per route and pool",
         Unit::Seconds,
-        latency_sum,
+        durations,
     );
     let be_requests = Counters::default();
     let be_failures = Counters::default();
@@ -446,6 +524,14 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 mod tests {
     use std::io::{Read as _, Write as _};
 
+    /// A self-signed certificate made for this test; its notAfter is [`TEST_CERT_NOT_AFTER`].
+    const TEST_CERT: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/expiry-test-cert.pem"
+    ));
+    /// `openssl x509 -enddate` of [`TEST_CERT`], in Unix seconds.
+    const TEST_CERT_NOT_AFTER: i64 = 1830720360;
+
     use super::*;
     use crate::api::tests::sample_status;
 
@@ -503,6 +589,180 @@ mod tests {
         assert!(t.contains("balancer_flow_table_entries 1234\n"));
         assert!(t.contains("balancer_uptime_seconds 3723\n"));
         assert!(t.contains("balancer_dataplane_verdicts_total{reason=\"no_backend\"} 3\n"));
+    }
+
+    /// The sample status with an L7 proxy that served requests.
+    fn with_l7() -> Status {
+        let mut s = sample_status();
+        s.l7 = Some(balancer_l7::Metrics {
+            routes: vec![balancer_l7::RouteMetrics {
+                route: "web-services".into(),
+                pool: "web-services".into(),
+                status_classes: [0, 90, 0, 8, 2],
+                latency_buckets: [10, 20, 30, 20, 10, 5, 3, 1, 1, 0, 0, 0],
+                latency_sum_seconds: 4.5,
+            }],
+            backends: vec![balancer_l7::BackendMetrics {
+                pool: "web-services".into(),
+                address: "10.77.0.11:7002".parse().unwrap(),
+                requests: 100,
+                connect_failures: 1,
+            }],
+            tls_handshakes_tls12: 3,
+            tls_handshakes_tls13: 97,
+            tls_handshake_failures: 1,
+            open_connections: 4,
+            connections_total: 100,
+            redirects: 5,
+        });
+        s.l7_backends = vec![crate::api::protocol::L7BackendStatus {
+            pool: "web-services".into(),
+            address: "10.77.0.11:7002".parse().unwrap(),
+            health: "down".into(),
+            check_latency_ms: None,
+            requests: 100,
+            connect_failures: 1,
+        }];
+        s
+    }
+
+    #[test]
+    fn l7_latency_is_a_histogram_and_new_gauges_are_there() {
+        let t = render(&with_l7());
+        assert!(
+            t.contains("# TYPE balancer_l7_request_duration_seconds histogram\n"),
+            "{t}"
+        );
+        let rl = "route=\"web-services\",pool=\"web-services\"";
+        assert!(
+            t.contains(&format!(
+                "balancer_l7_request_duration_seconds_bucket{{le=\"0.005\",{rl}}} 10\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "balancer_l7_request_duration_seconds_bucket{{le=\"0.025\",{rl}}} 60\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "balancer_l7_request_duration_seconds_bucket{{le=\"+Inf\",{rl}}} 100\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "balancer_l7_request_duration_seconds_count{{{rl}}} 100\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "balancer_l7_request_duration_seconds_sum{{{rl}}} 4.5\n"
+            )),
+            "{t}"
+        );
+        assert!(t.contains("balancer_flow_table_capacity 262144\n"));
+        assert!(t.contains("balancer_snat_ports 22768\n"));
+        assert!(t.contains(
+            "balancer_l7_backend_health_up{pool=\"web-services\",backend=\"10.77.0.11:7002\"} 0\n"
+        ));
+        assert!(t.contains("balancer_l7_certificate_expiry_timestamp_seconds{listener=\"https\",cert=\"/etc/balancer/tls/lb.example.org.pem\"} 1900000000\n"));
+        assert!(
+            !t.contains("missing.pem"),
+            "an unreadable file has no sample"
+        );
+    }
+
+    /// Runs `promtool` with `args` in `dir`, `stdin` piped in; returns (success, output).
+    fn promtool(dir: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String) {
+        use std::process::{Command, Stdio};
+        let mut c = Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let o = c.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
+    }
+
+    fn monitoring_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/prometheus")
+    }
+
+    #[test]
+    fn promtool_checks_and_unit_tests_the_alerting_rules() {
+        let dir = monitoring_dir();
+        let (ok, out) = promtool(&dir, &["check", "rules", "balancer-rules.yml"], "");
+        assert!(ok, "{out}");
+        let (ok, out) = promtool(&dir, &["test", "rules", "balancer-rules.test.yml"], "");
+        assert!(ok && out.contains("SUCCESS"), "{out}");
+    }
+
+    /// Every `balancer_*` name in the rules and the dashboard is one the exposition has.
+    #[test]
+    fn rules_and_dashboard_use_exported_names() {
+        let t = render(&with_l7());
+        let exported: std::collections::BTreeSet<&str> = t
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in [
+            "packaging/prometheus/balancer-rules.yml",
+            "packaging/grafana/balancer-dashboard.json",
+        ] {
+            let text = std::fs::read_to_string(root.join(f)).unwrap();
+            let mut used = 0;
+            for (i, _) in text.match_indices("balancer_") {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{f}: {name} is not exported"
+                );
+                used += 1;
+            }
+            assert!(used > 10, "{f}");
+        }
+        serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(root.join("packaging/grafana/balancer-dashboard.json"))
+                .unwrap(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn certificate_expiry_reads_the_files() {
+        let dir = std::env::temp_dir().join(format!("balancer-cert-expiry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.pem");
+        std::fs::write(&good, TEST_CERT).unwrap();
+        let bad = dir.join("bad.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let l7: balancer_l7::L7Config = toml::from_str(&format!(
+            "[[listener]]\nname = \"https\"\naddress = \"127.0.0.1:8443\"\n[[listener.certificate]]\ncert = {good:?}\nkey = \"/k\"\n[[listener.certificate]]\ncert = {bad:?}\nkey = \"/k\"\n"
+        ))
+        .unwrap();
+        let c = certificate_expiry(&l7);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].not_after, Some(TEST_CERT_NOT_AFTER));
+        assert_eq!(c[1].not_after, None);
     }
 
     #[test]

@@ -117,6 +117,32 @@ pub struct Status {
     /// Layer-7 pool members and their health.
     #[serde(default)]
     pub l7_backends: Vec<L7BackendStatus>,
+    /// What the flow and SNAT gauges are measured against.
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Expiry of the L7 listeners' certificate files.
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+/// Sizes from the config that usage is measured against.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Capacity {
+    /// `[dataplane] flow_table_size`.
+    pub flow_table_entries: u32,
+    /// Ports in `[dataplane] snat_ports` (per SNAT address).
+    pub snat_ports: u32,
+}
+
+/// One certificate file of an L7 listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertificateStatus {
+    /// Listener name.
+    pub listener: String,
+    /// Certificate file.
+    pub cert: String,
+    /// Its leaf's notAfter, Unix seconds; `None` when the file cannot be read or parsed.
+    pub not_after: Option<i64>,
 }
 
 /// One member of an L7 pool.

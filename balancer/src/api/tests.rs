@@ -53,6 +53,22 @@ pub(crate) fn sample_status() -> Status {
         config: "/etc/balancer/balancer.toml".into(),
         l7: None,
         l7_backends: Vec::new(),
+        capacity: crate::api::protocol::Capacity {
+            flow_table_entries: 262144,
+            snat_ports: 22768,
+        },
+        certificates: vec![
+            crate::api::protocol::CertificateStatus {
+                listener: "https".into(),
+                cert: "/etc/balancer/tls/lb.example.org.pem".into(),
+                not_after: Some(1_900_000_000),
+            },
+            crate::api::protocol::CertificateStatus {
+                listener: "https".into(),
+                cert: "/etc/balancer/tls/missing.pem".into(),
+                not_after: None,
+            },
+        ],
         interfaces: vec!["eth0".into()],
         uptime_secs: 3723,
         reloads: 2,

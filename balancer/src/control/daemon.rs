@@ -481,6 +481,21 @@ impl Daemon {
                 services,
                 l7_backends: self.l7_backends(),
                 l7: None,
+                capacity: crate::api::protocol::Capacity {
+                    flow_table_entries: self.cfg.flow_table_size,
+                    snat_ports: u32::from(
+                        self.cfg
+                            .snat_ports
+                            .last
+                            .saturating_sub(self.cfg.snat_ports.first),
+                    ) + 1,
+                },
+                certificates: self
+                    .cfg
+                    .l7
+                    .as_ref()
+                    .map(crate::api::metrics::certificate_expiry)
+                    .unwrap_or_default(),
             },
             slots,
         }
