@@ -821,9 +821,10 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let atime = tb.dp.flows().values().map(|f| f.atime).max().unwrap();
     let s = tb.dp.sweep_flows(t, atime + 5);
     assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
-    let s = tb
-        .dp
-        .sweep_flows(t, atime + balancer::control::flow_expiry::CLOSED_LINGER_SECS + 1);
+    let s = tb.dp.sweep_flows(
+        t,
+        atime + balancer::control::flow_expiry::CLOSED_LINGER_SECS + 1,
+    );
     assert_eq!((s.closed, s.idle), (1, 0));
     assert_eq!(
         tb.dp.flows().len(),

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
+
 use balancer::{
     config,
     control::{daemon, operator::Verb},

@@ -7,8 +7,7 @@ use anyhow::{Context, Result, bail};
 use crate::cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker, and the peers and tools the labs, the demo and the
-/// benches use (keepalived and bird2 for the pair labs, chromium for the console test,
-/// prometheus for promtool, lintian for the package test).
+/// benches use (prometheus for promtool, lintian and binutils for the package test).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -30,10 +29,6 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "iputils-ping",
     "mount",
-    "keepalived",
-    "bird2",
-    "chromium",
-    "chromium-driver",
     "prometheus",
     "lintian",
     // `cargo xtask deb`: strip(1) for the packaged binary.

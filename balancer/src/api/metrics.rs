@@ -136,7 +136,9 @@ impl EncodeMetric for HistogramSnapshot {
 
 /// The notAfter of each L7 listener's certificate file, read now (the proxy reloads changed
 /// files within `cert_watch_interval`, so the file is what it serves or is about to).
-pub fn certificate_expiry(l7: &balancer_l7::L7Config) -> Vec<crate::api::protocol::CertificateStatus> {
+pub fn certificate_expiry(
+    l7: &balancer_l7::L7Config,
+) -> Vec<crate::api::protocol::CertificateStatus> {
     let not_after = |path: &std::path::Path| -> Option<i64> {
         let pem = std::fs::read(path).ok()?;
         let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
@@ -328,7 +330,7 @@ pub fn render(status: &Status) -> String {
         let up = Gauges::default();
         for b in &status.l7_backends {
             let l: Labels = vec![("pool", esc(&b.pool)), ("backend", b.address.to_string())];
-            gauge(&up, &l, i64::from(b.health != "down"));
+            gauge(&up, &l, i64::from(b.health != BackendHealth::Down));
         }
         reg.register(
             "l7_backend_health_up",
@@ -618,7 +620,7 @@ mod tests {
         s.l7_backends = vec![crate::api::protocol::L7BackendStatus {
             pool: "web-services".into(),
             address: "10.77.0.11:7002".parse().unwrap(),
-            health: "down".into(),
+            health: BackendHealth::Down,
             check_latency_ms: None,
             requests: 100,
             connect_failures: 1,
