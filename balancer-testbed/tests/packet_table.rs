@@ -1172,7 +1172,7 @@ fn half_open_flows_are_not_kept_by_backend_retransmits() {
 
     // A half-open flow whose reply half was refreshed later is still swept 30 s after the
     // client's SYN, and so is a half-open reply entry whose forward half is gone.
-    let t = balancer::gc::Timeouts {
+    let t = balancer::control::flow_expiry::Timeouts {
         tcp_idle: 3600,
         udp_idle: 300,
     };
