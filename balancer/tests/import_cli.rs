@@ -68,7 +68,7 @@ fn each_product_imports_to_a_file_balancer_check_accepts() {
         );
         let v = balancer::config::load(&out).unwrap();
         assert_eq!(v.services.len(), services, "{product}");
-        assert_eq!(v.raw.l7.is_some(), l7, "{product}");
+        assert_eq!(v.l7.is_some(), l7, "{product}");
 
         // Without -o the file goes to stdout and is the same.
         let r = run(&["import", product, src.to_str().unwrap()]);

@@ -616,6 +616,8 @@ mod tests {
             open_connections: 4,
             connections_total: 100,
             redirects: 5,
+            client_write_timeouts: 0,
+            connections_refused: 0,
         });
         s.l7_backends = vec![crate::api::protocol::L7BackendStatus {
             pool: "web-services".into(),
