@@ -102,9 +102,12 @@ impl TrafficFamilies {
     }
 }
 
+/// Sum, count and (upper bound, cumulative count) buckets.
+type HistogramState = (f64, u64, Vec<(f64, u64)>);
+
 /// A histogram counted elsewhere (the L7 proxy's atomics), set once per scrape.
 #[derive(Debug, Default)]
-struct HistogramSnapshot(std::sync::Mutex<(f64, u64, Vec<(f64, u64)>)>);
+struct HistogramSnapshot(std::sync::Mutex<HistogramState>);
 
 impl HistogramSnapshot {
     /// `buckets`: per-bucket counts (not cumulative), the last one `+Inf`.

@@ -161,8 +161,6 @@ async fn handle(
     }
 }
 
-/// Why the daemon gave no answer.
-
 /// Maps method and path to a daemon request, or to the 404 / 405 / 400 response.
 pub(crate) fn route(method: &Method, path: &str) -> Result<Request, Box<Response<Full<Bytes>>>> {
     let segs: Vec<&str> = path.split('/').collect();
