@@ -187,14 +187,7 @@ mod tests {
         state::BackendHealth,
     };
 
-    const WEB3: &str = r#"
-[[service]]
-name = "web"
-vip = "10.77.0.100:80"
-ring_size = 13
-health = { kind = "tcp", interval = "500ms" }
-backends = [ { address = "10.77.0.11:80" }, { address = "10.77.0.12:80" }, { address = "10.77.0.13:80" } ]
-"#;
+    use crate::control::fake::WEB3;
 
     const WEB2_AND_V6: &str = r#"
 [[service]]

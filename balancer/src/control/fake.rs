@@ -292,3 +292,13 @@ impl Rig {
 pub fn book(s: &crate::control::state::State) -> crate::control::plan::HealthBook {
     crate::control::plan::health_book(s)
 }
+
+/// One TCP-checked maglev service of three backends: the planner and apply tests share it.
+pub(crate) const WEB3: &str = r#"
+[[service]]
+name = "web"
+vip = "10.77.0.100:80"
+ring_size = 13
+health = { kind = "tcp", interval = "500ms" }
+backends = [ { address = "10.77.0.11:80" }, { address = "10.77.0.12:80" }, { address = "10.77.0.13:80" } ]
+"#;

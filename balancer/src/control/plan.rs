@@ -500,14 +500,7 @@ mod tests {
     use super::*;
     use crate::control::fake::Rig;
 
-    const WEB: &str = r#"
-[[service]]
-name = "web"
-vip = "10.77.0.100:80"
-ring_size = 13
-health = { kind = "tcp", interval = "500ms" }
-backends = [ { address = "10.77.0.11:80" }, { address = "10.77.0.12:80" }, { address = "10.77.0.13:80" } ]
-"#;
+    use crate::control::fake::WEB3 as WEB;
 
     #[test]
     fn a_surviving_backend_keeps_its_health_when_its_check_changes() {
