@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod dataplane;
 pub mod health;
+pub mod passive;
 pub mod service;
 
 pub use controller::ControllerSection;
@@ -376,6 +377,24 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             },
             None => None,
         };
+        let passive = s.passive_health.as_ref().and_then(|p| {
+            let problem = if let Err(e) = p.get_ref().validate() {
+                Some(e)
+            } else if s.protocol != Protocol::Tcp {
+                Some("TCP services only (it counts refused and unanswered SYNs)".into())
+            } else if s.health.is_none() {
+                Some("needs an active `health` check to bring a backend back".into())
+            } else {
+                None
+            };
+            match problem {
+                Some(e) => {
+                    d.at(p.span(), format!("passive_health: {e}"));
+                    None
+                }
+                None => Some(*p.get_ref()),
+            }
+        });
         if let Some(vip) = vip {
             services.push(ServiceSpec {
                 name,
@@ -388,6 +407,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 on_backend_down: s.on_backend_down,
                 new_flow_rate: s.new_flow_rate,
                 health: check,
+                passive_health: passive,
                 backends,
             });
         }
@@ -528,6 +548,44 @@ backends = [
         assert!(
             s.contains("defined twice") && s.contains("already used"),
             "{s}"
+        );
+    }
+
+    #[test]
+    fn passive_health_needs_tcp_and_an_active_check() {
+        let svc = |extra: &str| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"10.77.0.100:80\"\n{extra}\nbackends = [ {{ address = \"10.77.0.11:80\" }} ]\n"
+            )
+        };
+        let ok = p(&svc(
+            "health = { kind = \"tcp\" }\npassive_health = { failures = 3, window = \"500ms\" }",
+        ))
+        .unwrap();
+        let ph = ok.services[0].passive_health.unwrap();
+        assert_eq!(
+            (ph.failures, ph.window),
+            (3, std::time::Duration::from_millis(500))
+        );
+        let e = p(&svc("passive_health = {}")).unwrap_err().to_string();
+        assert!(
+            e.contains("passive_health: needs an active `health` check"),
+            "{e}"
+        );
+        let e = p(&svc(
+            "protocol = \"udp\"\nhealth = { kind = \"tcp\" }\npassive_health = {}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("passive_health: TCP services only"), "{e}");
+        let e = p(&svc(
+            "health = { kind = \"tcp\" }\npassive_health = { failures = 0 }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":8:") && e.contains("failures must be at least 1"),
+            "{e}"
         );
     }
 

@@ -21,6 +21,7 @@ use crate::{
         ReconcileError,
         checks::{Checks, Owner},
         operator::{self, OperatorStates},
+        passive,
         plan::{self, HealthBook},
         state::{BackendHealth, Event, State},
         status::{Published, StatusBoard},
@@ -50,6 +51,8 @@ pub struct Daemon {
     gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
     /// Kept for its lifetime: dropping it stops the sweep.
     _flow_expiry: crate::control::flow_expiry::Collector,
+    /// Reads the passive-health counters; told what to watch at every publish.
+    passive: passive::Poller,
     board: StatusBoard,
     reloads: u64,
     config_errors: u64,
@@ -81,6 +84,7 @@ impl Daemon {
     pub async fn start(
         opts: RunOptions,
         health_events: mpsc::UnboundedSender<HealthEvent>,
+        bursts: mpsc::UnboundedSender<passive::Burst>,
     ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pin = opts
@@ -153,6 +157,8 @@ impl Daemon {
             l7,
             gc_timeouts,
             _flow_expiry: gc,
+            passive: passive::Poller::start(&pin, bursts)
+                .context("starting the passive health poller")?,
             board,
             reloads: 0,
             config_errors: 0,
@@ -271,13 +277,25 @@ impl Daemon {
             }
             Owner::Service(s) => s.clone(),
         };
-        let address = reg.address;
         let new = if ev.health.is_up() {
             BackendHealth::Up
         } else {
             BackendHealth::Down
         };
-        let change = match self.state.health_change(&service, address, new) {
+        self.set_health(&service, reg.address, new, &ev.reason, ev.at);
+    }
+
+    /// Gives a backend the health `new` (from its check, or from passive health), writes the
+    /// maps and logs the change.
+    fn set_health(
+        &mut self,
+        service: &str,
+        address: std::net::SocketAddr,
+        new: BackendHealth,
+        reason: &str,
+        at: Instant,
+    ) {
+        let change = match self.state.health_change(service, address, new) {
             Ok(Some(c)) => c,
             Ok(None) => return,
             Err(e) => {
@@ -288,18 +306,18 @@ impl Daemon {
         let old = self
             .state
             .services
-            .get(&service)
+            .get(service)
             .and_then(|s| s.backends.iter().find(|b| b.address == address))
             .map(|b| b.health);
         match self.state.set(&mut self.dp, Some(change)) {
             Ok(event) => {
-                let took = ev.at.elapsed();
+                let took = at.elapsed();
                 info!(
                     service = %service,
                     backend = %address,
                     old = ?old,
                     new = ?new,
-                    reason = %ev.reason,
+                    reason = %reason,
                     map_update_us = took.as_micros() as u64,
                     "backend health changed"
                 );
@@ -310,6 +328,72 @@ impl Daemon {
                 error!(service = %service, backend = %address, error = %e, "cannot apply health change")
             }
         }
+    }
+
+    /// A burst of refused or unanswered new flows (passive health): the backend goes down at
+    /// once, and its active check starts over from down, so it returns after `rise` passing
+    /// checks. A burst of a backend that changed meanwhile (down already, removed, its slot
+    /// reused) is dropped.
+    pub fn on_passive(&mut self, b: passive::Burst) {
+        let at = Instant::now();
+        let w = &b.watch;
+        let current = self
+            .state
+            .services
+            .get(&w.service)
+            .and_then(|s| s.backends.iter().find(|x| x.address == w.address));
+        match current {
+            Some(x)
+                if x.slot == w.slot
+                    && x.generation == w.generation
+                    && x.health == BackendHealth::Up => {}
+            _ => {
+                debug!(service = %w.service, backend = %w.address, "passive health burst of a changed backend dropped");
+                return;
+            }
+        }
+        let owner = Owner::Service(w.service.clone());
+        if let Some((old, start)) = self.checks.renew(&owner, w.address, Checked::Down) {
+            self.monitor.remove(old);
+            self.monitor
+                .add(start.id, start.address, start.spec, start.initial);
+        }
+        warn!(
+            service = %w.service,
+            backend = %w.address,
+            failures = b.failures,
+            window_ms = w.spec.window.as_millis() as u64,
+            "passive health: refused or unanswered new flows; down until its check passes"
+        );
+        let reason = format!(
+            "passive: {} refused or unanswered new flows in {} ms",
+            b.failures,
+            w.spec.window.as_millis()
+        );
+        self.set_health(&w.service, w.address, BackendHealth::Down, &reason, at);
+        self.publish();
+    }
+
+    /// The healthy backends of services with passive health, for the poller.
+    fn passive_watches(&self) -> Vec<passive::Watch> {
+        let mut out = Vec::new();
+        for s in self.state.services.values() {
+            let Some(spec) = s.spec.passive_health else {
+                continue;
+            };
+            for b in &s.backends {
+                if b.health == BackendHealth::Up {
+                    out.push(passive::Watch {
+                        service: s.spec.name.clone(),
+                        address: b.address,
+                        slot: b.slot,
+                        generation: b.generation,
+                        spec,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Re-reads the config file; a refused or failed reload changes nothing.
@@ -425,6 +509,7 @@ impl Daemon {
     /// Publishes the daemon's part of the status for readers.
     fn publish(&self) {
         self.board.publish(self.published());
+        self.passive.watch(self.passive_watches());
     }
 
     /// The daemon's part of the status: everything but the counters.
@@ -618,7 +703,8 @@ fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
 /// (everything is pinned); `balancer teardown` removes it.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut d = Daemon::start(opts, ev_tx).await?;
+    let (burst_tx, mut burst_rx) = mpsc::unbounded_channel();
+    let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     start_endpoints(&d, &ctl_tx);
     info!(
@@ -652,6 +738,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 crate::host::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
+            Some(b) = burst_rx.recv() => d.on_passive(b),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {
