@@ -92,6 +92,9 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| cfg.pin_path.clone());
         cfg.check_host()?;
+        for w in cfg.capacity_warnings() {
+            warn!("{w}");
+        }
         let mut dp = Dataplane::load(&LoadOptions {
             pin_path: Some(pin.clone()),
             flow_entries: cfg.flow_table_size,
@@ -420,6 +423,9 @@ impl Daemon {
     fn try_reload(&mut self) -> Result<usize, ReloadError> {
         let new = config::load(&self.opts.config)?;
         new.check_host()?;
+        for w in new.capacity_warnings() {
+            warn!("{w}");
+        }
         if new.interfaces != self.cfg.interfaces {
             return Err(ReloadError::RestartNeeded("interfaces"));
         }
