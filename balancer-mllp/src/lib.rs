@@ -139,7 +139,7 @@ pub struct ListenerFailure {
 
 /// A running relay.
 pub struct Relay {
-    services: Vec<Arc<Svc>>,
+    services: Arc<[Arc<Svc>]>,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
 }
@@ -192,7 +192,7 @@ impl Relay {
         }
         Ok((
             Relay {
-                services: out,
+                services: out.into(),
                 addrs,
                 stop,
             },
@@ -232,13 +232,12 @@ impl Relay {
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> Metrics {
-        Metrics {
-            services: self
-                .services
-                .iter()
-                .map(|s| s.counters.snapshot(&s.name, s.vip, *s.active.borrow()))
-                .collect(),
-        }
+        self.metrics_handle().snapshot()
+    }
+
+    /// A handle that reads the counters from anywhere (status readers, the metrics endpoint).
+    pub fn metrics_handle(&self) -> MetricsHandle {
+        MetricsHandle(self.services.clone())
     }
 
     /// Stops accepting and lets held messages finish for up to `grace`; then closes the rest
@@ -255,6 +254,29 @@ impl Relay {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Reads the relay's counters without the [`Relay`] itself.
+#[derive(Clone)]
+pub struct MetricsHandle(Arc<[Arc<Svc>]>);
+
+impl MetricsHandle {
+    /// A snapshot of the counters.
+    pub fn snapshot(&self) -> Metrics {
+        Metrics {
+            services: self
+                .0
+                .iter()
+                .map(|s| s.counters.snapshot(&s.name, s.vip, *s.active.borrow()))
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Debug for MetricsHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetricsHandle").finish_non_exhaustive()
     }
 }
 

@@ -55,6 +55,7 @@ pub(crate) fn sample_status() -> Status {
         config: "/etc/balancer/balancer.toml".into(),
         l7: None,
         l7_backends: Vec::new(),
+        mllp: None,
         capacity: crate::api::protocol::Capacity {
             flow_table_entries: 262144,
             snat_ports: 22768,
