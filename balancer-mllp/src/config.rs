@@ -34,6 +34,10 @@ pub struct MllpConfig {
     /// connection is closed without an ACK (the sender resends).
     #[serde(with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// Listeners one message may fail at after it was written to them (garbage, no ACK,
+    /// closed); then the relay gives it up (closes its sender's connection without an ACK)
+    /// rather than take every listener out in turn for one poison message.
+    pub max_attempts: u32,
     /// Fraction (0–1) of AE/AR answers among the last `nack_window` ACKs of a listener above
     /// which it is failed; 1 never fails a listener for its NACKs.
     pub nack_threshold: f64,
@@ -53,6 +57,7 @@ impl Default for MllpConfig {
             connect_timeout: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(5),
             hold_timeout: Duration::from_secs(30),
+            max_attempts: 3,
             nack_threshold: 0.5,
             nack_window: 20,
         }
@@ -85,6 +90,9 @@ impl MllpConfig {
             if d < Duration::from_millis(1) {
                 e.push(format!("{name} must be at least 1ms"));
             }
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            e.push("max_attempts must be within 1..=100".to_string());
         }
         if !(0.0..=1.0).contains(&self.nack_threshold) {
             e.push("nack_threshold must be within 0..=1".to_string());

@@ -137,7 +137,8 @@ pub struct ServiceMetrics {
     pub replayed: u64,
     /// Sender connections closed for a framing error, a size limit or a mid-frame timeout.
     pub frame_errors: u64,
-    /// Messages given up without an ACK (no usable listener within `hold_timeout`): their
+    /// Messages given up without an ACK (no usable listener within `hold_timeout`, or
+    /// failed at `max_attempts` listeners): their
     /// sender's connection was closed so that it resends.
     pub unacked: u64,
     /// ACK latency (message written to a listener until its ACK read), per bucket of

@@ -245,10 +245,18 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
         svc.counters.in_flight_bytes.fetch_sub(len as u64, Relaxed);
         drop(msg);
         drop(permit);
-        let Some((ack, code, listener)) = ack else {
-            svc.counters.unacked.fetch_add(1, Relaxed);
-            warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = len, hold_timeout = ?svc.cfg.hold_timeout, "mllp relay: no listener ACKed in time; sender connection closed without an ACK so that it resends");
-            return "no listener";
+        let (ack, code, listener) = match ack {
+            Ok(a) => a,
+            Err(GiveUp::HoldTimeout) => {
+                svc.counters.unacked.fetch_add(1, Relaxed);
+                warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = len, hold_timeout = ?svc.cfg.hold_timeout, "mllp relay: no listener ACKed in time; sender connection closed without an ACK so that it resends");
+                return "no listener";
+            }
+            Err(GiveUp::Attempts(n)) => {
+                svc.counters.unacked.fetch_add(1, Relaxed);
+                warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = len, failed_listeners = n, "mllp relay: message failed at max_attempts listeners (a poison message?); given up, sender connection closed without an ACK");
+                return "max attempts";
+            }
         };
         if let Err(e) = wr.write_all(&mllp::frame(&ack)).await {
             warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, error = %e.kind(), "mllp relay: sender gone before its ACK");
@@ -267,16 +275,24 @@ enum Attempt {
     Failed(FailReason, bool),
 }
 
-/// Delivers a held message until a listener ACKs it: `(ack, code, listener)`, or `None`
-/// after `hold_timeout` without a usable listener.
+/// Why a held message was given up.
+enum GiveUp {
+    /// No usable listener ACKed within `hold_timeout`.
+    HoldTimeout,
+    /// It failed at this many listeners after it was written to them (`max_attempts`).
+    Attempts(u32),
+}
+
+/// Delivers a held message until a listener ACKs it: `(ack, code, listener)`, or why not.
 async fn deliver(
     svc: &Svc,
     active: &mut watch::Receiver<Option<SocketAddr>>,
     up: &mut Option<Upstream>,
     msg: &[u8],
     hdr: &Header,
-) -> Option<(Vec<u8>, String, SocketAddr)> {
+) -> Result<(Vec<u8>, String, SocketAddr), GiveUp> {
     let deadline = Instant::now() + svc.cfg.hold_timeout;
+    let mut failed_after_send = 0u32;
     let mut failed: Option<SocketAddr> = None;
     let mut sent_before = false;
     let mut attempt = 0u32;
@@ -292,12 +308,12 @@ async fn deliver(
                     failed = None;
                     continue;
                 }
-                _ => return None,
+                _ => return Err(GiveUp::HoldTimeout),
             }
         };
         attempt += 1;
         match try_listener(svc, active, up, target, msg, hdr, sent_before, attempt).await {
-            Ok(done) => return Some(done),
+            Ok(done) => return Ok(done),
             Err(Attempt::Switched) => {
                 *up = None;
                 sent_before = true;
@@ -307,10 +323,16 @@ async fn deliver(
                 sent_before |= sent;
                 svc.fail(target, reason, hdr);
                 failed = Some(target);
+                if sent {
+                    failed_after_send += 1;
+                    if failed_after_send >= svc.cfg.max_attempts {
+                        return Err(GiveUp::Attempts(failed_after_send));
+                    }
+                }
             }
         }
         if Instant::now() >= deadline {
-            return None;
+            return Err(GiveUp::HoldTimeout);
         }
     }
 }

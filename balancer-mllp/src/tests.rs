@@ -408,3 +408,44 @@ async fn the_in_flight_budget_holds_senders_back() {
     }
     assert_eq!(acked.load(SeqCst), 2);
 }
+
+/// A message every listener answers with garbage fails `max_attempts` listeners, then is given
+/// up (its sender closed without an ACK) instead of taking out every listener in turn.
+#[tokio::test]
+async fn a_poison_message_is_given_up_after_max_attempts() {
+    let ls = [
+        listener(Behaviour::Garbage).await,
+        listener(Behaviour::Garbage).await,
+        listener(Behaviour::Garbage).await,
+    ];
+    let (r, rx, vip) = relay(MllpConfig {
+        max_attempts: 2,
+        ..MllpConfig::default()
+    })
+    .await;
+    let r = Arc::new(r);
+    let order: Vec<SocketAddr> = ls.iter().map(|l| l.addr).collect();
+    let mut failures = scheduler(r.clone(), rx, order);
+    r.set_active("hl7", Some(ls[0].addr));
+    let mut s = TcpStream::connect(vip).await.unwrap();
+    s.write_all(&mllp::frame(&message("P1"))).await.unwrap();
+    let mut s = Sender(BufReader::new(s));
+    assert!(s.closed().await);
+    for l in &ls[..2] {
+        let f = tokio::time::timeout(WAIT, failures.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.listener, l.addr);
+        assert!(matches!(f.reason, FailReason::Garbage(_)), "{:?}", f.reason);
+    }
+    assert!(
+        ls[2].seen.lock().unwrap().is_empty(),
+        "the third listener was spared"
+    );
+    let m = svc(&r);
+    assert_eq!(
+        (m.unacked, m.relayed, m.replayed, m.in_flight),
+        (1, 0, 1, 0)
+    );
+}

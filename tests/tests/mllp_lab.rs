@@ -333,9 +333,9 @@ fn mllp_send_gets_its_ack_through_the_relay() {
 #[test]
 fn bad_senders_and_bad_listeners_are_logged_without_payload_and_others_unaffected() {
     let lab = Lab::new(2).unwrap();
-    // Both listeners answer health checks and normal messages; BADG-… gets garbage, BADS-…
-    // no answer at all.
-    let bad_listener = |i: usize| {
+    // Both listeners answer health checks and normal messages; hl7a answers BADG-… with
+    // garbage, hl7b never answers BADS-….
+    let bad_listener = |i: usize, flag: &str, prefix: &str| {
         let mut c = spawn(
             &lab,
             Host::Backend(i),
@@ -345,18 +345,16 @@ fn bad_senders_and_bad_listeners_are_logged_without_payload_and_others_unaffecte
                 ["", "hl7a", "hl7b"][i],
                 "--addr",
                 &format!("0.0.0.0:{PORT}"),
-                "--garbage-for",
-                "BADG",
-                "--silent-for",
-                "BADS",
+                flag,
+                prefix,
             ],
         );
         c.wait_for_output("blb-mllp ready", Duration::from_secs(10))
             .unwrap();
         c
     };
-    let _a = bad_listener(1);
-    let _b = bad_listener(2);
+    let _a = bad_listener(1, "--garbage-for", "BADG");
+    let _b = bad_listener(2, "--silent-for", "BADS");
     let cfg = config(&lab).replace(
         "mllp = { ack_timeout = \"1s\", hold_timeout = \"20s\" }",
         "mllp = { ack_timeout = \"1s\", hold_timeout = \"20s\", frame_timeout = \"1s\", max_message_bytes = 4096 }",
@@ -436,6 +434,16 @@ fn bad_senders_and_bad_listeners_are_logged_without_payload_and_others_unaffecte
         serde_json::from_str(&c.wait_output(Duration::from_secs(60)).unwrap().stdout).unwrap()
     };
     let g = one("BADG-");
+    let relay_log = |bal: &balancer_tests::BalancerProc| {
+        bal.logs()
+            .lines()
+            .filter(|l| l.contains("mllp") || l.contains("failover") || l.contains("health"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if g["acked"] != 1 {
+        println!("{}", relay_log(&bal));
+    }
     assert_eq!(
         (g["sent"].as_u64(), g["acked"].as_u64()),
         (Some(1), Some(1)),
