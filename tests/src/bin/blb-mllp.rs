@@ -10,6 +10,9 @@
 //! a message whose control ID starts with BADG with unframed bytes (its own content echoed),
 //! and never answers one starting with BADS; `blb-mllp bad --to ADDR --case no-start|oversized|
 //! mid-frame --bytes N` sends one bad frame and reports whether the peer closed the connection.
+//! `blb-mllp bench --to ADDR --connections C --seconds S`: C connections each send small
+//! messages back to back (the next once the ACK is in); prints messages/s and the ACK round
+//! trip percentiles as JSON.
 
 use std::{
     collections::BTreeMap,
@@ -44,6 +47,18 @@ enum Cmd {
         /// Never answer messages whose control ID starts with this.
         #[arg(long)]
         silent_for: Option<String>,
+        /// No line per message (benches).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Send back to back on C connections; report messages/s and round-trip percentiles.
+    Bench {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
     },
     /// Send one bad frame and wait for the peer to close the connection.
     Bad {
@@ -86,7 +101,7 @@ const SB: u8 = 0x0b;
 const EB: u8 = 0x1c;
 const CR: u8 = 0x0d;
 
-fn read_frame(s: &mut TcpStream, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+fn read_frame(s: &mut impl Read, max: usize) -> std::io::Result<Option<Vec<u8>>> {
     let mut byte = [0u8; 1];
     // Skip to the start byte.
     loop {
@@ -137,20 +152,29 @@ fn field(msg: &[u8], segment: &str, n: usize) -> Option<String> {
 struct Misbehave {
     garbage_for: Option<String>,
     silent_for: Option<String>,
+    quiet: bool,
 }
 
 fn listen(name: &str, addr: SocketAddr, code: &str, bad: Misbehave) -> Result<()> {
     let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     eprintln!("blb-mllp ready name={name} addr={addr}");
     for conn in l.incoming() {
-        let Ok(mut s) = conn else { continue };
+        let Ok(s) = conn else { continue };
         let name = name.to_string();
         let code = code.to_string();
         let bad = bad.clone();
         std::thread::spawn(move || {
             let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let _ = s.set_nodelay(true);
             let mut n = 0u64;
-            while let Ok(Some(msg)) = read_frame(&mut s, 1 << 20) {
+            // Buffered reads (a sender sends one message at a time, so nothing is lost when
+            // the connection ends); writes go to the socket itself.
+            let Ok(mut s_write) = s.try_clone() else {
+                return;
+            };
+            let mut rd = std::io::BufReader::new(s);
+            let s = &mut s_write;
+            while let Ok(Some(msg)) = read_frame(&mut rd, 1 << 20) {
                 n += 1;
                 let control = field(&msg, "MSH", 10).unwrap_or_default();
                 let is = |p: &Option<String>| p.as_ref().is_some_and(|p| control.starts_with(p));
@@ -170,10 +194,12 @@ fn listen(name: &str, addr: SocketAddr, code: &str, bad: Misbehave) -> Result<()
                 if s.write_all(&frame(ack.as_bytes())).is_err() {
                     break;
                 }
-                eprintln!(
-                    "ack peer={peer} n={n} bytes={} control={control}",
-                    msg.len()
-                );
+                if !bad.quiet {
+                    eprintln!(
+                        "ack peer={peer} n={n} bytes={} control={control}",
+                        msg.len()
+                    );
+                }
             }
             eprintln!("closed peer={peer} messages={n}");
         });
@@ -282,6 +308,71 @@ fn send(
 }
 
 #[derive(serde::Serialize)]
+struct BenchReport {
+    messages: u64,
+    errors: u64,
+    per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+/// One small ADT message (~150 bytes), control ID `B<conn>-<seq>`.
+fn bench(to: SocketAddr, connections: usize, length: Duration) -> Result<BenchReport> {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|c| {
+            std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut rd = std::io::BufReader::new(s.try_clone()?);
+                let mut rtts = Vec::new();
+                let mut errors = 0;
+                let mut seq = 0u64;
+                while start.elapsed() < length {
+                    seq += 1;
+                    let msg = frame(format!(
+                        "MSH|^~\\&|BLB|BENCH|HL7|LISTENER|20260101000000||ADT^A01|B{c}-{seq}|P|2.5\rPID|1||{seq}^^^HOSP^MR||BENCH^PATIENT||19700101|F\r"
+                    ).as_bytes());
+                    let t = Instant::now();
+                    match s.write_all(&msg).and_then(|_| read_frame(&mut rd, 1 << 16)) {
+                        Ok(Some(_)) => rtts.push(t.elapsed().as_micros() as u32),
+                        _ => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                Ok((rtts, errors))
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (r, e) = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        all.extend(r);
+        errors += e;
+    }
+    let took = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if all.is_empty() {
+            0
+        } else {
+            u64::from(all[((all.len() as f64 * p) as usize).min(all.len() - 1)])
+        }
+    };
+    Ok(BenchReport {
+        messages: all.len() as u64,
+        errors,
+        per_sec: all.len() as f64 / took,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    })
+}
+
+#[derive(serde::Serialize)]
 struct BadReport {
     case: String,
     /// The peer closed (or reset) the connection.
@@ -350,6 +441,7 @@ fn main() -> Result<()> {
             code,
             garbage_for,
             silent_for,
+            quiet,
         } => listen(
             &name,
             addr,
@@ -357,8 +449,21 @@ fn main() -> Result<()> {
             Misbehave {
                 garbage_for,
                 silent_for,
+                quiet,
             },
         ),
+        Cmd::Bench {
+            to,
+            connections,
+            seconds,
+        } => {
+            if !(1..=256).contains(&connections) || !(0.1..=60.0).contains(&seconds) {
+                bail!("--connections 1..=256, --seconds 0.1..=60");
+            }
+            let r = bench(to, connections, Duration::from_secs_f64(seconds))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::Bad {
             to,
             case,
