@@ -13,6 +13,10 @@
 //! above `nack_threshold` fails the listener; the relay reports it as a [`ListenerFailure`]
 //! and the controller takes it out (its own health check brings it back).
 //!
+//! The relay runs on a thread of its own with a single-threaded runtime: one core serves
+//! every sender and listener connection, and the controller's loop never waits for it
+//! (nor it for the controller, beyond [`Relay::set_active`]).
+//!
 //! Message bytes exist only in memory while in flight: no log line, error, metric or
 //! failure report holds any; logs carry control ID, message type, sizes, times and codes.
 //!
@@ -79,6 +83,9 @@ pub enum RelayError {
     /// Two services have the same name.
     #[error("service {0} is defined twice")]
     Duplicate(String),
+    /// The relay's thread or runtime could not be started.
+    #[error("cannot start the relay thread: {0}")]
+    Thread(std::io::Error),
     /// The listening socket could not be opened.
     #[error("service {service}: cannot listen on {address}: {source}")]
     Bind {
@@ -142,6 +149,15 @@ pub struct Relay {
     services: Arc<[Arc<Svc>]>,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
+    /// Dropped (by [`Relay::shutdown`] or with the relay): the relay thread ends.
+    _exit: tokio::sync::oneshot::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 impl Relay {
@@ -163,18 +179,14 @@ impl Relay {
             if out.iter().any(|o: &Arc<Svc>| *o.name == *s.name) {
                 return Err(RelayError::Duplicate(s.name.clone()));
             }
-            let tcp = TcpListener::bind(s.vip)
-                .await
-                .map_err(|source| RelayError::Bind {
-                    service: s.name.clone(),
-                    address: s.vip,
-                    source,
-                })?;
-            let addr = tcp.local_addr().map_err(|source| RelayError::Bind {
+            let bind_err = |source| RelayError::Bind {
                 service: s.name.clone(),
                 address: s.vip,
                 source,
-            })?;
+            };
+            // Bound here, served by the relay thread's runtime.
+            let tcp = bind(s.vip).map_err(bind_err)?;
+            let addr = tcp.local_addr().map_err(bind_err)?;
             out.push(Arc::new(Svc::new(
                 &s.name,
                 addr,
@@ -184,17 +196,40 @@ impl Relay {
             )));
             bound.push(tcp);
         }
-        let mut addrs = Vec::new();
-        for (svc, tcp) in out.iter().zip(bound) {
-            addrs.push(svc.vip);
-            tracing::info!(service = %svc.name, address = %svc.vip, "mllp relay listening");
-            tokio::spawn(relay::accept_loop(svc.clone(), tcp));
-        }
+        let addrs: Vec<SocketAddr> = out.iter().map(|s| s.vip).collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RelayError::Thread)?;
+        let (exit, exit_rx) = tokio::sync::oneshot::channel::<()>();
+        let svcs = out.clone();
+        let thread = std::thread::Builder::new()
+            .name("mllp-relay".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    for (svc, tcp) in svcs.into_iter().zip(bound) {
+                        match TcpListener::from_std(tcp) {
+                            Ok(tcp) => {
+                                tracing::info!(service = %svc.name, address = %svc.vip, "mllp relay listening");
+                                tokio::spawn(relay::accept_loop(svc, tcp));
+                            }
+                            Err(e) => {
+                                tracing::error!(service = %svc.name, address = %svc.vip, error = %e, "mllp relay: cannot serve the socket");
+                            }
+                        }
+                    }
+                    let _ = exit_rx.await;
+                });
+                // Dropping the runtime closes whatever connection is still open.
+            })
+            .map_err(RelayError::Thread)?;
         Ok((
             Relay {
                 services: out.into(),
                 addrs,
                 stop,
+                _exit: exit,
+                thread: Some(thread),
             },
             rx,
         ))
@@ -242,7 +277,7 @@ impl Relay {
 
     /// Stops accepting and lets held messages finish for up to `grace`; then closes the rest
     /// (their senders get no ACK and resend).
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(mut self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         // Senders between messages close at once; the ones with a message in flight finish it.
         let _ = self.stop.send(true);
@@ -254,7 +289,20 @@ impl Relay {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let thread = self.thread.take();
+        drop(self);
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
+}
+
+/// A non-blocking listening socket on `addr` (std sets SO_REUSEADDR, as a restarted
+/// controller needs).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// Reads the relay's counters without the [`Relay`] itself.

@@ -258,11 +258,13 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
                 return "max attempts";
             }
         };
+        // Counted before the ACK goes out, so that a sender holding its ACK sees it counted.
+        svc.counters.relayed.fetch_add(1, Relaxed);
         if let Err(e) = wr.write_all(&mllp::frame(&ack)).await {
+            svc.counters.relayed.fetch_sub(1, Relaxed);
             warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, error = %e.kind(), "mllp relay: sender gone before its ACK");
             return "write error";
         }
-        svc.counters.relayed.fetch_add(1, Relaxed);
         debug!(service = %svc.name, sender = %peer, listener = %listener, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = len, ack = %code, ack_bytes = ack.len(), took_us = started.elapsed().as_micros() as u64, "mllp relay: message ACKed");
     }
 }
