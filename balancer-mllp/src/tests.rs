@@ -449,3 +449,35 @@ async fn a_poison_message_is_given_up_after_max_attempts() {
         (1, 0, 1, 0)
     );
 }
+
+/// Not a test: messages/s through the relay on loopback (16 senders back to back), printed.
+/// `cargo test --release -p balancer-mllp -- --ignored --nocapture loopback_rate`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn loopback_rate() {
+    let a = listener(Behaviour::Ack("AA", "A")).await;
+    let (r, _rx, vip) = relay(MllpConfig::default()).await;
+    r.set_active("hl7", Some(a.addr));
+    let t = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = Sender::connect(vip).await;
+            let mut n = 0u64;
+            while t.elapsed() < Duration::from_secs(3) {
+                s.send(&format!("L{c}-{n}")).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.unwrap();
+    }
+    println!(
+        "loopback: {:.0} messages/s through the relay",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    a.seen.lock().unwrap().clear();
+}

@@ -298,10 +298,11 @@ fn mllp_send_gets_its_ack_through_the_relay() {
     let lab = Lab::new(2).unwrap();
     let _a = listen(&lab, 1);
     let _b = listen(&lab, 2);
-    let _bal = lab.start_balancer(&config(&lab)).unwrap();
+    let bal = lab.start_balancer(&config(&lab)).unwrap();
     wait_until(Duration::from_secs(10), "hl7a active", || {
         active(&lab) == "10.77.0.11:6661"
     });
+    let mut strict = String::new();
     for (i, loose) in [false, true].into_iter().enumerate() {
         // Strict mode reads MLLP frames from the file; loose mode a text file with newlines.
         let sep = if loose { "\n" } else { "\r" };
@@ -315,6 +316,9 @@ fn mllp_send_gets_its_ack_through_the_relay() {
         };
         let file = lab.write_file("adt.hl7", &msg).unwrap();
         let f = file.to_string_lossy().to_string();
+        if !loose {
+            strict = f.clone();
+        }
         let mut args = vec!["mllp_send", "--port", "6661", "--file", &f];
         if loose {
             args.push("--loose");
@@ -326,6 +330,33 @@ fn mllp_send_gets_its_ack_through_the_relay() {
     }
     let st = status(&lab);
     assert_eq!(st["mllp"]["services"][0]["relayed"], 2, "{st}");
+    // Changing a message-mode service's limits needs a restart: the reload is refused and
+    // the relay keeps serving with the running config.
+    let sock = socket(&lab).to_string_lossy().to_string();
+    std::fs::write(
+        bal.config_path(),
+        config(&lab).replace("ack_timeout = \"1s\"", "ack_timeout = \"3s\""),
+    )
+    .unwrap();
+    let e = lab
+        .balancer_cli(&["reload", "--socket", &sock])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("restart"), "{e}");
+    let out = lab
+        .exec(
+            Host::Client,
+            &[
+                "mllp_send",
+                "--port",
+                "6661",
+                "--file",
+                &strict,
+                "10.77.0.100",
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("MSA|AA|"), "after the refused reload: {out:?}");
 }
 
 /// Bad input from senders and listeners: each case gets one clear log line without a payload
