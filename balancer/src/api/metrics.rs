@@ -537,7 +537,13 @@ fn register_l7(reg: &mut Registry, m: &balancer_l7::Metrics) {
 /// The MLLP relay's counters, per service and per listener (counts and codes only: no
 /// message content reaches a label).
 fn register_mllp(reg: &mut Registry, m: &balancer_mllp::Metrics) {
-    let counters: [(&str, &str, fn(&balancer_mllp::ServiceMetrics) -> u64); 6] = [
+    /// Name, help, and the value of one service.
+    type PerService = (
+        &'static str,
+        &'static str,
+        fn(&balancer_mllp::ServiceMetrics) -> u64,
+    );
+    let counters: [PerService; 6] = [
         (
             "mllp_messages_relayed",
             "Messages whose listener ACK was relayed to their sender",
@@ -569,7 +575,7 @@ fn register_mllp(reg: &mut Registry, m: &balancer_mllp::Metrics) {
             |s| s.senders_refused,
         ),
     ];
-    let gauges: [(&str, &str, fn(&balancer_mllp::ServiceMetrics) -> u64); 3] = [
+    let gauges: [PerService; 3] = [
         (
             "mllp_messages_in_flight",
             "Messages held now, waiting for a listener ACK",
