@@ -102,6 +102,9 @@ fn listen(lab: &Lab, i: usize) -> LabChild {
             &name,
             "--addr",
             &format!("0.0.0.0:{PORT}"),
+            // Most of the time a message is in flight at a listener: a kill catches one.
+            "--delay-ms",
+            "10",
         ],
     );
     c.wait_for_output("blb-mllp ready", Duration::from_secs(10))

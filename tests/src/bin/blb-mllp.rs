@@ -50,6 +50,9 @@ enum Cmd {
         /// No line per message (benches).
         #[arg(long)]
         quiet: bool,
+        /// Wait this long before each ACK (so that a message is in flight when it dies).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Send back to back on C connections; report messages/s and round-trip percentiles.
     Bench {
@@ -153,6 +156,7 @@ struct Misbehave {
     garbage_for: Option<String>,
     silent_for: Option<String>,
     quiet: bool,
+    delay: Duration,
 }
 
 fn listen(name: &str, addr: SocketAddr, code: &str, bad: Misbehave) -> Result<()> {
@@ -177,16 +181,27 @@ fn listen(name: &str, addr: SocketAddr, code: &str, bad: Misbehave) -> Result<()
             while let Ok(Some(msg)) = read_frame(&mut rd, 1 << 20) {
                 n += 1;
                 let control = field(&msg, "MSH", 10).unwrap_or_default();
+                // Logged on receipt, before any answer: a listener killed before its ACK still
+                // shows what it received.
+                if !bad.quiet {
+                    eprintln!(
+                        "recv peer={peer} n={n} bytes={} control={control}",
+                        msg.len()
+                    );
+                }
                 let is = |p: &Option<String>| p.as_ref().is_some_and(|p| control.starts_with(p));
                 if is(&bad.silent_for) {
-                    eprintln!("silent peer={peer} n={n} control={control}");
+                    eprintln!("silent peer={peer} n={n}");
                     continue;
                 }
                 if is(&bad.garbage_for) {
                     // The message itself, unframed: the relay must log none of it.
                     let _ = s.write_all(&msg);
-                    eprintln!("garbage peer={peer} n={n} control={control}");
+                    eprintln!("garbage peer={peer} n={n}");
                     continue;
+                }
+                if !bad.delay.is_zero() {
+                    std::thread::sleep(bad.delay);
                 }
                 let ack = format!(
                     "MSH|^~\\&|{name}|LISTENER|||20260101000000||ACK|{control}A|P|2.5\rMSA|{code}|{control}\r"
@@ -195,10 +210,7 @@ fn listen(name: &str, addr: SocketAddr, code: &str, bad: Misbehave) -> Result<()
                     break;
                 }
                 if !bad.quiet {
-                    eprintln!(
-                        "ack peer={peer} n={n} bytes={} control={control}",
-                        msg.len()
-                    );
+                    eprintln!("ack peer={peer} n={n}");
                 }
             }
             eprintln!("closed peer={peer} messages={n}");
@@ -442,6 +454,7 @@ fn main() -> Result<()> {
             garbage_for,
             silent_for,
             quiet,
+            delay_ms,
         } => listen(
             &name,
             addr,
@@ -450,6 +463,7 @@ fn main() -> Result<()> {
                 garbage_for,
                 silent_for,
                 quiet,
+                delay: Duration::from_millis(delay_ms.min(60_000)),
             },
         ),
         Cmd::Bench {
