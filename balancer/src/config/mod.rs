@@ -4,8 +4,8 @@
 pub mod controller;
 pub mod dataplane;
 pub mod health;
-pub mod passive;
 pub mod mllp;
+pub mod passive;
 pub mod service;
 
 pub use controller::ControllerSection;
