@@ -51,6 +51,8 @@ pub struct Daemon {
     /// Kept for its lifetime: dropping it stops the sweep.
     _flow_expiry: crate::control::flow_expiry::Collector,
     board: StatusBoard,
+    /// The `[l7]` section in force, shared with status readers.
+    l7_config: Option<std::sync::Arc<balancer_l7::L7Config>>,
     reloads: u64,
     config_errors: u64,
     failovers: u64,
@@ -137,9 +139,11 @@ impl Daemon {
             Published {
                 status: Status::default(),
                 slots: Vec::new(),
+                l7: None,
             },
             Dataplane::open_pinned(&pin).context("opening the pinned maps for status readers")?,
             gc.entries.clone(),
+            gc.kept.clone(),
             l7.as_ref().map(balancer_l7::L7::metrics_handle),
             Instant::now(),
         );
@@ -154,10 +158,12 @@ impl Daemon {
             gc_timeouts,
             _flow_expiry: gc,
             board,
+            l7_config: None,
             reloads: 0,
             config_errors: 0,
             failovers: 0,
         };
+        d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
         d.prime_neighbours(true);
         d.save_health();
@@ -342,6 +348,9 @@ impl Daemon {
         if new.pin_path != self.cfg.pin_path {
             return Err(ReloadError::RestartNeeded("pin_path"));
         }
+        if new.console != self.cfg.console {
+            return Err(ReloadError::RestartNeeded("the [console] section"));
+        }
         // L7 is checked first (certificates, listeners) and made live only after L4 applied.
         let l7 = match (&self.l7, &new.l7) {
             (Some(l7), Some(c)) => Some(
@@ -362,6 +371,7 @@ impl Daemon {
         if let Ok(mut t) = self.gc_timeouts.lock() {
             *t = timeouts(&new);
         }
+        self.l7_config = new.l7.clone().map(std::sync::Arc::new);
         self.cfg = new;
         self.reloads += 1;
         self.register_checks();
@@ -463,6 +473,7 @@ impl Daemon {
                                 .and_then(|id| self.monitor.last_latency(id))
                                 .map(|d| d.as_secs_f64() * 1e3),
                             traffic: Traffic::default(),
+                            flows: 0,
                         })
                         .collect(),
                 }
@@ -498,13 +509,15 @@ impl Daemon {
                     .unwrap_or_default(),
             },
             slots,
+            l7: self.l7_config.clone(),
         }
     }
 }
 
 /// Starts the control socket and the metrics endpoint. Status requests are answered from
-/// the published snapshot, off the daemon loop; the others go to the loop.
-fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
+/// the published snapshot, off the daemon loop; the others go to the loop. Returns the
+/// channel they share (the console asks on it too).
+fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) -> mpsc::Sender<Message> {
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let board = d.board.clone();
     let to_daemon = daemon_tx.clone();
@@ -540,6 +553,7 @@ fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
             }
         });
     }
+    tx
 }
 
 /// Where operator overrides are kept across controller restarts: beside the control socket
@@ -620,7 +634,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut d = Daemon::start(opts, ev_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
-    start_endpoints(&d, &ctl_tx);
+    let endpoints = start_endpoints(&d, &ctl_tx);
+    let console = match &d.cfg.console {
+        Some(c) => Some(
+            crate::api::console::start(c.clone(), d.board.clone(), endpoints)
+                .await
+                .context("starting the console")?,
+        ),
+        None => None,
+    };
     info!(
         services = d.state.services.len(),
         interfaces = ?d.cfg.interfaces,
@@ -648,7 +670,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 crate::host::systemd::reloading();
-                let _ = d.reload().await;
+                let r = d.reload().await;
+                crate::api::audit::reload("signal", "SIGHUP", &r);
                 crate::host::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
@@ -666,6 +689,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     crate::host::systemd::stopping();
+    if let Some(c) = console {
+        c.stop();
+    }
     if let Some(l7) = d.l7.take() {
         l7.shutdown(Duration::from_secs(10)).await;
     }
