@@ -128,6 +128,22 @@ pub fn audit(
     }
 }
 
+/// The audit result of a refused action or reload: how many problems, not their text (the
+/// operator sees that in the reply; a config's text stays out of the trail). A problem is a
+/// `file:line:column: message` line; a refusal without one counts as one.
+pub fn refused(message: &str) -> String {
+    let n = message
+        .lines()
+        .filter(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .count()
+        .max(1);
+    format!("refused ({n} problem(s))")
+}
+
 /// `YYYY-MM-DD HH:MM:SS` UTC of a Unix time.
 pub struct Utc(pub u64);
 
@@ -179,6 +195,13 @@ mod tests {
             .collect();
         assert_eq!(got, ["a4", "a3", "a2"]);
         assert_eq!(log.recent(10, |e| e.what == "a3").len(), 1);
+    }
+
+    #[test]
+    fn refusals_count_positions() {
+        let m = "config refused, nothing changed:\nb.toml:3:1: x\nb.toml:9:5: y";
+        assert_eq!(refused(m), "refused (2 problem(s))");
+        assert_eq!(refused("no service 'x'"), "refused (1 problem(s))");
     }
 
     #[test]

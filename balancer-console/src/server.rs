@@ -649,9 +649,7 @@ async fn act<S: ConsoleSource>(
     };
     let outcome = match &result {
         Ok(_) => "ok".to_string(),
-        Err(SourceError::Refused(m)) => {
-            format!("refused ({} problem(s))", m.lines().count().max(1))
-        }
+        Err(SourceError::Refused(m)) => crate::events::refused(m),
         Err(e) => format!("failed: {e}"),
     };
     audit(

@@ -206,7 +206,37 @@ fn user_add(users: &std::path::Path, name: &str, role: &str, password: &str) {
     );
 }
 
+/// A certificate for the L7 listener that expires in 20 days (the L7 page warns under 30).
+fn short_lived_cert(lab: &Lab) -> (String, String) {
+    let cert = lab.dir().join("portal.pem");
+    let key = lab.dir().join("portal.key");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "20", "-subj", "/CN=portal.example.org"])
+        .args(["-addext", "subjectAltName=DNS:portal.example.org"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert.display().to_string(), key.display().to_string())
+}
+
 fn config(lab: &Lab) -> String {
+    let (cert, key) = short_lived_cert(lab);
     format!(
         r#"[dataplane]
 interface = "eth0"
@@ -236,6 +266,27 @@ backends = [
   {{ address = "10.77.0.11:{HL7_PORT}", priority = 1 }},
   {{ address = "10.77.0.12:{HL7_PORT}", priority = 2 }},
 ]
+
+[[l7.listener]]
+name = "portal"
+address = "10.77.0.100:443"
+  [[l7.listener.certificate]]
+  cert = "{cert}"
+  key = "{key}"
+  server_names = ["portal.example.org"]
+
+[[l7.route]]
+name = "portal"
+host = "portal.example.org"
+pool = "portal-web"
+
+[[l7.pool]]
+name = "portal-web"
+health = {{ kind = "http", path = "/health", interval = "500ms", timeout = "300ms", rise = 2, fall = 2 }}
+  [[l7.pool.backend]]
+  address = "10.77.0.11:{HTTP_PORT}"
+  [[l7.pool.backend]]
+  address = "10.77.0.12:{HTTP_PORT}"
 "#,
         sock = lab.dir().join("control.sock").display(),
         users = lab.dir().join("console-users").display(),
@@ -410,7 +461,36 @@ fn chromium_signs_in_drains_sees_a_failover_and_signs_out() {
     assert!(events.contains("uid 0"), "the CLI's peer uid: {events}");
     b.screenshot("events");
     b.go("/l7");
+    b.wait_for("table#certs span.expiry.warn", Duration::from_secs(5));
+    let certs = b.text("table#certs");
+    assert!(certs.contains("portal.example.org"), "{certs}");
+    assert!(certs.contains("days left"), "{certs}");
+    assert!(b.text("table#routes").contains("portal-web"));
+    assert!(b.exists("table#pools"));
     b.screenshot("l7");
+
+    // A refused reload shows its errors with file:line:column; the running config serves on.
+    let good = std::fs::read_to_string(bal.config_path()).unwrap();
+    let bad = good.replace("scheduler = \"failover\"", "scheduler = \"roundrobin\"");
+    std::fs::write(bal.config_path(), bad).unwrap();
+    b.go("/");
+    b.click("#reload");
+    b.screenshot("confirm-reload");
+    b.click("#confirm");
+    let result = b.text("#result");
+    let file = bal.config_path().display().to_string();
+    let at = result
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{file}:")))
+        .unwrap_or_else(|| panic!("no {file}:line:column in {result}"));
+    let mut pos = at.splitn(3, ':');
+    for what in ["line", "column"] {
+        let n = pos.next().unwrap_or_default();
+        assert!(n.parse::<u32>().is_ok(), "{what} in {result}");
+    }
+    b.screenshot("reload-refused");
+    std::fs::write(bal.config_path(), good).unwrap();
+    assert_eq!(cli_status(&lab)["config_errors"], 1);
 
     // Sign out: the session is gone.
     b.go("/");
@@ -424,6 +504,7 @@ fn chromium_signs_in_drains_sees_a_failover_and_signs_out() {
         "who=\"olivia\"",
         "what=\"drain web 10.77.0.11:7002\"",
         "who=\"uid 0\"",
+        "result=\"refused (1 problem(s))\"",
     ] {
         assert!(logs.contains(needle), "audit {needle} missing");
     }
