@@ -403,10 +403,17 @@ fn chromium_signs_in_drains_sees_a_failover_and_signs_out() {
     );
     b.screenshot("service");
     b.click("#drain-10-77-0-11-7002");
+    let what = b.text("#what");
     assert!(
-        b.text("#what")
-            .contains("No new flows go to 10.77.0.11:7002")
+        what.contains("No new flows go to 10.77.0.11:7002"),
+        "{what}"
     );
+    let stay = what
+        .split("its ")
+        .nth(1)
+        .and_then(|t| t.split(" established flow(s) stay").next())
+        .unwrap_or_default();
+    assert!(stay.parse::<u64>().is_ok(), "how many flows stay: {what}");
     b.screenshot("confirm-drain");
     b.click("#confirm");
     assert!(b.text("#result").contains("drain"), "{}", b.text("#result"));

@@ -174,6 +174,21 @@ pub fn run(keep_console: bool) -> Result<()> {
          nsenter --net=/run/netns/{client} curl -k https://{CONSOLE_ADDR}/login\n  \
          nsenter --net=/run/netns/{client} chromium --no-sandbox --user-data-dir=/tmp/blb-console https://{CONSOLE_ADDR}/"
     );
+    let answer = lab.exec(
+        Host::Client,
+        &[
+            "curl",
+            "-sk",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{CONSOLE_ADDR}/login"),
+        ],
+    )?;
+    println!("  the console's sign-in page answers {answer} from the client namespace");
     let mut demo = Demo {
         echo,
         hl7,

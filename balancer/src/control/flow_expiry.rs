@@ -72,7 +72,8 @@ pub struct Sweep {
     pub idle: u64,
     /// Table entries removed (a NAT flow has two).
     pub entries_removed: u64,
-    /// Flows that stay, by backend slot (what a drain leaves on a backend).
+    /// Established flows that stay (not closing, not half-open), by backend slot: what a
+    /// drain leaves on a backend.
     pub kept: BTreeMap<u32, u64>,
 }
 
@@ -121,7 +122,7 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
                 } else {
                     s.idle += 1
                 }
-            } else {
+            } else if !closing && f.flags & FLOW_F_HALF_OPEN == 0 {
                 *s.kept.entry(f.backend).or_default() += 1;
             }
         } else {
