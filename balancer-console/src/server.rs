@@ -84,6 +84,9 @@ impl UsersFile {
     }
 }
 
+/// Password verifications at once.
+const VERIFICATIONS: usize = 2;
+
 /// State shared by every connection.
 pub(crate) struct Shared<S> {
     pub(crate) cfg: ConsoleConfig,
@@ -95,6 +98,9 @@ pub(crate) struct Shared<S> {
     users: Mutex<UsersFile>,
     /// Verified against for unknown users, so that their sign-in takes as long as a known one's.
     dummy_hash: String,
+    /// Password verifications running at once (each takes Argon2's 19 MiB and a core for a
+    /// few tens of milliseconds): a burst of sign-ins from many addresses queues here.
+    verifying: tokio::sync::Semaphore,
     epoch: Instant,
 }
 
@@ -171,6 +177,7 @@ pub async fn start<S: ConsoleSource>(
         source,
         events,
         dummy_hash,
+        verifying: tokio::sync::Semaphore::new(VERIFICATIONS),
         epoch: Instant::now(),
     });
     let sampler = tokio::spawn(sample_loop(shared.clone()));
@@ -561,10 +568,13 @@ async fn sign_in<S: ConsoleSource>(
     let hash = found
         .as_ref()
         .map_or_else(|| shared.dummy_hash.clone(), |u| u.hash.clone());
-    let ok = tokio::task::spawn_blocking(move || users::verify_password(&password, &hash))
-        .await
-        .unwrap_or(false)
+    let permit = shared.verifying.acquire().await;
+    let ok = permit.is_ok()
+        && tokio::task::spawn_blocking(move || users::verify_password(&password, &hash))
+            .await
+            .unwrap_or(false)
         && found.is_some();
+    drop(permit);
     let locked = lock(&shared.throttle).after(&user, ip, ok, Instant::now());
     let Some(u) = found.filter(|_| ok) else {
         let result = if locked {

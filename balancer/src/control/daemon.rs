@@ -349,7 +349,7 @@ impl Daemon {
             return Err(ReloadError::RestartNeeded("pin_path"));
         }
         if new.console != self.cfg.console {
-            return Err(ReloadError::RestartNeeded("the [console] section"));
+            return Err(ReloadError::RestartNeeded("the [console] settings"));
         }
         // L7 is checked first (certificates, listeners) and made live only after L4 applied.
         let l7 = match (&self.l7, &new.l7) {
