@@ -391,6 +391,16 @@ pub const fn snat_first_port(hash: u32, lo: u16, hi: u16) -> u16 {
     (lo as u32 + reduce(hash.rotate_left(16) ^ 0x9e37_79b9, range)) as u16
 }
 
+/// Seconds from stamp `then` to `now` on the wrapping seconds clock flows are stamped with;
+/// 0 when `then` is later than `now`. A stamp can be later: another CPU touched the flow after
+/// `now` was read (the controller reads its clock once per sweep, the XDP program once per
+/// packet), and a plain `now - then` would make that flow look idle for 136 years.
+#[inline(always)]
+pub const fn idle_secs(now: u32, then: u32) -> u32 {
+    let d = now.wrapping_sub(then);
+    if d > u32::MAX / 2 { 0 } else { d }
+}
+
 /// Index into the rings map of `slot` in ring half `half` of service `id`.
 #[inline(always)]
 pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {
@@ -414,6 +424,15 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn a_stamp_after_now_is_not_idle() {
+        assert_eq!(idle_secs(100, 40), 60);
+        assert_eq!(idle_secs(100, 100), 0);
+        assert_eq!(idle_secs(100, 101), 0, "touched after now was read");
+        assert_eq!(idle_secs(3, u32::MAX - 1), 5, "across the wrap");
+        assert_eq!(idle_secs(u32::MAX - 1, 3), 0);
+    }
 
     #[test]
     fn layouts_have_no_padding() {

@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
     Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP,
-    Flow, FlowKey, HALF_OPEN_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service, snat_first_port,
+    Flow, FlowKey, HALF_OPEN_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service, idle_secs, snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -106,7 +106,7 @@ const SNAT_PROBES: u32 = 16;
 /// a moment ago, or idle past the protocol's timeout.
 #[inline(always)]
 fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
-    let idle = now.wrapping_sub(e.atime);
+    let idle = idle_secs(now, e.atime);
     if e.flags & FLOW_F_CLOSING != 0 && idle >= CLOSING_REUSE_SECS {
         return true;
     }

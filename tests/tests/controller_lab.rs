@@ -336,7 +336,15 @@ fn reload_good_and_bad_restart_and_kill9_keep_a_stream_byte_exact() {
         .unwrap();
     assert!(b2.logs().contains("adopted pinned maps"));
     let rep = stream_report(stream, Duration::from_secs(30)).unwrap();
-    assert!(rep.ok, "stream broke: {:?}", rep.error);
+    assert!(
+        rep.ok,
+        "stream broke: {:?}\nreasons: {}\n{}",
+        rep.error,
+        lab.counters()
+            .map(|c| c["reasons"].clone())
+            .unwrap_or_default(),
+        b2.logs()
+    );
     assert!(rep.chunks > 300, "{rep:?}");
     let r = lab.client_conns(vip4(ECHO_PORT), 60, 500, 4).unwrap();
     assert_eq!(r.failed, 0, "{:?}", r.errors);

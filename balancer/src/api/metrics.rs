@@ -48,6 +48,71 @@ use crate::{
 
 /// The content type of the OpenMetrics text format that [`render`] produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format, served to scrapers that do not ask for
+/// OpenMetrics (`promtool check metrics`, older agents, curl).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (what Prometheus asks for first).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header lists it, else the text format.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => CONTENT_TYPE,
+            Format::Text => TEXT_CONTENT_TYPE,
+        }
+    }
+}
+
+/// The exposition `open_metrics` (as [`render`] writes it) in the Prometheus text format 0.0.4.
+/// OpenMetrics names a counter family without the `_total` its sample carries, and has
+/// `# UNIT` and `# EOF` lines; the text format names the family as its sample and has neither.
+/// Gauges and histograms are written alike in both.
+pub fn to_text_format(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(p);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 type Labels = Vec<(&'static str, String)>;
 type Counters = Family<Labels, Counter>;
@@ -492,6 +557,11 @@ pub async fn serve_on(listener: TcpListener, tx: mpsc::Sender<Message>) -> anyho
 }
 
 async fn handle(req: HttpRequest<Incoming>, tx: &mpsc::Sender<Message>) -> Response<Full<Bytes>> {
+    let format = Format::from_accept(
+        req.headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     if req.method() != Method::GET || req.uri().path() != "/metrics" {
         return text(
             StatusCode::NOT_FOUND,
@@ -508,7 +578,14 @@ async fn handle(req: HttpRequest<Incoming>, tx: &mpsc::Sender<Message>) -> Respo
         Ok(Err(AskError::Timeout)) | Err(_) => Err(AskError::Timeout.to_string()),
     };
     match status {
-        Ok(s) => text(StatusCode::OK, CONTENT_TYPE, render(&s)),
+        Ok(s) => {
+            let om = render(&s);
+            let body = match format {
+                Format::OpenMetrics => om,
+                Format::Text => to_text_format(&om),
+            };
+            text(StatusCode::OK, format.content_type(), body)
+        }
         Err(e) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain; charset=utf-8",
@@ -717,6 +794,46 @@ mod tests {
         assert!(ok && out.contains("SUCCESS"), "{out}");
     }
 
+    #[test]
+    fn promtool_accepts_the_text_exposition() {
+        for status in [sample_status(), with_l7()] {
+            let t = to_text_format(&render(&status));
+            assert!(
+                t.contains("# TYPE balancer_service_packets_total counter\n"),
+                "{t}"
+            );
+            assert!(t.contains("# HELP balancer_service_packets_total "), "{t}");
+            assert!(!t.contains("# EOF") && !t.contains("# UNIT"), "{t}");
+            let (ok, out) = promtool(&monitoring_dir(), &["check", "metrics"], &t);
+            assert!(
+                ok && out.trim().is_empty(),
+                "promtool check metrics:\n{out}\n{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_text_format_keeps_every_sample() {
+        let om = render(&with_l7());
+        let t = to_text_format(&om);
+        let samples = |x: &str| -> Vec<String> {
+            x.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&t));
+        assert_eq!(Format::from_accept(None), Format::Text);
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Text);
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            )),
+            Format::OpenMetrics,
+            "what Prometheus sends"
+        );
+    }
+
     /// Every `balancer_*` name in the rules and the dashboard is one the exposition has.
     #[test]
     fn rules_and_dashboard_use_exported_names() {
@@ -808,6 +925,16 @@ mod tests {
             })
         };
         let r = get("GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("content-type: text/plain; version=0.0.4"), "{r}");
+        assert!(
+            r.contains("# TYPE balancer_backend_packets_total counter\n"),
+            "{r}"
+        );
+        assert!(!r.contains("# EOF"), "{r}");
+        let r = get("GET /metrics HTTP/1.1\r\nhost: x\r\naccept: application/openmetrics-text; version=1.0.0\r\nconnection: close\r\n\r\n")
             .await
             .unwrap();
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
     FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, Flow, FlowKey, HALF_OPEN_SECS,
-    MAP_FLOWS, PROTO_TCP,
+    MAP_FLOWS, PROTO_TCP, idle_secs,
 };
 use tracing::debug;
 
@@ -77,6 +77,40 @@ pub struct Sweep {
     pub kept: BTreeMap<u32, u64>,
 }
 
+/// Why a flow leaves the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// It saw a FIN or RST and has been quiet for [`CLOSED_LINGER_SECS`].
+    Closed,
+    /// Its handshake never completed within [`HALF_OPEN_SECS`] of the client's last SYN.
+    HalfOpen,
+    /// Quiet for the protocol's idle timeout.
+    Idle,
+}
+
+/// Whether a flow is over. `f` is its forward entry (or a reply entry whose forward entry is
+/// gone, judged alone) and `r` its reply entry, when that belongs to this client. Stamps later
+/// than `now` (touched while the sweep ran) count as activity now.
+pub fn expiry(f: &Flow, r: Option<&Flow>, proto: u8, t: Timeouts, now: u32) -> Option<Expiry> {
+    let idle_limit = if proto == PROTO_TCP {
+        t.tcp_idle
+    } else {
+        t.udp_idle
+    };
+    let closing = f.flags & FLOW_F_CLOSING != 0 || r.is_some_and(|r| r.flags & FLOW_F_CLOSING != 0);
+    let last = r.map_or(f.atime, |r| latest(f.atime, r.atime));
+    let idle = idle_secs(now, last);
+    if closing && idle >= CLOSED_LINGER_SECS {
+        return Some(Expiry::Closed);
+    }
+    // A SYN whose handshake never completed (a SYN flood) goes early, counted from the
+    // client's last SYN: the backend's SYN-ACK retransmits do not keep it.
+    if f.flags & FLOW_F_HALF_OPEN != 0 && idle_secs(now, f.atime) >= HALF_OPEN_SECS {
+        return Some(Expiry::HalfOpen);
+    }
+    (idle_limit != 0 && idle >= idle_limit).then_some(Expiry::Idle)
+}
+
 /// One pass over the table.
 pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32) -> Sweep {
     let mut s = Sweep::default();
@@ -84,16 +118,10 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
     for k in keys {
         s.seen += 1;
         let Ok(f) = flows.get(&k, 0) else { continue };
-        let idle_limit = if k.proto == PROTO_TCP {
-            t.tcp_idle
-        } else {
-            t.udp_idle
-        };
-        if f.flags & FLOW_F_FORWARD != 0 {
-            let nat = f.flags & FLOW_F_DSR == 0;
+        let (why, pair) = if f.flags & FLOW_F_FORWARD != 0 {
             let rk = reply_key(&f, k.proto);
             // The reply entry counts only if it belongs to this client.
-            let r = if nat {
+            let r = if f.flags & FLOW_F_DSR == 0 {
                 flows
                     .get(&rk, 0)
                     .ok()
@@ -101,30 +129,12 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             } else {
                 None
             };
-            let closing =
-                f.flags & FLOW_F_CLOSING != 0 || r.is_some_and(|r| r.flags & FLOW_F_CLOSING != 0);
-            let last = r.map_or(f.atime, |r| latest(f.atime, r.atime));
-            let idle = now.wrapping_sub(last);
-            let expired_closed = closing && idle >= CLOSED_LINGER_SECS;
-            // A SYN whose handshake never completed (a SYN flood) goes early, counted from
-            // the client's last SYN: the backend's SYN-ACK retransmits do not keep it.
-            let half_open =
-                f.flags & FLOW_F_HALF_OPEN != 0 && now.wrapping_sub(f.atime) >= HALF_OPEN_SECS;
-            if expired_closed || half_open || (idle_limit != 0 && idle >= idle_limit) {
-                let _ = flows.remove(&k);
-                s.entries_removed += 1;
-                if r.is_some() {
-                    let _ = flows.remove(&rk);
-                    s.entries_removed += 1;
-                }
-                if expired_closed {
-                    s.closed += 1
-                } else {
-                    s.idle += 1
-                }
-            } else if !closing && f.flags & FLOW_F_HALF_OPEN == 0 {
+            let why = expiry(&f, r.as_ref(), k.proto, t, now);
+            let flags = r.map_or(f.flags, |r| f.flags | r.flags);
+            if why.is_none() && flags & (FLOW_F_CLOSING | FLOW_F_HALF_OPEN) == 0 {
                 *s.kept.entry(f.backend).or_default() += 1;
             }
+            (why, r.map(|_| rk))
         } else {
             // A reply entry whose forward entry is gone (evicted or expired): judged alone.
             let fk = FlowKey {
@@ -138,17 +148,19 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             if flows.get(&fk, 0).is_ok() {
                 continue;
             }
-            let idle = now.wrapping_sub(f.atime);
-            let closing = f.flags & FLOW_F_CLOSING != 0;
-            let half_open = f.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS;
-            if (closing && idle >= CLOSED_LINGER_SECS)
-                || half_open
-                || (idle_limit != 0 && idle >= idle_limit)
-            {
-                let _ = flows.remove(&k);
-                s.entries_removed += 1;
-                if closing { s.closed += 1 } else { s.idle += 1 }
-            }
+            (expiry(&f, None, k.proto, t, now), None)
+        };
+        let Some(why) = why else { continue };
+        let _ = flows.remove(&k);
+        s.entries_removed += 1;
+        if let Some(rk) = pair {
+            let _ = flows.remove(&rk);
+            s.entries_removed += 1;
+        }
+        if why == Expiry::Closed {
+            s.closed += 1
+        } else {
+            s.idle += 1
         }
     }
     s
@@ -169,7 +181,7 @@ pub struct Collector {
     /// Entries in the table at the last sweep (status and metrics read this instead of
     /// walking the table themselves).
     pub entries: Arc<AtomicU64>,
-    /// Flows by backend slot at the last sweep.
+    /// Established flows by backend slot at the last sweep.
     pub kept: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     handle: Option<thread::JoinHandle<()>>,
 }
@@ -239,6 +251,78 @@ impl Drop for Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T: Timeouts = Timeouts {
+        tcp_idle: 3600,
+        udp_idle: 300,
+    };
+
+    fn flow(flags: u32, atime: u32) -> Flow {
+        Flow {
+            flags,
+            atime,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_flow_touched_after_the_sweep_read_its_clock_stays() {
+        // The sweep reads `now` once; a busy flow is stamped a second later meanwhile.
+        let now = 1_000;
+        let f = flow(FLOW_F_FORWARD, now + 1);
+        let r = flow(0, now + 1);
+        assert_eq!(expiry(&f, Some(&r), PROTO_TCP, T, now), None);
+        assert_eq!(
+            expiry(&r, None, PROTO_TCP, T, now),
+            None,
+            "a lone reply entry"
+        );
+        let half = flow(FLOW_F_FORWARD | FLOW_F_HALF_OPEN, now + 1);
+        assert_eq!(expiry(&half, None, PROTO_TCP, T, now), None);
+        let closing = flow(FLOW_F_FORWARD | FLOW_F_CLOSING, now + 1);
+        assert_eq!(expiry(&closing, None, PROTO_TCP, T, now), None);
+    }
+
+    #[test]
+    fn closed_half_open_and_idle_flows_go_on_time() {
+        let now = 100_000;
+        let busy = flow(FLOW_F_FORWARD, now - 5);
+        assert_eq!(expiry(&busy, None, PROTO_TCP, T, now), None);
+        let closed = flow(FLOW_F_FORWARD | FLOW_F_CLOSING, now - CLOSED_LINGER_SECS);
+        assert_eq!(
+            expiry(&closed, None, PROTO_TCP, T, now),
+            Some(Expiry::Closed)
+        );
+        // The reply entry's FIN closes the pair; its later stamp keeps it a little longer.
+        let f = flow(FLOW_F_FORWARD, now - 20);
+        let r = flow(FLOW_F_CLOSING, now - 2);
+        assert_eq!(expiry(&f, Some(&r), PROTO_TCP, T, now), None);
+        let r = flow(FLOW_F_CLOSING, now - CLOSED_LINGER_SECS);
+        assert_eq!(
+            expiry(&f, Some(&r), PROTO_TCP, T, now),
+            Some(Expiry::Closed)
+        );
+        // Half-open counts from the client's SYN only.
+        let syn = flow(FLOW_F_FORWARD | FLOW_F_HALF_OPEN, now - HALF_OPEN_SECS);
+        let synack = flow(FLOW_F_HALF_OPEN, now);
+        assert_eq!(
+            expiry(&syn, Some(&synack), PROTO_TCP, T, now),
+            Some(Expiry::HalfOpen)
+        );
+        let udp = flow(FLOW_F_FORWARD, now - 300);
+        assert_eq!(expiry(&udp, None, 17, T, now), Some(Expiry::Idle));
+        assert_eq!(expiry(&udp, None, PROTO_TCP, T, now), None);
+        let off = Timeouts {
+            tcp_idle: 0,
+            udp_idle: 0,
+        };
+        let old = flow(FLOW_F_FORWARD, now - 90_000);
+        assert_eq!(
+            expiry(&old, None, PROTO_TCP, off, now),
+            None,
+            "0: never idle"
+        );
+    }
 
     #[test]
     fn latest_handles_wrap() {
