@@ -128,6 +128,26 @@ pub fn audit(
     }
 }
 
+/// The events page's words for a backend's health change.
+pub fn health_change(
+    service: &str,
+    backend: std::net::SocketAddr,
+    before: crate::source::Health,
+    after: crate::source::Health,
+) -> String {
+    format!("{service} {backend}: {before} → {after}")
+}
+
+/// The events page's words for a change of a failover service's active backend.
+pub fn failover(
+    service: &str,
+    from: Option<std::net::SocketAddr>,
+    to: Option<std::net::SocketAddr>,
+) -> String {
+    let show = |a: Option<std::net::SocketAddr>| a.map_or("none".to_string(), |a| a.to_string());
+    format!("{service}: active {} → {}", show(from), show(to))
+}
+
 /// The audit result of a refused action or reload: how many problems, not their text (the
 /// operator sees that in the reply; a config's text stays out of the trail). A problem is a
 /// `file:line:column: message` line; a refusal without one counts as one.

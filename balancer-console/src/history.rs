@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::events::{EventKind, EventLog};
+use crate::events::{EventKind, EventLog, failover, health_change};
 use crate::source::{Health, StatusSnapshot, Traffic};
 
 /// One sample of the counters the charts use.
@@ -97,8 +97,8 @@ impl History {
     }
 
     /// Adds a sample; changes of health and of the active backend since the previous sample
-    /// go to `log` (not on the first sample, which only sets the baseline).
-    pub fn record(&mut self, at_ms: u64, s: &StatusSnapshot, log: &EventLog) {
+    /// go to `log` when given (not on the first sample, which only sets the baseline).
+    pub fn record(&mut self, at_ms: u64, s: &StatusSnapshot, log: Option<&EventLog>) {
         let step = self.step_ms;
         let mut seen_b = Vec::new();
         for svc in &s.services {
@@ -114,6 +114,7 @@ impl History {
                     .push(Sample::of(at_ms, &b.traffic), step);
                 let before = self.health.insert(key.clone(), b.health);
                 if self.primed
+                    && let Some(log) = log
                     && let Some(before) = before
                     && before != b.health
                 {
@@ -121,7 +122,7 @@ impl History {
                         EventKind::Health,
                         "",
                         "",
-                        &format!("{} {}: {before} → {}", svc.name, b.address, b.health),
+                        &health_change(&svc.name, b.address, before, b.health),
                         "",
                     );
                 }
@@ -129,20 +130,15 @@ impl History {
             }
             let before = self.active.insert(svc.name.clone(), svc.active);
             if self.primed
+                && let Some(log) = log
                 && let Some(before) = before
                 && before != svc.active
             {
-                let show = |a: Option<SocketAddr>| a.map_or("none".to_string(), |a| a.to_string());
                 log.push(
                     EventKind::Failover,
                     "",
                     "",
-                    &format!(
-                        "{}: active {} → {}",
-                        svc.name,
-                        show(before),
-                        show(svc.active)
-                    ),
+                    &failover(&svc.name, before, svc.active),
                     "",
                 );
             }
@@ -249,7 +245,7 @@ mod tests {
         // 10 s per point over an hour; samples every second.
         let mut h = History::new(Duration::from_secs(3600), Duration::from_secs(1));
         for i in 0..25 {
-            h.record(i * 1000, &snap(Health::Up, None, i * 100), &log);
+            h.record(i * 1000, &snap(Health::Up, None, i * 100), Some(&log));
         }
         let at: Vec<u64> = h.service("hl7").iter().map(|s| s.at_ms).collect();
         assert_eq!(at, [0, 10_000, 20_000, 24_000]);
@@ -262,16 +258,20 @@ mod tests {
         let log = EventLog::new(100);
         // One point per second over 360 s.
         let mut h = History::new(Duration::from_secs(360), Duration::from_secs(1));
-        h.record(0, &snap(Health::Up, Some("10.0.0.11:2575"), 0), &log);
+        h.record(0, &snap(Health::Up, Some("10.0.0.11:2575"), 0), Some(&log));
         assert!(
             log.recent(10, |_| true).is_empty(),
             "the first sample is the baseline"
         );
-        h.record(1000, &snap(Health::Up, Some("10.0.0.11:2575"), 500), &log);
+        h.record(
+            1000,
+            &snap(Health::Up, Some("10.0.0.11:2575"), 500),
+            Some(&log),
+        );
         h.record(
             2000,
             &snap(Health::Down, Some("10.0.0.12:2575"), 1500),
-            &log,
+            Some(&log),
         );
         let ev = log.recent(10, |_| true);
         assert_eq!(ev.iter().filter(|e| e.kind == EventKind::Health).count(), 2);
@@ -284,12 +284,15 @@ mod tests {
         let s = h.backend("hl7", "10.0.0.11:2575".parse().unwrap());
         assert_eq!(rates(&s, |t| t.bytes), vec![(1000, 500.0), (2000, 1000.0)]);
         assert_eq!(growth(&s, Duration::from_secs(1), |t| t.bytes), 1000);
-        for i in 3..400 {
-            h.record(i * 1000, &snap(Health::Down, None, 0), &log);
+        // A controller that records its changes itself: the samples add none.
+        h.record(3000, &snap(Health::Up, Some("10.0.0.11:2575"), 2000), None);
+        assert_eq!(log.recent(10, |_| true).len(), ev.len());
+        for i in 4..400 {
+            h.record(i * 1000, &snap(Health::Down, None, 0), Some(&log));
         }
         assert_eq!(h.service("hl7").len(), POINTS, "bounded");
         assert_eq!(h.service_now("hl7").len(), 2);
-        h.record(401_000, &StatusSnapshot::default(), &log);
+        h.record(401_000, &StatusSnapshot::default(), Some(&log));
         assert!(h.service("hl7").is_empty(), "gone with its service");
     }
 }

@@ -15,7 +15,7 @@ pub mod tls;
 pub mod users;
 
 pub use config::ConsoleConfig;
-pub use events::{EventKind, EventLog, audit};
+pub use events::{EventKind, EventLog, audit, failover, health_change};
 pub use server::{CSP, ConsoleError, Running, start};
 pub use source::{
     Action, AdminState, BackendView, CertFile, ConsoleSource, DataplaneState, Health, L7View,

@@ -198,7 +198,8 @@ async fn sample_loop<S: ConsoleSource>(shared: Arc<Shared<S>>) {
         match shared.source.status().await {
             Ok(s) => {
                 let at = shared.now_ms();
-                lock(&shared.history).record(at, &s, &shared.events);
+                let log = (!shared.source.records_changes()).then_some(&*shared.events);
+                lock(&shared.history).record(at, &s, log);
             }
             Err(e) => tracing::debug!(error = %e, "console: status sample failed"),
         }

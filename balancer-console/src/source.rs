@@ -340,6 +340,12 @@ pub trait ConsoleSource: Send + Sync + 'static {
     fn status(&self) -> impl Future<Output = Result<StatusSnapshot, SourceError>> + Send;
     /// Does an action; `Ok` carries a one-line summary.
     fn act(&self, action: &Action) -> impl Future<Output = Result<String, SourceError>> + Send;
+    /// Whether the controller writes health changes and failovers into the event log itself,
+    /// as they happen. Otherwise the console derives them from its status samples (and a
+    /// flap shorter than `sample_interval` is not seen).
+    fn records_changes(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

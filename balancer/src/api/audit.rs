@@ -21,6 +21,12 @@ pub fn record(kind: EventKind, who: &str, from: &str, what: &str, result: &str) 
     balancer_console::audit(Some(&events()), kind, who, from, what, result);
 }
 
+/// A change the controller made by itself (a health change, a failover): an entry on the
+/// events page at the moment it happens (the daemon's own log line is its record there).
+pub fn change(kind: EventKind, what: &str) {
+    events().push(kind, "", "", what, "");
+}
+
 /// A reload's outcome for the trail: ok, or how many problems (their text is in the reply
 /// and the daemon's own log, not in the trail).
 pub fn reload_result<T>(r: &Result<T, String>) -> String {

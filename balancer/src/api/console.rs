@@ -63,7 +63,7 @@ fn admin(a: AdminState) -> Admin {
     }
 }
 
-fn health(h: BackendHealth) -> Health {
+pub(crate) fn health(h: BackendHealth) -> Health {
     match h {
         BackendHealth::Unchecked => Health::Unchecked,
         BackendHealth::Up => Health::Up,
@@ -207,6 +207,11 @@ pub fn request(a: &Action) -> Request {
 }
 
 impl ConsoleSource for Source {
+    fn records_changes(&self) -> bool {
+        // The daemon loop writes health changes and failovers as it applies them.
+        true
+    }
+
     async fn status(&self) -> Result<StatusSnapshot, SourceError> {
         let board = self.board.clone();
         // Reading the counters takes the readers' map lock: off the async workers.

@@ -241,6 +241,10 @@ impl Daemon {
     fn note(&mut self, ev: Option<Event>) {
         if let Some(Event::Failover { service, from, to }) = ev {
             self.failovers += 1;
+            crate::api::audit::change(
+                balancer_console::EventKind::Failover,
+                &balancer_console::failover(&service, from, to),
+            );
             match to {
                 Some(to) => {
                     info!(service = %service, from = ?from, to = %to, "failover: new active backend")
@@ -271,6 +275,20 @@ impl Daemon {
             Owner::Pool(pool) => {
                 if let Some(l7) = &self.l7 {
                     l7.set_backend_health(pool, reg.address, ev.health.is_up());
+                    let (before, after) = if ev.health.is_up() {
+                        (balancer_console::Health::Down, balancer_console::Health::Up)
+                    } else {
+                        (balancer_console::Health::Up, balancer_console::Health::Down)
+                    };
+                    crate::api::audit::change(
+                        balancer_console::EventKind::Health,
+                        &balancer_console::health_change(
+                            &format!("pool {pool}"),
+                            reg.address,
+                            before,
+                            after,
+                        ),
+                    );
                     info!(pool = %pool, backend = %reg.address, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
                 }
                 return;
@@ -308,6 +326,18 @@ impl Daemon {
                     reason = %ev.reason,
                     map_update_us = took.as_micros() as u64,
                     "backend health changed"
+                );
+                crate::api::audit::change(
+                    balancer_console::EventKind::Health,
+                    &balancer_console::health_change(
+                        &service,
+                        address,
+                        old.map_or(
+                            balancer_console::Health::Unchecked,
+                            crate::api::console::health,
+                        ),
+                        crate::api::console::health(new),
+                    ),
                 );
                 self.note(event);
                 self.save_health();
