@@ -519,8 +519,20 @@ fn chromium_signs_in_drains_sees_a_failover_and_signs_out() {
         assert!(n.parse::<u32>().is_ok(), "{what} in {result}");
     }
     b.screenshot("reload-refused");
+    // The [console] section changes only with a restart: a reload from the CLI is refused.
+    let changed = good.replace("refresh_interval = \"1s\"", "refresh_interval = \"2s\"");
+    assert_ne!(changed, good);
+    std::fs::write(bal.config_path(), changed).unwrap();
+    let e = lab
+        .balancer_cli(&["reload", "--socket", &sock.to_string_lossy()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[console] settings change only with a restart"),
+        "{e}"
+    );
     std::fs::write(bal.config_path(), good).unwrap();
-    assert_eq!(cli_status(&lab)["config_errors"], 1);
+    assert_eq!(cli_status(&lab)["config_errors"], 2);
 
     // Sign out: the session is gone.
     b.go("/");
@@ -535,6 +547,7 @@ fn chromium_signs_in_drains_sees_a_failover_and_signs_out() {
         "what=\"drain web 10.77.0.11:7002\"",
         "who=\"uid 0\"",
         "result=\"refused (1 problem(s))\"",
+        "from=\"control socket\" what=\"reload\" result=\"refused (1 problem(s))\"",
     ] {
         assert!(logs.contains(needle), "audit {needle} missing");
     }
