@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -232,6 +232,12 @@ pub struct Counters {
     pub resets: u64,
     /// Packets dropped (down backend with `drop`, no neighbour, SNAT ports exhausted).
     pub drops: u64,
+    /// New TCP flows the backend answered with an RST instead of a SYN-ACK (connection
+    /// refused; NAT services only: DSR replies do not pass the balancer). Passive health.
+    pub refused: u64,
+    /// SYNs a client sent again on a half-open flow (the backend has not answered the first
+    /// yet). Passive health.
+    pub syn_retries: u64,
 }
 
 /// Global settings read by the program.
@@ -441,7 +447,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 76);
-        assert_eq!(size_of::<Counters>(), 40);
+        assert_eq!(size_of::<Counters>(), 56);
         assert_eq!(size_of::<Globals>(), 16);
     }
 

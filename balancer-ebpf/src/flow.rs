@@ -54,6 +54,10 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
                 || f.flags & FLOW_F_DSR != 0
                 || !matches!(snat::check_pair(x, p, f, now)?, Pair::Taken);
             if live && paired {
+                // The client asks again: its first SYN went unanswered (passive health).
+                if f.flags & FLOW_F_HALF_OPEN != 0 && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    account(&BACKEND_STATS, f.backend, |c| c.syn_retries += 1);
+                }
                 touch(p, f, now);
                 return transmit(x, p, f);
             }
@@ -96,6 +100,9 @@ pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> 
     // A backend's SYN-ACK retransmits do not keep a half-open flow alive.
     if flow.flags & FLOW_F_HALF_OPEN == 0 {
         touch(p, flow, now_secs());
+    } else if p.tcp_flags & TCP_RST != 0 {
+        // The backend refused a new flow (passive health).
+        account(&BACKEND_STATS, flow.backend, |c| c.refused += 1);
     }
     transmit(x, p, flow)
 }

@@ -1353,3 +1353,92 @@ fn new_flow_rate_limit_stops_new_state_while_established_flows_work() {
         Reason::Tx,
     );
 }
+
+/// Passive health: the backend counters that tell the controller a backend refuses or ignores
+/// new flows, long before an active check runs.
+#[test]
+fn refused_and_unanswered_syns_are_counted_per_backend() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let web = &st.services["web"];
+    let slot_of = |be: SocketAddr| web.backends.iter().find(|b| b.address == be).unwrap().slot;
+    let rst_ack = packet::Flags {
+        rst: true,
+        ack: true,
+        ..Default::default()
+    };
+
+    // A SYN, the client's retransmit of it, then the backend's RST: one of each.
+    let client = sa("10.77.0.2:40070");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let snat = SocketAddr::new(lb_addr(false), port);
+    let before = tb.dp.backend_counters(slot_of(be));
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    assert_eq!(
+        tb.dp.backend_counters(slot_of(be)).syn_retries,
+        before.syn_retries,
+        "a first SYN is no retry"
+    );
+    run_counted(
+        &tb,
+        Row {
+            name: "a retransmitted SYN still goes to the flow's backend",
+            output: Some(packet::tcp(
+                LB_MAC,
+                mac_of(be.ip()),
+                snat,
+                be,
+                1,
+                0,
+                packet::SYN,
+                &[],
+            )),
+            input: syn.clone(),
+            verdict: XDP_TX,
+        },
+        Reason::Tx,
+    );
+    let refused = packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 0, 2, rst_ack, &[]);
+    run_counted(
+        &tb,
+        Row {
+            name: "the backend's RST to a SYN reaches the client",
+            output: Some(packet::tcp(
+                LB_MAC,
+                host_mac(2),
+                vip,
+                client,
+                0,
+                2,
+                rst_ack,
+                &[],
+            )),
+            input: refused,
+            verdict: XDP_TX,
+        },
+        Reason::Tx,
+    );
+    let after = tb.dp.backend_counters(slot_of(be));
+    assert_eq!(after.syn_retries - before.syn_retries, 1);
+    assert_eq!(after.refused - before.refused, 1);
+
+    // An established flow's RST (the application closing) and its ACKs count as neither.
+    let c2 = sa("10.77.0.2:40071");
+    let (be2, port2) = predict(&tb, &st, "web", c2, vip, PROTO_TCP);
+    let snat2 = SocketAddr::new(lb_addr(false), port2);
+    let before = tb.dp.backend_counters(slot_of(be2));
+    for p in [
+        packet::tcp(host_mac(2), LB_MAC, c2, vip, 1, 0, packet::SYN, &[]),
+        packet::tcp(host_mac(2), LB_MAC, c2, vip, 2, 9, packet::ACK, b"hi"),
+        packet::tcp(host_mac(2), LB_MAC, c2, vip, 4, 9, packet::ACK, b"hi"),
+        packet::tcp(mac_of(be2.ip()), LB_MAC, be2, snat2, 9, 6, rst_ack, &[]),
+    ] {
+        assert_eq!(tb.run(&p).unwrap().0, XDP_TX);
+    }
+    let after = tb.dp.backend_counters(slot_of(be2));
+    assert_eq!(
+        (after.syn_retries, after.refused),
+        (before.syn_retries, before.refused)
+    );
+}

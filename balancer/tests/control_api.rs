@@ -37,6 +37,8 @@ fn status() -> Status {
         new_flows: 2,
         resets: 1,
         drops: 0,
+        refused: 0,
+        syn_retries: 0,
     };
     let b = |a: &str, active: bool, health: &str| BackendStatus {
         address: a.parse().unwrap(),

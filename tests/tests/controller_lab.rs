@@ -138,6 +138,64 @@ fn web_backend_killed_under_load_leaves_within_fall_times_interval() {
     );
 }
 
+/// Passive health: a killed backend (its kernel answers SYNs with RSTs) is marked down by the
+/// dataplane's refused-flow counter. Its active check runs every 30 s: its first run passed at
+/// start, so only passive health can take it down within this test, and the log says so.
+#[test]
+fn passive_health_takes_down_a_backend_that_refuses_new_flows() {
+    let lab = Lab::new(3).unwrap();
+    let mut echo = lab.spawn_echo_all().unwrap();
+    let health = format!(
+        "health = {{ kind = \"http\", path = \"/health\", port = {HTTP_PORT}, interval = \"30s\", timeout = \"1s\", rise = 3, fall = 2 }}\npassive_health = {{ failures = 5, window = \"1s\" }}\n"
+    );
+    let mut b = lab
+        .start_balancer(&(header(&lab) + &web_service(&lab, &health)))
+        .unwrap();
+    let vip = vip4(ECHO_PORT).to_string();
+    let load = spawn_tool(
+        &lab,
+        Host::Client,
+        "blb-client",
+        &["rate", "--to", &vip, "--seconds", "4", "--concurrency", "4"],
+    );
+    sleep(Duration::from_secs(1));
+    echo[1].kill(); // be2 now refuses new connections
+    let be2 = format!("{}:{ECHO_PORT}", Host::Backend(2).v4().unwrap());
+    wait_until(Duration::from_secs(10), "be2 marked down", || {
+        backend(&status(&lab), "web", &be2)["state"] == "down"
+    });
+    let be2_status = backend(&status(&lab), "web", &be2).clone();
+    assert_eq!(be2_status["health"], "down", "{be2_status}");
+    assert!(
+        be2_status["traffic"]["refused"].as_u64().unwrap() >= 5,
+        "{be2_status}"
+    );
+    // From now on nothing goes to be2 and nothing fails.
+    let r = lab.client_conns(vip4(ECHO_PORT), 200, 1000, 4).unwrap();
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+    assert!(!r.by_backend.contains_key("be2"), "{:?}", r.by_backend);
+    let done = load.wait_output(Duration::from_secs(20)).unwrap();
+    let rate: balancer_tests::RateReport = serde_json::from_str(&done.stdout).unwrap();
+    println!(
+        "passive health: {} connections, {} failed",
+        rate.ok + rate.failed,
+        rate.failed
+    );
+    b.stop().unwrap();
+    let logs = b.logs();
+    assert!(
+        logs.contains("passive health: refused or unanswered new flows"),
+        "{logs}"
+    );
+    // Exactly one health change of be2, and passive health made it.
+    let changes: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("backend health changed") && l.contains(&be2))
+        .collect();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(changes[0].contains("reason=passive:"), "{changes:?}");
+}
+
 fn hl7_config(lab: &Lab, failback: bool) -> String {
     header(lab)
         + &format!(

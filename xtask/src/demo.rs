@@ -56,6 +56,7 @@ backends = [
 
 /// The health check the demo puts on the `web` service.
 const WEB_HEALTH: &str = r#"health = { kind = "http", path = "/health", port = 8080, interval = "500ms", timeout = "300ms", rise = 2, fall = 2 }
+passive_health = { failures = 5, window = "1s" }
 backends = [ { address = "10.77.0.11:7002", weight = 1 }"#;
 
 /// The demo's whole config: the sample, its health check, the HL7 service, the socket.
@@ -351,7 +352,7 @@ fn web_backend_fails(demo: &mut Demo) -> Result<()> {
         backend_field(st, "web", "10.77.0.12:7002", "state") == "down"
     })?;
     println!(
-        "  health check (http /health, interval 500ms, fall 2) marked be2 down after {:.0} ms",
+        "  passive health (5 refused or unanswered new flows in 1 s; the http check every 500 ms needs 2 failures) marked be2 down after {:.0} ms",
         took.as_secs_f64() * 1e3
     );
     let done = load.wait_output(Duration::from_secs(30))?;

@@ -251,6 +251,8 @@ pub fn render(status: &Status) -> String {
 
     let service_traffic = TrafficFamilies::default();
     let backend_traffic = TrafficFamilies::default();
+    let refused = Counters::default();
+    let syn_retries = Counters::default();
     let health_up = Gauges::default();
     let serving = Gauges::default();
     let state = Gauges::default();
@@ -274,6 +276,8 @@ pub fn render(status: &Status) -> String {
                 ("backend", b.address.to_string()),
             ];
             backend_traffic.add(&bl, &b.traffic);
+            refused.get_or_create(&bl).inc_by(b.traffic.refused);
+            syn_retries.get_or_create(&bl).inc_by(b.traffic.syn_retries);
             gauge(&health_up, &bl, i64::from(b.health != BackendHealth::Down));
             gauge(&serving, &bl, i64::from(b.state == SlotState::Up));
             let with = |key, value: &str| {
@@ -294,6 +298,16 @@ pub fn render(status: &Status) -> String {
 
     service_traffic.register(&mut reg, "service");
     backend_traffic.register(&mut reg, "backend");
+    reg.register(
+        "backend_refused_flows",
+        "New TCP flows the backend answered with an RST (NAT services; passive health)",
+        refused,
+    );
+    reg.register(
+        "backend_syn_retries",
+        "SYNs clients sent again on a half-open flow to the backend (passive health)",
+        syn_retries,
+    );
     reg.register(
         "backend_health_up",
         "Health check passing (1) or failing (0); unchecked counts as 1",
@@ -666,6 +680,12 @@ mod tests {
         // No latency sample for a backend never checked successfully.
         assert!(!t.contains("balancer_backend_check_latency_seconds{service=\"hl7-listener\",backend=\"10.77.0.11:6661\"}"));
         assert!(t.contains("balancer_failovers_total 1\n"));
+        assert!(t.contains(
+            "balancer_backend_refused_flows_total{service=\"web\",backend=\"10.77.0.11:7002\"} 7\n"
+        ), "{t}");
+        assert!(t.contains(
+            "balancer_backend_syn_retries_total{service=\"web\",backend=\"10.77.0.11:7002\"} 3\n"
+        ), "{t}");
         assert!(t.contains("balancer_reloads_total 2\n"));
         assert!(t.contains("balancer_config_errors_total 1\n"));
         assert!(t.contains("balancer_flow_table_entries 1234\n"));

@@ -36,6 +36,8 @@ pub(crate) fn sample_status() -> Status {
         new_flows: p / 100,
         resets: p / 1000,
         drops: 0,
+        refused: 7,
+        syn_retries: 3,
     };
     let backend =
         |addr: &str, weight, priority, health: &str, state: &str, active, p| BackendStatus {

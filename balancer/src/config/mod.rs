@@ -5,6 +5,7 @@ pub mod console;
 pub mod controller;
 pub mod dataplane;
 pub mod health;
+pub mod passive;
 pub mod service;
 
 pub use console::ConsoleSection;
@@ -94,6 +95,30 @@ impl Validated {
         let eph = crate::host::net::ephemeral_ports()
             .map_err(|e| HostCheckError::Unreadable(e.to_string()))?;
         self.snat_ports.check_against(eph)
+    }
+
+    /// Services whose NAT flows are capped below the flow table's size by their SNAT ports:
+    /// a NAT flow needs a distinct (SNAT port, backend) pair, so a service holds at most
+    /// ports × backends concurrent flows, and past that new flows are dropped (`check` prints
+    /// these; `run` and `reload` log them).
+    pub fn capacity_warnings(&self) -> Vec<String> {
+        let ports = u64::from(self.snat_ports.last - self.snat_ports.first) + 1;
+        // A NAT flow takes two entries.
+        let table = u64::from(self.flow_table_size) / 2;
+        self.services
+            .iter()
+            .filter(|s| s.forwarding == Forwarding::Nat)
+            .filter_map(|s| {
+                let backends = s.backends.iter().filter(|b| b.weight > 0).count() as u64;
+                let cap = ports * backends;
+                (cap < table).then(|| {
+                    format!(
+                        "service '{}': at most {cap} concurrent NAT flows ({ports} SNAT ports × {backends} backends), fewer than the flow table's {table}; new flows past that are dropped (widen [dataplane] snat_ports or add backends)",
+                        s.name
+                    )
+                })
+            })
+            .collect()
     }
 }
 
@@ -382,6 +407,24 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             },
             None => None,
         };
+        let passive = s.passive_health.as_ref().and_then(|p| {
+            let problem = if let Err(e) = p.get_ref().validate() {
+                Some(e)
+            } else if s.protocol != Protocol::Tcp {
+                Some("TCP services only (it counts refused and unanswered SYNs)".into())
+            } else if s.health.is_none() {
+                Some("needs an active `health` check to bring a backend back".into())
+            } else {
+                None
+            };
+            match problem {
+                Some(e) => {
+                    d.at(p.span(), format!("passive_health: {e}"));
+                    None
+                }
+                None => Some(*p.get_ref()),
+            }
+        });
         if let Some(vip) = vip {
             services.push(ServiceSpec {
                 name,
@@ -394,6 +437,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 on_backend_down: s.on_backend_down,
                 new_flow_rate: s.new_flow_rate,
                 health: check,
+                passive_health: passive,
                 backends,
             });
         }
@@ -543,6 +587,44 @@ backends = [
     }
 
     #[test]
+    fn passive_health_needs_tcp_and_an_active_check() {
+        let svc = |extra: &str| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"10.77.0.100:80\"\n{extra}\nbackends = [ {{ address = \"10.77.0.11:80\" }} ]\n"
+            )
+        };
+        let ok = p(&svc(
+            "health = { kind = \"tcp\" }\npassive_health = { failures = 3, window = \"500ms\" }",
+        ))
+        .unwrap();
+        let ph = ok.services[0].passive_health.unwrap();
+        assert_eq!(
+            (ph.failures, ph.window),
+            (3, std::time::Duration::from_millis(500))
+        );
+        let e = p(&svc("passive_health = {}")).unwrap_err().to_string();
+        assert!(
+            e.contains("passive_health: needs an active `health` check"),
+            "{e}"
+        );
+        let e = p(&svc(
+            "protocol = \"udp\"\nhealth = { kind = \"tcp\" }\npassive_health = {}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("passive_health: TCP services only"), "{e}");
+        let e = p(&svc(
+            "health = { kind = \"tcp\" }\npassive_health = { failures = 0 }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":8:") && e.contains("failures must be at least 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn shipped_examples_validate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for f in [
@@ -553,6 +635,29 @@ backends = [
             let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(!v.services.is_empty() || v.l7.is_some(), "{f}");
         }
+    }
+
+    #[test]
+    fn check_warns_when_snat_ports_cap_a_service_below_the_flow_table() {
+        let text = |size: u32| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\nflow_table_size = {size}\nsnat_ports = [40000, 49999]\n\n[[service]]\nname = \"web\"\nvip = \"10.77.0.100:80\"\nbackends = [ {{ address = \"10.77.0.11:80\" }}, {{ address = \"10.77.0.12:80\" }}, {{ address = \"10.77.0.13:80\", weight = 0 }} ]\n\n[[service]]\nname = \"direct\"\nvip = \"10.77.0.100:81\"\nforwarding = \"dsr\"\nbackends = [ {{ address = \"10.77.0.11:81\" }} ]\n"
+            )
+        };
+        let w = p(&text(32768)).unwrap().capacity_warnings();
+        assert!(
+            w.is_empty(),
+            "20,000 pairs hold the table's 16,384 flows: {w:?}"
+        );
+        let w = p(&text(65536 * 2)).unwrap().capacity_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("'web'")
+                && w[0].contains("at most 20000")
+                && w[0].contains("× 2 backends")
+                && w[0].contains("65536"),
+            "{w:?}"
+        );
     }
 
     #[test]

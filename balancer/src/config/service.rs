@@ -122,6 +122,8 @@ pub struct ServiceSection {
     pub new_flow_rate: u32,
     /// Health check (see the README); none means backends are always healthy.
     pub health: Option<Spanned<toml::Table>>,
+    /// Passive health: a burst of refused or unanswered new flows marks a backend down.
+    pub passive_health: Option<Spanned<super::passive::PassiveHealth>>,
     /// The backends.
     pub backends: Spanned<Vec<BackendEntry>>,
 }
@@ -173,6 +175,8 @@ pub struct ServiceSpec {
     pub new_flow_rate: u32,
     /// Health check, parsed and validated.
     pub health: Option<health::HealthSpec>,
+    /// Passive health, validated (TCP services with an active check only).
+    pub passive_health: Option<super::passive::PassiveHealth>,
     /// Backends.
     pub backends: Vec<BackendSpec>,
 }

@@ -72,6 +72,29 @@ impl Checks {
             .map(|(id, _)| *id)
     }
 
+    /// Moves the check of `address` in `owner` to a fresh id, to restart it from a state the
+    /// caller chose: events the old registration already queued are then dropped. Returns
+    /// (old id, the check to start).
+    pub fn renew(
+        &mut self,
+        owner: &Owner,
+        address: SocketAddr,
+        initial: Checked,
+    ) -> Option<(TargetId, Start)> {
+        let old = self.id_of(owner, address)?;
+        let r = self.by_id.remove(&old)?;
+        self.next += 1;
+        let id = self.next;
+        let start = Start {
+            id,
+            address,
+            spec: r.spec.clone(),
+            initial,
+        };
+        self.by_id.insert(id, r);
+        Some((old, start))
+    }
+
     /// Makes `wanted` (owner, address, check, state to start from if new) the registrations
     /// in force: unchanged ones are kept, the others stopped or started under a new id.
     pub fn reconcile(
@@ -124,6 +147,32 @@ mod tests {
         let t: toml::Table =
             toml::from_str(&format!("kind = \"tcp\"\ninterval = \"{interval_ms}ms\"")).unwrap();
         crate::config::health::spec_from_table(&t).unwrap()
+    }
+
+    #[test]
+    fn a_renewed_check_has_a_new_id_and_the_old_one_resolves_to_nothing() {
+        let mut c = Checks::default();
+        let s = spec(500);
+        let ch = c.reconcile(web(&["10.0.0.1:80", "10.0.0.2:80"], &s));
+        let owner = Owner::Service("web".into());
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let old = c.id_of(&owner, a).unwrap();
+        let (was, start) = c.renew(&owner, a, Checked::Down).unwrap();
+        assert_eq!(was, old);
+        assert!(ch.start.iter().all(|x| x.id != start.id), "never reused");
+        assert_eq!((start.address, start.initial), (a, Checked::Down));
+        assert!(
+            c.resolve(old).is_none(),
+            "a queued event of the old check is dropped"
+        );
+        assert_eq!(c.resolve(start.id).unwrap().address, a);
+        // An unchanged reload keeps the renewed registration.
+        let again = c.reconcile(web(&["10.0.0.1:80", "10.0.0.2:80"], &s));
+        assert!(again.start.is_empty() && again.stop.is_empty());
+        assert!(
+            c.renew(&owner, "10.0.0.9:80".parse().unwrap(), Checked::Down)
+                .is_none()
+        );
     }
 
     fn web(addrs: &[&str], s: &HealthSpec) -> Vec<(Owner, SocketAddr, HealthSpec, Checked)> {

@@ -21,6 +21,7 @@ use crate::{
         ReconcileError,
         checks::{Checks, Owner},
         operator::{self, OperatorStates},
+        passive,
         plan::{self, HealthBook},
         state::{BackendHealth, Event, State},
         status::{Published, StatusBoard},
@@ -50,6 +51,8 @@ pub struct Daemon {
     gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
     /// Kept for its lifetime: dropping it stops the sweep.
     _flow_expiry: crate::control::flow_expiry::Collector,
+    /// Reads the passive-health counters; told what to watch at every publish.
+    passive: passive::Poller,
     board: StatusBoard,
     /// The `[l7]` section in force, shared with status readers.
     l7_config: Option<std::sync::Arc<balancer_l7::L7Config>>,
@@ -83,6 +86,7 @@ impl Daemon {
     pub async fn start(
         opts: RunOptions,
         health_events: mpsc::UnboundedSender<HealthEvent>,
+        bursts: mpsc::UnboundedSender<passive::Burst>,
     ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pin = opts
@@ -90,6 +94,9 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| cfg.pin_path.clone());
         cfg.check_host()?;
+        for w in cfg.capacity_warnings() {
+            warn!("{w}");
+        }
         let mut dp = Dataplane::load(&LoadOptions {
             pin_path: Some(pin.clone()),
             flow_entries: cfg.flow_table_size,
@@ -157,6 +164,8 @@ impl Daemon {
             l7,
             gc_timeouts,
             _flow_expiry: gc,
+            passive: passive::Poller::start(&pin, bursts)
+                .context("starting the passive health poller")?,
             board,
             l7_config: None,
             reloads: 0,
@@ -295,13 +304,25 @@ impl Daemon {
             }
             Owner::Service(s) => s.clone(),
         };
-        let address = reg.address;
         let new = if ev.health.is_up() {
             BackendHealth::Up
         } else {
             BackendHealth::Down
         };
-        let change = match self.state.health_change(&service, address, new) {
+        self.set_health(&service, reg.address, new, &ev.reason, ev.at);
+    }
+
+    /// Gives a backend the health `new` (from its check, or from passive health), writes the
+    /// maps and logs the change.
+    fn set_health(
+        &mut self,
+        service: &str,
+        address: std::net::SocketAddr,
+        new: BackendHealth,
+        reason: &str,
+        at: Instant,
+    ) {
+        let change = match self.state.health_change(service, address, new) {
             Ok(Some(c)) => c,
             Ok(None) => return,
             Err(e) => {
@@ -312,18 +333,18 @@ impl Daemon {
         let old = self
             .state
             .services
-            .get(&service)
+            .get(service)
             .and_then(|s| s.backends.iter().find(|b| b.address == address))
             .map(|b| b.health);
         match self.state.set(&mut self.dp, Some(change)) {
             Ok(event) => {
-                let took = ev.at.elapsed();
+                let took = at.elapsed();
                 info!(
                     service = %service,
                     backend = %address,
                     old = ?old,
                     new = ?new,
-                    reason = %ev.reason,
+                    reason = %reason,
                     map_update_us = took.as_micros() as u64,
                     "backend health changed"
                 );
@@ -346,6 +367,72 @@ impl Daemon {
                 error!(service = %service, backend = %address, error = %e, "cannot apply health change")
             }
         }
+    }
+
+    /// A burst of refused or unanswered new flows (passive health): the backend goes down at
+    /// once, and its active check starts over from down, so it returns after `rise` passing
+    /// checks. A burst of a backend that changed meanwhile (down already, removed, its slot
+    /// reused) is dropped.
+    pub fn on_passive(&mut self, b: passive::Burst) {
+        let at = Instant::now();
+        let w = &b.watch;
+        let current = self
+            .state
+            .services
+            .get(&w.service)
+            .and_then(|s| s.backends.iter().find(|x| x.address == w.address));
+        match current {
+            Some(x)
+                if x.slot == w.slot
+                    && x.generation == w.generation
+                    && x.health == BackendHealth::Up => {}
+            _ => {
+                debug!(service = %w.service, backend = %w.address, "passive health burst of a changed backend dropped");
+                return;
+            }
+        }
+        let owner = Owner::Service(w.service.clone());
+        if let Some((old, start)) = self.checks.renew(&owner, w.address, Checked::Down) {
+            self.monitor.remove(old);
+            self.monitor
+                .add(start.id, start.address, start.spec, start.initial);
+        }
+        warn!(
+            service = %w.service,
+            backend = %w.address,
+            failures = b.failures,
+            window_ms = w.spec.window.as_millis() as u64,
+            "passive health: refused or unanswered new flows; down until its check passes"
+        );
+        let reason = format!(
+            "passive: {} refused or unanswered new flows in {} ms",
+            b.failures,
+            w.spec.window.as_millis()
+        );
+        self.set_health(&w.service, w.address, BackendHealth::Down, &reason, at);
+        self.publish();
+    }
+
+    /// The healthy backends of services with passive health, for the poller.
+    fn passive_watches(&self) -> Vec<passive::Watch> {
+        let mut out = Vec::new();
+        for s in self.state.services.values() {
+            let Some(spec) = s.spec.passive_health else {
+                continue;
+            };
+            for b in &s.backends {
+                if b.health == BackendHealth::Up {
+                    out.push(passive::Watch {
+                        service: s.spec.name.clone(),
+                        address: b.address,
+                        slot: b.slot,
+                        generation: b.generation,
+                        spec,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Re-reads the config file; a refused or failed reload changes nothing.
@@ -372,6 +459,9 @@ impl Daemon {
     fn try_reload(&mut self) -> Result<usize, ReloadError> {
         let new = config::load(&self.opts.config)?;
         new.check_host()?;
+        for w in new.capacity_warnings() {
+            warn!("{w}");
+        }
         if new.interfaces != self.cfg.interfaces {
             return Err(ReloadError::RestartNeeded("interfaces"));
         }
@@ -465,6 +555,7 @@ impl Daemon {
     /// Publishes the daemon's part of the status for readers.
     fn publish(&self) {
         self.board.publish(self.published());
+        self.passive.watch(self.passive_watches());
     }
 
     /// The daemon's part of the status: everything but the counters.
@@ -662,7 +753,8 @@ fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
 /// (everything is pinned); `balancer teardown` removes it.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut d = Daemon::start(opts, ev_tx).await?;
+    let (burst_tx, mut burst_rx) = mpsc::unbounded_channel();
+    let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     let endpoints = start_endpoints(&d, &ctl_tx);
     let console = match &d.cfg.console {
@@ -705,6 +797,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 crate::host::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
+            Some(b) = burst_rx.recv() => d.on_passive(b),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {

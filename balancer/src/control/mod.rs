@@ -24,6 +24,7 @@ mod fake;
 pub mod flow_expiry;
 pub mod maps;
 pub mod operator;
+pub mod passive;
 pub mod plan;
 pub mod state;
 pub mod status;

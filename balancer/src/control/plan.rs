@@ -129,6 +129,20 @@ pub enum PlanError {
         /// The interface searched.
         interface: String,
     },
+    /// A VIP:port on the SNAT address inside the SNAT port range.
+    #[error(
+        "service '{service}': vip {vip} is the SNAT address with a port inside snat_ports {first}-{last}; backends' replies to that port would be taken for clients' packets: use another port or address"
+    )]
+    VipInSnatRange {
+        /// Service.
+        service: String,
+        /// Its VIP.
+        vip: std::net::SocketAddr,
+        /// SNAT port range.
+        first: u16,
+        /// SNAT port range.
+        last: u16,
+    },
     /// Every service id is in use.
     #[error(
         "service '{0}': no free service id (ids of services still in the map are not reused in the same reload: remove services first, then add)"
@@ -264,6 +278,16 @@ pub fn plan(
     for spec in &desired.services {
         let v4 = spec.vip.is_ipv4();
         let ip = if v4 { host.snat_v4 } else { host.snat_v6 };
+        // A backend's reply to SNAT address:port would be taken for a client packet to it.
+        let (first, last) = (desired.snat_ports.first, desired.snat_ports.last);
+        if ip == Some(spec.vip.ip()) && (first..=last).contains(&spec.vip.port()) {
+            return Err(PlanError::VipInSnatRange {
+                service: spec.name.clone(),
+                vip: spec.vip,
+                first,
+                last,
+            });
+        }
         let a = match (spec.forwarding, ip) {
             (Forwarding::Dsr, _) => [0; 16],
             (Forwarding::Nat, Some(ip)) => net::addr16(ip),
@@ -613,6 +637,34 @@ backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
         let other = many.replace("10.77.1.", "10.77.3.");
         let e = rig.plan(&other).unwrap_err();
         assert!(matches!(e, PlanError::NoServiceId(_)), "{e}");
+    }
+
+    #[test]
+    fn a_vip_on_the_snat_address_inside_the_snat_ports_is_refused() {
+        let mut rig = Rig::new();
+        rig.reload(WEB).unwrap();
+        let writes = rig.maps.writes();
+        let (first, last) = {
+            let c = Rig::cfg(WEB);
+            (c.snat_ports.first, c.snat_ports.last)
+        };
+        let inside = format!(
+            "{WEB}\n[[service]]\nname = \"own\"\nvip = \"10.77.0.1:{}\"\nbackends = [ {{ address = \"10.77.0.11:80\" }} ]\n",
+            first + 5
+        );
+        let e = rig.plan(&inside).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::VipInSnatRange { service, .. } if service == "own"),
+            "{e}"
+        );
+        assert!(rig.reload(&inside).is_err());
+        assert_eq!(rig.maps.writes(), writes, "nothing written");
+        // Outside the range, or on another address, it is fine.
+        let below = inside.replace(&format!(":{}\"", first + 5), &format!(":{}\"", first - 1));
+        rig.plan(&below).unwrap();
+        let other = inside.replace("10.77.0.1:", "10.77.0.101:");
+        rig.plan(&other).unwrap();
+        assert!(last >= first + 5);
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub struct Traffic {
     pub resets: u64,
     /// Packets dropped.
     pub drops: u64,
+    /// New flows the backend refused with an RST.
+    #[serde(default)]
+    pub refused: u64,
+    /// Client SYNs sent again on a half-open flow.
+    #[serde(default)]
+    pub syn_retries: u64,
 }
 
 impl From<Counters> for Traffic {
@@ -30,6 +36,8 @@ impl From<Counters> for Traffic {
             new_flows: c.new_flows,
             resets: c.resets,
             drops: c.drops,
+            refused: c.refused,
+            syn_retries: c.syn_retries,
         }
     }
 }

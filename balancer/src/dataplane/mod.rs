@@ -603,6 +603,8 @@ fn sum(v: Option<Vec<Counters>>) -> Counters {
         c.new_flows += x.new_flows;
         c.resets += x.resets;
         c.drops += x.drops;
+        c.refused += x.refused;
+        c.syn_retries += x.syn_retries;
     }
     c
 }
