@@ -351,7 +351,7 @@ impl Daemon {
                 crate::api::audit::change(
                     balancer_console::EventKind::Health,
                     &balancer_console::health_change(
-                        &service,
+                        service,
                         address,
                         old.map_or(
                             balancer_console::Health::Unchecked,
