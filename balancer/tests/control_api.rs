@@ -55,6 +55,7 @@ fn status() -> Status {
     Status {
         l7: None,
         l7_backends: Vec::new(),
+        mllp: None,
         capacity: Default::default(),
         certificates: Vec::new(),
         config: "/etc/balancer/balancer.toml".into(),

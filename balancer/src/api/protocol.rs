@@ -120,6 +120,9 @@ pub struct Status {
     /// Layer-7 pool members and their health.
     #[serde(default)]
     pub l7_backends: Vec<L7BackendStatus>,
+    /// MLLP relay counters, when a service runs in `mode = "mllp"` (no message content).
+    #[serde(default)]
+    pub mllp: Option<balancer_mllp::Metrics>,
     /// What the flow and SNAT gauges are measured against.
     #[serde(default)]
     pub capacity: Capacity,

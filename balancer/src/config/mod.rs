@@ -5,12 +5,14 @@ pub mod console;
 pub mod controller;
 pub mod dataplane;
 pub mod health;
+pub mod mllp;
 pub mod passive;
 pub mod service;
 
 pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
+pub use mllp::Mode;
 pub(crate) use service::names;
 pub use service::{
     AdminState, BackendEntry, BackendSpec, DownAction, Forwarding, Protocol, Scheduler,
@@ -425,6 +427,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 None => Some(*p.get_ref()),
             }
         });
+        let relay = mllp::check(d, s);
         if let Some(vip) = vip {
             services.push(ServiceSpec {
                 name,
@@ -436,6 +439,8 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 ring_size: ring,
                 on_backend_down: s.on_backend_down,
                 new_flow_rate: s.new_flow_rate,
+                mode: *s.mode.get_ref(),
+                mllp: relay,
                 health: check,
                 passive_health: passive,
                 backends,
@@ -449,10 +454,14 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             }
         }
         for l in &l7.get_ref().listeners {
-            if services
-                .iter()
-                .any(|s: &ServiceSpec| s.vip == l.address && s.protocol == Protocol::Tcp)
-            {
+            // A relayed service's socket binds its VIP:port in the kernel, like a listener.
+            if services.iter().any(|s: &ServiceSpec| {
+                s.protocol == Protocol::Tcp
+                    && (s.vip == l.address
+                        || (s.mode == Mode::Mllp
+                            && s.vip.port() == l.address.port()
+                            && (l.address.ip().is_unspecified() || s.vip.ip().is_unspecified())))
+            }) {
                 d.at(
                     l7.span(),
                     format!("l7 listener {} is also an L4 service VIP:port", l.address),

@@ -48,6 +48,10 @@ pub struct Daemon {
     monitor: Monitor,
     checks: Checks,
     l7: Option<balancer_l7::L7>,
+    /// The HL7 message relay of the `mode = "mllp"` services.
+    mllp: Option<balancer_mllp::Relay>,
+    /// Listeners the relay failed (passive health); taken by [`run`].
+    mllp_failures: Option<mpsc::Receiver<balancer_mllp::ListenerFailure>>,
     gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
     /// Kept for its lifetime: dropping it stops the sweep.
     _flow_expiry: crate::control::flow_expiry::Collector,
@@ -142,6 +146,16 @@ impl Daemon {
             }
             None => None,
         };
+        // Its VIPs were put on the interface by the reconcile; the XDP program passes them.
+        let (mllp, mllp_failures) = match mllp_services(&cfg) {
+            v if v.is_empty() => (None, None),
+            v => {
+                let (relay, failures) = balancer_mllp::Relay::start(v)
+                    .await
+                    .context("starting the MLLP relay")?;
+                (Some(relay), Some(failures))
+            }
+        };
         let board = StatusBoard::new(
             Published {
                 status: Status::default(),
@@ -152,6 +166,7 @@ impl Daemon {
             gc.entries.clone(),
             gc.kept.clone(),
             l7.as_ref().map(balancer_l7::L7::metrics_handle),
+            mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
             Instant::now(),
         );
         let mut d = Daemon {
@@ -162,6 +177,8 @@ impl Daemon {
             monitor: Monitor::new(health_events),
             checks: Checks::default(),
             l7,
+            mllp,
+            mllp_failures,
             gc_timeouts,
             _flow_expiry: gc,
             passive: passive::Poller::start(&pin, bursts)
@@ -471,6 +488,16 @@ impl Daemon {
         if new.console != self.cfg.console {
             return Err(ReloadError::RestartNeeded("the [console] settings"));
         }
+        let relayed = self
+            .mllp
+            .as_ref()
+            .map(balancer_mllp::Relay::services)
+            .unwrap_or_default();
+        if relayed != mllp_services(&new) {
+            return Err(ReloadError::RestartNeeded(
+                "mllp services (added, removed, or a name, vip or limit changed)",
+            ));
+        }
         // L7 is checked first (certificates, listeners) and made live only after L4 applied.
         let l7 = match (&self.l7, &new.l7) {
             (Some(l7), Some(c)) => Some(
@@ -552,10 +579,52 @@ impl Daemon {
         self.board.status()
     }
 
-    /// Publishes the daemon's part of the status for readers.
+    /// Publishes the daemon's part of the status for readers. Called after every change of
+    /// the state, so it also tells the MLLP relay each service's active listener.
     fn publish(&self) {
+        self.sync_mllp();
         self.board.publish(self.published());
         self.passive.watch(self.passive_watches());
+    }
+
+    /// Tells the relay each mllp service's active listener, as the failover scheduler chose.
+    fn sync_mllp(&self) {
+        let Some(relay) = &self.mllp else { return };
+        for s in self.state.services.values() {
+            if s.spec.mode == config::Mode::Mllp {
+                relay.set_active(
+                    &s.spec.name,
+                    s.active.and_then(|a| s.backends.get(a)).map(|b| b.address),
+                );
+            }
+        }
+    }
+
+    /// A listener the relay failed (reset, no ACK, garbage, NACK rate): down at once, and
+    /// its active check starts over from down under a new registration, so it comes back
+    /// (as a standby: no failback unless configured) after `rise` passing checks.
+    pub fn on_mllp_failure(&mut self, f: balancer_mllp::ListenerFailure) {
+        let at = Instant::now();
+        let up = self
+            .state
+            .services
+            .get(&f.service)
+            .and_then(|s| s.backends.iter().find(|b| b.address == f.listener))
+            .is_some_and(|b| b.health != BackendHealth::Down);
+        if !up {
+            debug!(service = %f.service, backend = %f.listener, "relay failure of a listener down already (or gone) dropped");
+            return;
+        }
+        let owner = Owner::Service(f.service.clone());
+        if let Some((old, start)) = self.checks.renew(&owner, f.listener, Checked::Down) {
+            self.monitor.remove(old);
+            self.monitor
+                .add(start.id, start.address, start.spec, start.initial);
+        }
+        warn!(service = %f.service, backend = %f.listener, reason = %f.reason, "mllp listener failed by the relay (passive health): down until its check passes");
+        let reason = format!("mllp relay: {}", f.reason);
+        self.set_health(&f.service, f.listener, BackendHealth::Down, &reason, at);
+        self.publish();
     }
 
     /// The daemon's part of the status: everything but the counters.
@@ -613,6 +682,7 @@ impl Daemon {
                 services,
                 l7_backends: self.l7_backends(),
                 l7: None,
+                mllp: None,
                 capacity: crate::api::protocol::Capacity {
                     flow_table_entries: self.cfg.flow_table_size,
                     snat_ports: u32::from(
@@ -742,6 +812,20 @@ impl Daemon {
     }
 }
 
+/// The services the MLLP relay serves, from a validated config.
+fn mllp_services(cfg: &Validated) -> Vec<balancer_mllp::ServiceConfig> {
+    cfg.services
+        .iter()
+        .filter_map(|s| {
+            Some(balancer_mllp::ServiceConfig {
+                name: s.name.clone(),
+                vip: s.vip,
+                limits: s.mllp.clone()?,
+            })
+        })
+        .collect()
+}
+
 fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
     crate::control::flow_expiry::Timeouts {
         tcp_idle: u32::try_from(cfg.tcp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
@@ -756,6 +840,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (burst_tx, mut burst_rx) = mpsc::unbounded_channel();
     let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
+    let mut mllp_rx = d.mllp_failures.take();
     let endpoints = start_endpoints(&d, &ctl_tx);
     let console = match &d.cfg.console {
         Some(c) => Some(
@@ -798,6 +883,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
             Some(b) = burst_rx.recv() => d.on_passive(b),
+            Some(f) = async {
+                match mllp_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => d.on_mllp_failure(f),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {
@@ -817,6 +908,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     if let Some(l7) = d.l7.take() {
         l7.shutdown(Duration::from_secs(10)).await;
+    }
+    if let Some(relay) = d.mllp.take() {
+        relay.shutdown(Duration::from_secs(10)).await;
     }
     info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
     Ok(())

@@ -1,6 +1,6 @@
 //! The status as readers see it: what only the daemon knows (services, backends, health,
 //! operator states, reload counts) is published as an immutable snapshot after every change;
-//! counters are read from the pinned maps by the reader itself. So `status` and a metrics
+//! counters are read from the pinned maps (and the L7 proxy and MLLP relay) by the reader itself. So `status` and a metrics
 //! scrape never wait for the daemon loop, a reload or a burst of health events.
 
 use std::{
@@ -39,6 +39,7 @@ pub struct StatusBoard {
     flows: Arc<AtomicU64>,
     backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     l7: Option<balancer_l7::MetricsHandle>,
+    mllp: Option<balancer_mllp::MetricsHandle>,
     started: Instant,
 }
 
@@ -56,6 +57,7 @@ impl StatusBoard {
         flows: Arc<AtomicU64>,
         backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
         l7: Option<balancer_l7::MetricsHandle>,
+        mllp: Option<balancer_mllp::MetricsHandle>,
         started: Instant,
     ) -> Self {
         StatusBoard {
@@ -64,6 +66,7 @@ impl StatusBoard {
             flows,
             backend_flows,
             l7,
+            mllp,
             started,
         }
     }
@@ -116,6 +119,10 @@ impl StatusBoard {
             }
             s.l7 = Some(m);
         }
+        s.mllp = self
+            .mllp
+            .as_ref()
+            .map(balancer_mllp::MetricsHandle::snapshot);
         s
     }
 }
