@@ -821,6 +821,11 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let atime = tb.dp.flows().values().map(|f| f.atime).max().unwrap();
     let s = tb.dp.sweep_flows(t, atime + 5);
     assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
+    assert!(
+        s.kept.is_empty(),
+        "a closing flow and a half-open one are not established: {:?}",
+        s.kept
+    );
     let s = tb.dp.sweep_flows(
         t,
         atime + balancer::control::flow_expiry::CLOSED_LINGER_SECS + 1,
@@ -878,6 +883,12 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
         tb.dp.flows().len(),
         2,
         "the completed flow stays with its reply entry"
+    );
+    assert_eq!(
+        s.kept.values().sum::<u64>(),
+        1,
+        "the completed flow counts as established on its backend: {:?}",
+        s.kept
     );
 }
 

@@ -50,6 +50,7 @@ fn status() -> Status {
         active,
         check_latency_ms: Some(1.25),
         traffic: t.clone(),
+        flows: 3,
     };
     Status {
         l7: None,

@@ -84,9 +84,33 @@ pub fn demo_config(lab: &Lab) -> String {
         1,
     );
     format!(
-        "{sample}{CONTROLLER_CONFIG}{MLLP_CONFIG}\n[controller]\nsocket = \"{}\"\n",
-        lab.dir().join("control.sock").display()
+        "{sample}{CONTROLLER_CONFIG}{MLLP_CONFIG}\n[controller]\nsocket = \"{}\"\n\n[console]\naddress = \"{CONSOLE_ADDR}\"\nusers = \"{}\"\nstate_dir = \"{}\"\n",
+        lab.dir().join("control.sock").display(),
+        lab.dir().join("console-users").display(),
+        lab.dir().join("console").display(),
     )
+}
+
+/// The console's management address in the lab (the balancer host's own address).
+const CONSOLE_ADDR: &str = "10.77.0.1:9443";
+
+/// Adds the demo's console user with a fresh random password; returns the password.
+fn console_user(lab: &Lab) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut raw = [0u8; 9];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut c = std::process::Command::new(balancer_tests::balancer_bin()?)
+        .args(["user", "add", "demo", "--role", "operator", "--users"])
+        .arg(lab.dir().join("console-users"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    if let Some(mut stdin) = c.stdin.take() {
+        writeln!(stdin, "{password}")?;
+    }
+    anyhow::ensure!(c.wait()?.success(), "balancer user add failed");
+    Ok(password)
 }
 
 /// Everything a demo step can use. Dropping it stops the balancer and tears the lab down.
@@ -125,7 +149,7 @@ fn scenario() -> Vec<Step> {
 }
 
 /// Runs the demo; the lab is cleaned up whatever happens (error, panic or Ctrl-C).
-pub fn run() -> Result<()> {
+pub fn run(keep_console: bool) -> Result<()> {
     banner("lab");
     let lab = Lab::new(3).context("building the lab")?;
     println!("lab {} is up:", lab.prefix());
@@ -156,6 +180,7 @@ pub fn run() -> Result<()> {
         hl7.push(c);
     }
     sigint::check()?;
+    let password = console_user(&lab)?;
     let config = demo_config(&lab);
     println!("\nconfig:\n{config}");
     let balancer = lab.start_balancer(&config)?;
@@ -164,13 +189,45 @@ pub fn run() -> Result<()> {
         balancer.pid(),
         lab.pin_path().display()
     );
+    let client = lab.ns(Host::Client);
+    println!(
+        "console: https://{CONSOLE_ADDR}/  user demo  password {password}  (self-signed certificate)\n  \
+         reach it from the client namespace, e.g.\n  \
+         nsenter --net=/run/netns/{client} curl -k https://{CONSOLE_ADDR}/login\n  \
+         nsenter --net=/run/netns/{client} chromium --no-sandbox --user-data-dir=/tmp/blb-console https://{CONSOLE_ADDR}/"
+    );
+    let answer = lab.exec(
+        Host::Client,
+        &[
+            "curl",
+            "-sk",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{CONSOLE_ADDR}/login"),
+        ],
+    )?;
+    println!("  the console's sign-in page answers {answer} from the client namespace");
     let mut demo = Demo {
         echo,
         hl7,
         balancer: Some(balancer),
         lab,
     };
-    let result = run_steps(&mut demo);
+    let mut result = run_steps(&mut demo);
+    if keep_console && result.is_ok() {
+        banner("console");
+        println!(
+            "console up at https://{CONSOLE_ADDR}/ (user demo, password {password}); Ctrl-C ends the demo"
+        );
+        while !sigint::interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        result = Ok(());
+    }
     banner("cleanup");
     if let Some(b) = demo.balancer.as_mut() {
         let _ = b.stop();

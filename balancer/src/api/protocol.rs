@@ -65,6 +65,9 @@ pub struct BackendStatus {
     pub check_latency_ms: Option<f64>,
     /// Dataplane counters.
     pub traffic: Traffic,
+    /// Established flows to it (at the last flow-table sweep, every few seconds).
+    #[serde(default)]
+    pub flows: u64,
 }
 
 /// One service in the status.

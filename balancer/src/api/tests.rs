@@ -50,6 +50,7 @@ pub(crate) fn sample_status() -> Status {
             active,
             check_latency_ms: (health == "up").then_some(0.84),
             traffic: traffic(p),
+            flows: 0,
         };
     Status {
         config: "/etc/balancer/balancer.toml".into(),

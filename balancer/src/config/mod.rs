@@ -1,6 +1,7 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod console;
 pub mod controller;
 pub mod dataplane;
 pub mod health;
@@ -8,6 +9,7 @@ pub mod mllp;
 pub mod passive;
 pub mod service;
 
+pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
 pub use mllp::Mode;
@@ -50,6 +52,8 @@ pub struct Config {
     pub services: Vec<ServiceSection>,
     /// Layer-7 (TLS-terminating HTTP proxy): listeners, routes, pools, redirects.
     pub l7: Option<Spanned<balancer_l7::L7Config>>,
+    /// The web console; absent: no console.
+    pub console: Option<Spanned<ConsoleSection>>,
 }
 
 /// A validated file: everything callers read, typed.
@@ -83,6 +87,8 @@ pub struct Validated {
     pub services: Vec<ServiceSpec>,
     /// The `[l7]` section, validated.
     pub l7: Option<balancer_l7::L7Config>,
+    /// The `[console]` section, validated.
+    pub console: Option<ConsoleSection>,
 }
 
 impl Validated {
@@ -463,6 +469,10 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             }
         }
     }
+    let console = raw
+        .console
+        .as_ref()
+        .and_then(|c| console::validate(c, &services, metrics, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
             0..0,
@@ -487,6 +497,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         metrics,
         services,
         l7: raw.l7.map(Spanned::into_inner),
+        console,
     }
 }
 

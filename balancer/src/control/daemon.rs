@@ -58,6 +58,8 @@ pub struct Daemon {
     /// Reads the passive-health counters; told what to watch at every publish.
     passive: passive::Poller,
     board: StatusBoard,
+    /// The `[l7]` section in force, shared with status readers.
+    l7_config: Option<std::sync::Arc<balancer_l7::L7Config>>,
     reloads: u64,
     config_errors: u64,
     failovers: u64,
@@ -158,9 +160,11 @@ impl Daemon {
             Published {
                 status: Status::default(),
                 slots: Vec::new(),
+                l7: None,
             },
             Dataplane::open_pinned(&pin).context("opening the pinned maps for status readers")?,
             gc.entries.clone(),
+            gc.kept.clone(),
             l7.as_ref().map(balancer_l7::L7::metrics_handle),
             mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
             Instant::now(),
@@ -180,10 +184,12 @@ impl Daemon {
             passive: passive::Poller::start(&pin, bursts)
                 .context("starting the passive health poller")?,
             board,
+            l7_config: None,
             reloads: 0,
             config_errors: 0,
             failovers: 0,
         };
+        d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
         d.prime_neighbours(true);
         d.save_health();
@@ -261,6 +267,10 @@ impl Daemon {
     fn note(&mut self, ev: Option<Event>) {
         if let Some(Event::Failover { service, from, to }) = ev {
             self.failovers += 1;
+            crate::api::audit::change(
+                balancer_console::EventKind::Failover,
+                &balancer_console::failover(&service, from, to),
+            );
             match to {
                 Some(to) => {
                     info!(service = %service, from = ?from, to = %to, "failover: new active backend")
@@ -291,6 +301,20 @@ impl Daemon {
             Owner::Pool(pool) => {
                 if let Some(l7) = &self.l7 {
                     l7.set_backend_health(pool, reg.address, ev.health.is_up());
+                    let (before, after) = if ev.health.is_up() {
+                        (balancer_console::Health::Down, balancer_console::Health::Up)
+                    } else {
+                        (balancer_console::Health::Up, balancer_console::Health::Down)
+                    };
+                    crate::api::audit::change(
+                        balancer_console::EventKind::Health,
+                        &balancer_console::health_change(
+                            &format!("pool {pool}"),
+                            reg.address,
+                            before,
+                            after,
+                        ),
+                    );
                     info!(pool = %pool, backend = %reg.address, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
                 }
                 return;
@@ -340,6 +364,18 @@ impl Daemon {
                     reason = %reason,
                     map_update_us = took.as_micros() as u64,
                     "backend health changed"
+                );
+                crate::api::audit::change(
+                    balancer_console::EventKind::Health,
+                    &balancer_console::health_change(
+                        service,
+                        address,
+                        old.map_or(
+                            balancer_console::Health::Unchecked,
+                            crate::api::console::health,
+                        ),
+                        crate::api::console::health(new),
+                    ),
                 );
                 self.note(event);
                 self.save_health();
@@ -449,6 +485,9 @@ impl Daemon {
         if new.pin_path != self.cfg.pin_path {
             return Err(ReloadError::RestartNeeded("pin_path"));
         }
+        if new.console != self.cfg.console {
+            return Err(ReloadError::RestartNeeded("the [console] settings"));
+        }
         let relayed = self
             .mllp
             .as_ref()
@@ -479,6 +518,7 @@ impl Daemon {
         if let Ok(mut t) = self.gc_timeouts.lock() {
             *t = timeouts(&new);
         }
+        self.l7_config = new.l7.clone().map(std::sync::Arc::new);
         self.cfg = new;
         self.reloads += 1;
         self.register_checks();
@@ -623,6 +663,7 @@ impl Daemon {
                                 .and_then(|id| self.monitor.last_latency(id))
                                 .map(|d| d.as_secs_f64() * 1e3),
                             traffic: Traffic::default(),
+                            flows: 0,
                         })
                         .collect(),
                 }
@@ -659,13 +700,15 @@ impl Daemon {
                     .unwrap_or_default(),
             },
             slots,
+            l7: self.l7_config.clone(),
         }
     }
 }
 
 /// Starts the control socket and the metrics endpoint. Status requests are answered from
-/// the published snapshot, off the daemon loop; the others go to the loop.
-fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
+/// the published snapshot, off the daemon loop; the others go to the loop. Returns the
+/// channel they share (the console asks on it too).
+fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) -> mpsc::Sender<Message> {
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let board = d.board.clone();
     let to_daemon = daemon_tx.clone();
@@ -701,6 +744,7 @@ fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
             }
         });
     }
+    tx
 }
 
 /// Where operator overrides are kept across controller restarts: beside the control socket
@@ -797,7 +841,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     let mut mllp_rx = d.mllp_failures.take();
-    start_endpoints(&d, &ctl_tx);
+    let endpoints = start_endpoints(&d, &ctl_tx);
+    let console = match &d.cfg.console {
+        Some(c) => Some(
+            crate::api::console::start(c.clone(), d.board.clone(), endpoints)
+                .await
+                .context("starting the console")?,
+        ),
+        None => None,
+    };
     info!(
         services = d.state.services.len(),
         interfaces = ?d.cfg.interfaces,
@@ -825,7 +877,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 crate::host::systemd::reloading();
-                let _ = d.reload().await;
+                let r = d.reload().await;
+                crate::api::audit::reload("signal", "SIGHUP", &r);
                 crate::host::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
@@ -850,6 +903,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     crate::host::systemd::stopping();
+    if let Some(c) = console {
+        c.stop();
+    }
     if let Some(l7) = d.l7.take() {
         l7.shutdown(Duration::from_secs(10)).await;
     }
