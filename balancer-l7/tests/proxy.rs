@@ -386,7 +386,7 @@ async fn oversize_headers_431_and_body_413() {
     )
     .await;
     assert_eq!(code, 413, "chunked body over the limit: {body}");
-    let (code, _, _) = curl(
+    let (code, body, info) = curl(
         &lab.ca_path,
         "a.test",
         lab.port,
@@ -394,7 +394,7 @@ async fn oversize_headers_431_and_body_413() {
         &["--data-binary", "small"],
     )
     .await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 200, "{body} {info}");
     lab.l7.shutdown(T).await;
 }
 

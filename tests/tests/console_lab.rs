@@ -27,7 +27,13 @@ struct Browser<'a> {
     shots: PathBuf,
 }
 
-fn call(lab: &Lab, method: &str, url: &str, body: Option<&Value>) -> Value {
+/// A WebDriver call; `Err((error, message))` when the driver answers with an error.
+fn try_call(
+    lab: &Lab,
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+) -> Result<Value, (String, String)> {
     let mut args = vec!["curl", "-sS", "--max-time", "60", "-X", method, url];
     let text;
     if let Some(b) = body {
@@ -42,9 +48,14 @@ fn call(lab: &Lab, method: &str, url: &str, body: Option<&Value>) -> Value {
     let out = lab.exec(Host::Client, &args).unwrap();
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{url}: {e}: {out}"));
     if let Some(err) = v["value"].get("error") {
-        panic!("{method} {url}: {err}: {}", v["value"]["message"]);
+        return Err((err.to_string(), v["value"]["message"].to_string()));
     }
-    v["value"].clone()
+    Ok(v["value"].clone())
+}
+
+fn call(lab: &Lab, method: &str, url: &str, body: Option<&Value>) -> Value {
+    try_call(lab, method, url, body)
+        .unwrap_or_else(|(err, message)| panic!("{method} {url}: {err}: {message}"))
 }
 
 impl<'a> Browser<'a> {
@@ -115,37 +126,42 @@ impl<'a> Browser<'a> {
         !v.as_array().unwrap().is_empty()
     }
 
+    /// Finds `css` and runs `what` on the element. The page refreshes itself (polling), so an
+    /// element found a moment ago may have been replaced: then it is found again (bounded).
+    fn on_element(&self, css: &str, method: &str, what: &str, body: Option<&Value>) -> Value {
+        let mut last = None;
+        for _ in 0..20 {
+            let e = self.find(css);
+            match try_call(
+                self.lab,
+                method,
+                &self.url(&format!("/element/{e}{what}")),
+                body,
+            ) {
+                Ok(v) => return v,
+                Err((err, message)) if err.contains("stale element reference") => {
+                    last = Some(message);
+                    sleep(Duration::from_millis(100));
+                }
+                Err((err, message)) => panic!("{css}{what}: {err}: {message}"),
+            }
+        }
+        panic!("{css}{what}: still stale after 20 tries: {last:?}")
+    }
+
     fn click(&self, css: &str) {
-        let e = self.find(css);
-        call(
-            self.lab,
-            "POST",
-            &self.url(&format!("/element/{e}/click")),
-            Some(&json!({})),
-        );
+        self.on_element(css, "POST", "/click", Some(&json!({})));
     }
 
     fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css);
-        call(
-            self.lab,
-            "POST",
-            &self.url(&format!("/element/{e}/value")),
-            Some(&json!({ "text": text })),
-        );
+        self.on_element(css, "POST", "/value", Some(&json!({ "text": text })));
     }
 
     fn text(&self, css: &str) -> String {
-        let e = self.find(css);
-        call(
-            self.lab,
-            "GET",
-            &self.url(&format!("/element/{e}/text")),
-            None,
-        )
-        .as_str()
-        .unwrap()
-        .to_string()
+        self.on_element(css, "GET", "/text", None)
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// Waits (bounded) until `css` matches, without navigating: the page's own refresh.
