@@ -20,6 +20,7 @@ use crate::{
     maps::{FLOWS, GLOBALS, SERVICES},
     related,
     stats::count,
+    toobig,
     xdp::Xdp,
 };
 
@@ -30,13 +31,18 @@ pub fn balancer(ctx: XdpContext) -> u32 {
     let r = if is_icmp(&ctx) {
         icmp_path(&ctx)
     } else {
-        flow_path(&ctx)
+        match flow_path(&ctx) {
+            Ok(Verdict::TooBig(mtu)) => too_big_path(&ctx, mtu),
+            r => r,
+        }
     };
     match r {
         Ok(v) => {
             count(v.reason());
             match v {
-                Verdict::Tx | Verdict::Reset(_) | Verdict::IcmpTx(_) => xdp_action::XDP_TX,
+                Verdict::Tx | Verdict::Reset(_) | Verdict::IcmpTx(_) | Verdict::TooBig(_) => {
+                    xdp_action::XDP_TX
+                }
                 // SAFETY: plain helper call.
                 Verdict::Redirect(ifindex) | Verdict::IcmpRedirect(_, ifindex) => unsafe {
                     bpf_redirect(ifindex, 0) as u32
@@ -96,6 +102,16 @@ fn icmp_path(ctx: &XdpContext) -> Result<Verdict, Error> {
         return Err(Error::NotTcpUdp);
     }
     related::icmp(&mut x, &p)
+}
+
+/// A packet of a flow too big for its egress link (the flow path left it untouched): the
+/// sender gets "fragmentation needed" / "packet too big", rate-limited.
+#[inline(never)]
+fn too_big_path(ctx: &XdpContext, mtu: u32) -> Result<Verdict, Error> {
+    // Parsed again here (inlined: a call would add its frame to this one's).
+    let mut x = Xdp::new(ctx);
+    let p = parse(&x)?;
+    toobig::answer(&mut x, &p, mtu)
 }
 
 /// [`parse`] as its own BPF function: its spills stay out of the ICMP path's frame.

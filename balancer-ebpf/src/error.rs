@@ -122,6 +122,9 @@ pub enum Verdict {
     IcmpTx(Reason),
     /// An ICMP error sent out of this interface, for this reason.
     IcmpRedirect(Reason, u32),
+    /// Untouched, but too big for its egress link of this MTU: the entry answers it with
+    /// "fragmentation needed" / "packet too big" (never an action of its own).
+    TooBig(u32),
 }
 
 impl Verdict {
@@ -131,6 +134,7 @@ impl Verdict {
             Verdict::Tx => Reason::Tx,
             Verdict::Redirect(_) => Reason::Redirect,
             Verdict::Reset(r) | Verdict::IcmpTx(r) | Verdict::IcmpRedirect(r, _) => r,
+            Verdict::TooBig(_) => Reason::TooBig,
         }
     }
 }

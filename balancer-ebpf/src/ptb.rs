@@ -150,74 +150,99 @@ pub fn build<F: Frame>(f: &mut F, t: &TooBig, mtu: u32) -> Result<(), Error> {
             };
         }
     }
-    let icmp_off = t.l3off + hdr - size_of::<IcmpHdr>();
-    let icmp: *mut IcmpHdr = f.ptr_at(icmp_off)?;
+    // The IP and ICMP headers are written through one bounds-checked pointer at constant
+    // offsets (the verifier loses the range of a second pointer at a variable offset).
     let (src, dst) = (words(&t.dst), words(&t.src));
     let mut sum;
     if t.v6 {
         let mtu = if mtu < V6_MTU_MIN { V6_MTU_MIN } else { mtu };
-        let ip: *mut Ipv6Hdr = f.ptr_at(t.l3off)?;
+        let h: *mut V6Error = f.ptr_at(t.l3off)?;
         let msg = (size_of::<IcmpHdr>() + q) as u16;
-        unsafe {
-            *ip = Ipv6Hdr {
-                vtc_flow: [u16::from_ne_bytes([0x60, 0]), 0],
-                payload_len: msg.to_be(),
-                next_hdr: PROTO_ICMPV6,
-                hop_limit: 64,
-                src,
-                dst,
-            };
-            *icmp = IcmpHdr {
-                kind: ICMPV6_PKT_TOOBIG,
-                code: 0,
-                csum: 0,
-                rest: [
-                    u16::from_ne_bytes(((mtu >> 16) as u16).to_be_bytes()),
-                    u16::from_ne_bytes((mtu as u16).to_be_bytes()),
-                ],
-            };
-        }
+        // SAFETY: bounds-checked.
+        let h = unsafe { &mut *h };
+        h.ip = Ipv6Hdr {
+            vtc_flow: [u16::from_ne_bytes([0x60, 0]), 0],
+            payload_len: msg.to_be(),
+            next_hdr: PROTO_ICMPV6,
+            hop_limit: 64,
+            src,
+            dst,
+        };
+        h.icmp = IcmpHdr {
+            kind: ICMPV6_PKT_TOOBIG,
+            code: 0,
+            csum: 0,
+            rest: [
+                u16::from_ne_bytes(((mtu >> 16) as u16).to_be_bytes()),
+                u16::from_ne_bytes((mtu as u16).to_be_bytes()),
+            ],
+        };
         sum = checksum::sum_words(0, &src);
         sum = checksum::sum_words(sum, &dst);
         sum += checksum::be_word(msg) as u32 + checksum::be_word(PROTO_ICMPV6 as u16) as u32;
+        // SAFETY: IcmpHdr is 8 bytes of plain data.
+        let hw: [u16; 4] = unsafe { core::mem::transmute(h.icmp) };
+        sum = checksum::sum_words(sum, &hw);
     } else {
         let mtu = if mtu < V4_MTU_MIN { V4_MTU_MIN } else { mtu };
         let mtu = if mtu > 0xffff { 0xffff } else { mtu };
-        let ip: *mut Ipv4Hdr = f.ptr_at(t.l3off)?;
-        let (s4, d4) = (v4_of(&src), v4_of(&dst));
-        unsafe {
-            *ip = Ipv4Hdr {
-                version_ihl: 0x45,
-                tos: 0xc0,
-                tot_len: ((hdr + q) as u16).to_be(),
-                id: 0,
-                frag: 0,
-                ttl: 64,
-                proto: PROTO_ICMP,
-                csum: 0,
-                src: s4,
-                dst: d4,
-            };
-            // SAFETY: Ipv4Hdr is 20 bytes of plain data.
-            let hw: [u16; 10] = core::mem::transmute(*ip);
-            (*ip).csum = !checksum::fold(checksum::sum_words(0, &hw));
-            *icmp = IcmpHdr {
-                kind: ICMP_DEST_UNREACH,
-                code: ICMP_FRAG_NEEDED,
-                csum: 0,
-                rest: [0, u16::from_ne_bytes((mtu as u16).to_be_bytes())],
-            };
-        }
-        sum = 0;
+        let h: *mut V4Error = f.ptr_at(t.l3off)?;
+        // SAFETY: bounds-checked.
+        let h = unsafe { &mut *h };
+        h.ip = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos: 0xc0,
+            tot_len: ((hdr + q) as u16).to_be(),
+            id: 0,
+            frag: 0,
+            ttl: 64,
+            proto: PROTO_ICMP,
+            csum: 0,
+            src: v4_of(&src),
+            dst: v4_of(&dst),
+        };
+        // SAFETY: Ipv4Hdr is 20 bytes of plain data.
+        let hw: [u16; 10] = unsafe { core::mem::transmute(h.ip) };
+        h.ip.csum = !checksum::fold(checksum::sum_words(0, &hw));
+        h.icmp = IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            csum: 0,
+            rest: [0, u16::from_ne_bytes((mtu as u16).to_be_bytes())],
+        };
+        // SAFETY: IcmpHdr is 8 bytes of plain data.
+        let iw: [u16; 4] = unsafe { core::mem::transmute(h.icmp) };
+        sum = checksum::sum_words(0, &iw);
     }
-    // SAFETY: IcmpHdr is 8 bytes of plain data, written above.
-    let hw: [u16; 4] = unsafe { core::mem::transmute(*icmp) };
-    sum = checksum::sum_words(sum, &hw);
     let quote = f.sum(t.l3off + hdr, q)?;
-    let folded = checksum::fold(sum) as u32 + checksum::fold(quote) as u32;
-    // SAFETY: bounds-checked above.
-    unsafe { (*icmp).csum = !checksum::fold(folded) };
+    let csum = !checksum::fold(checksum::fold(sum) as u32 + checksum::fold(quote) as u32);
+    // A fresh bounds check after the checksum helper calls.
+    if t.v6 {
+        let h: *mut V6Error = f.ptr_at(t.l3off)?;
+        // SAFETY: bounds-checked.
+        unsafe { (*h).icmp.csum = csum };
+    } else {
+        let h: *mut V4Error = f.ptr_at(t.l3off)?;
+        // SAFETY: bounds-checked.
+        unsafe { (*h).icmp.csum = csum };
+    }
     Ok(())
+}
+
+/// IPv4 and ICMP headers of a built error.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct V4Error {
+    ip: Ipv4Hdr,
+    icmp: IcmpHdr,
+}
+
+/// IPv6 and ICMPv6 headers of a built error.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct V6Error {
+    ip: Ipv6Hdr,
+    icmp: IcmpHdr,
 }
 
 /// A per-CPU token bucket kept as time credit: each answer costs `1 / rate` seconds of

@@ -39,9 +39,8 @@ pub fn exceeds(x: &Xdp, p: &Pkt, ifindex: u32) -> Option<u32> {
     None
 }
 
-/// Turns the packet into the error for its sender, if the rate allows. Not inlined: its
-/// stack frame would push the entry's past the BPF limit.
-#[inline(never)]
+/// Turns the packet into the error for its sender, if the rate allows.
+#[inline(always)]
 pub fn answer(x: &mut Xdp, p: &Pkt, mtu: u32) -> Result<Verdict, Error> {
     let t = ptb::prepare(x, p)?;
     let Some(b) = PTB_BUCKETS.get_ptr_mut(0) else {

@@ -505,3 +505,173 @@ fn icmp_error_about_a_flow_of_a_down_backend_is_passed() {
         }],
     );
 }
+
+/// The answer etherparse builds for a packet too big for a link of `mtu`: from the packet's
+/// destination to its source, back to its MAC, quoting as much as fits 576 / 1280 bytes (in
+/// 64-byte steps).
+fn too_big_answer(frame: &[u8], mtu: u32) -> Vec<u8> {
+    let ip = &frame[14..];
+    let eth = PacketBuilder::ethernet2(LB_MAC, host_mac(2));
+    let mut out = Vec::new();
+    if ip[0] >> 4 == 6 {
+        let q = 1216.min(ip.len() / 64 * 64);
+        let (src, dst): ([u8; 16], [u8; 16]) = (
+            ip[8..24].try_into().unwrap(),
+            ip[24..40].try_into().unwrap(),
+        );
+        eth.ipv6(dst, src, 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+            .write(&mut out, &ip[..q])
+            .unwrap();
+    } else {
+        let q = 512.min(ip.len() / 64 * 64);
+        let (src, dst): ([u8; 4], [u8; 4]) = (
+            ip[12..16].try_into().unwrap(),
+            ip[16..20].try_into().unwrap(),
+        );
+        let mut h = Ipv4Header::new(0, 64, IpNumber::ICMP, dst, src).unwrap();
+        h.dont_fragment = false;
+        h.dscp = IpDscp::try_new(0x30).unwrap();
+        eth.ip(IpHeaders::Ipv4(h, Default::default()))
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: mtu as u16,
+                },
+            ))
+            .write(&mut out, &ip[..q])
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn packets_too_big_for_the_egress_link_are_answered() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let mut rows = Vec::new();
+    for (svc, vip, client) in [
+        ("web", sa("10.77.0.100:7002"), sa("10.77.0.2:40105")),
+        ("web6", sa("[fd77::100]:7002"), sa("[fd77::2]:40105")),
+    ] {
+        let (_be, _snat) = nat_flow(&tb, &st, svc, client, vip, PROTO_TCP);
+        // t0's MTU is 1500: 1600 bytes of IP do not fit.
+        let payload = 1600 - 20 - if vip.is_ipv6() { 40 } else { 20 };
+        let big = packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            1001,
+            1,
+            packet::ACK,
+            &vec![3u8; payload],
+        );
+        rows.push(IcmpRow {
+            name: if vip.is_ipv6() {
+                "IPv6: packet too big"
+            } else {
+                "IPv4 with DF: fragmentation needed"
+            },
+            output: Some(too_big_answer(&big, 1500)),
+            input: big,
+            verdict: XDP_TX,
+            reason: Reason::TooBig,
+        });
+        // Exactly the MTU fits.
+        let fits = packet::tcp(
+            host_mac(2),
+            LB_MAC,
+            client,
+            vip,
+            1001,
+            1,
+            packet::ACK,
+            &vec![3u8; payload - 100],
+        );
+        let (v, out) = tb.run(&fits).unwrap();
+        assert_eq!(v, XDP_TX, "{svc}: 1500 bytes fit");
+        assert_eq!(out.len(), fits.len());
+    }
+    // IPv4 without DF would need fragmenting, which XDP cannot do: dropped.
+    let client = sa("10.77.0.2:40105");
+    let vip = sa("10.77.0.100:7002");
+    let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, [10, 77, 0, 2], [10, 77, 0, 100]).unwrap();
+    h.dont_fragment = false;
+    let mut no_df = Vec::new();
+    PacketBuilder::ethernet2(host_mac(2), LB_MAC)
+        .ip(IpHeaders::Ipv4(h, Default::default()))
+        .tcp(client.port(), vip.port(), 1001, 64240)
+        .ack(1)
+        .write(&mut no_df, &[3u8; 1560])
+        .unwrap();
+    rows.push(IcmpRow {
+        name: "IPv4 without DF: dropped",
+        input: no_df.clone(),
+        verdict: XDP_DROP,
+        output: Some(no_df),
+        reason: Reason::DropTooBig,
+    });
+    let too_big_rows: Vec<IcmpRow> = rows;
+    for r in &too_big_rows {
+        let before = reasons(&tb);
+        let (v, out) = tb.run(&r.input).unwrap();
+        assert_eq!(v, r.verdict, "{}: verdict", r.name);
+        if v == XDP_TX {
+            assert_eq!(Some(&out), r.output.as_ref(), "{}: output", r.name);
+            assert_icmp_checksums(&out);
+        }
+        let after = reasons(&tb);
+        assert_eq!(
+            after[r.reason as usize] - before[r.reason as usize],
+            1,
+            "{}",
+            r.name
+        );
+    }
+}
+
+/// Answers are rate-limited per CPU (the bucket's arithmetic is unit-tested on the host
+/// with a fake clock): with the thread on one CPU, a run of too-big packets far past the
+/// burst gets some answers and the rest dropped, each counted once.
+#[test]
+fn too_big_answers_are_rate_limited() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40106");
+    nat_flow(&tb, &st, "web", client, vip, PROTO_TCP);
+    let big = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        vip,
+        1001,
+        1,
+        packet::ACK,
+        &[3u8; 1560],
+    );
+    let before = reasons(&tb);
+    // PTB_BURST 50, PTB_RATE 200/s (balancer-ebpf/src/toobig.rs): 2000 runs would have to
+    // take ten seconds to all be answered.
+    let n = 2000u64;
+    let mut answered = 0u64;
+    for _ in 0..n {
+        let (v, out) = tb.run(&big).unwrap();
+        assert!(v == XDP_TX || v == XDP_DROP, "verdict {v}");
+        if v == XDP_DROP {
+            assert_eq!(out, big, "a dropped packet is not half-built");
+        }
+        answered += u64::from(v == XDP_TX);
+    }
+    let after = reasons(&tb);
+    assert!(answered >= 1, "some answers");
+    assert!(
+        answered < n,
+        "the rest is dropped: {answered} of {n} answered"
+    );
+    let t = Reason::TooBig as usize;
+    let d = Reason::DropTooBig as usize;
+    assert_eq!(after[t] - before[t], answered);
+    assert_eq!(after[d] - before[d], n - answered);
+}
