@@ -54,7 +54,10 @@ impl<'a> SliceFrame<'a> {
     /// The frame starts `headroom` bytes into the slice; [`Frame::grow_head`] may use them.
     /// `headroom` must be even, like the kernel's. Panics when it exceeds the slice (tests).
     pub fn with_headroom(buf: &'a mut [u8], headroom: usize) -> Self {
-        assert!(headroom <= buf.len() && headroom % 2 == 0, "headroom");
+        assert!(
+            headroom <= buf.len() && headroom.is_multiple_of(2),
+            "headroom"
+        );
         SliceFrame {
             // SAFETY: in bounds (asserted).
             ptr: unsafe { buf.as_mut_ptr().add(headroom) },
@@ -108,7 +111,10 @@ impl Frame for SliceFrame<'_> {
 
     fn sum(&self, offset: usize, len: usize) -> Result<u32, Error> {
         let chunk = crate::ptb::SUM_CHUNK;
-        if len % chunk != 0 || len / chunk > crate::ptb::SUM_CHUNKS_MAX || offset + len > self.len {
+        if !len.is_multiple_of(chunk)
+            || len / chunk > crate::ptb::SUM_CHUNKS_MAX
+            || offset + len > self.len
+        {
             return Err(Error::Truncated);
         }
         // SAFETY: in bounds of the borrowed slice (checked above).
