@@ -174,6 +174,11 @@ pub const FLOW_F_CLOSING: u32 = 1 << 3;
 pub const FLOW_F_HALF_OPEN: u32 = 1 << 4;
 /// Seconds a half-open flow is kept (a SYN flood cannot fill the table for the idle timeout).
 pub const HALF_OPEN_SECS: u32 = 30;
+/// Seconds (on the whole-second flow clock: more than one real second) after which the
+/// program may give a half-open flow's SNAT port to a new flow, when none of the probed
+/// ports is free. A real handshake completes in milliseconds; a spoofed SYN's never does, so
+/// a SYN flood recycles its own ports instead of holding the whole range for 30 s.
+pub const HALF_OPEN_REUSE_SECS: u32 = 2;
 /// Seconds after the last packet before a closing flow's SNAT port may be taken again, when
 /// none of the probed ports is free (the controller also expires closed flows).
 pub const CLOSING_REUSE_SECS: u32 = 10;

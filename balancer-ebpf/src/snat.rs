@@ -3,7 +3,8 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
     Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP,
-    Flow, FlowKey, HALF_OPEN_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service, idle_secs, snat_first_port,
+    Flow, FlowKey, HALF_OPEN_REUSE_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service, idle_secs,
+    snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -111,7 +112,7 @@ fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
         return true;
     }
     // A handshake that never completed (a SYN flood) holds its port only briefly.
-    if e.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_SECS {
+    if e.flags & FLOW_F_HALF_OPEN != 0 && idle >= HALF_OPEN_REUSE_SECS {
         return true;
     }
     let limit = match GLOBALS.get(0) {

@@ -1,7 +1,8 @@
 //! Minimal HL7 v2 over MLLP: framing, reading a frame, reading and making ACKs.
 //!
 //! A frame is `0x0B <message> 0x1C 0x0D`; segments inside a message are separated by `\r`.
-//! Used by the `mllp` health check and by the controller's tests and demo peers.
+//! Used by the `mllp` health check, by the MLLP relay (`balancer-mllp`, through
+//! [`read_frame_bounded`] and [`header`]) and by the controller's tests and demo peers.
 //! Messages carry patient data: nothing here logs or formats message content, and the
 //! errors returned name the framing problem only.
 
@@ -78,6 +79,147 @@ where
         return Err(invalid("bad MLLP framing: no CR after end byte"));
     }
     Ok(out)
+}
+
+/// Limits on one frame read by [`read_frame_bounded`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest message (between the framing bytes), in bytes.
+    pub max_message: usize,
+    /// Most whitespace bytes (CR, LF, space, tab) tolerated before a start block; any other
+    /// byte before it is an error.
+    pub max_before_start: usize,
+}
+
+/// Why a frame could not be read. The texts name the problem only, never a message byte.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// A byte other than whitespace came before the start block.
+    #[error("no MLLP start block (0x0B): the peer sent another byte first")]
+    NoStart,
+    /// More whitespace than allowed before the start block.
+    #[error("over {0} bytes before an MLLP start block")]
+    TooMuchBeforeStart(usize),
+    /// The message is over the size limit.
+    #[error("MLLP message over {0} bytes")]
+    TooLarge(usize),
+    /// `0x1C` was not followed by `0x0D`.
+    #[error("bad MLLP framing: no CR after the end block")]
+    NoCrAfterEnd,
+    /// The peer closed the connection inside a frame.
+    #[error("connection closed inside an MLLP frame after {0} bytes")]
+    Truncated(usize),
+    /// A read failed.
+    #[error("read failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads one MLLP frame like [`read_frame`], within `limits`, tolerating whitespace before
+/// the start block (senders that end frames with `\r\n`). `Ok(None)`: the peer closed the
+/// connection cleanly between frames. Nothing past the frame is consumed.
+pub async fn read_frame_bounded<R>(
+    reader: &mut R,
+    limits: &FrameLimits,
+) -> Result<Option<Vec<u8>>, FrameError>
+where
+    R: AsyncBufRead + Unpin + ?Sized,
+{
+    let mut skipped = 0usize;
+    loop {
+        let buf = reader.fill_buf().await?;
+        let Some(&b) = buf.first() else {
+            return Ok(None);
+        };
+        let ws = buf
+            .iter()
+            .take_while(|&&b| matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+            .count();
+        if ws == 0 {
+            if b != START {
+                return Err(FrameError::NoStart);
+            }
+            reader.consume(1);
+            break;
+        }
+        skipped += ws;
+        reader.consume(ws);
+        if skipped > limits.max_before_start {
+            return Err(FrameError::TooMuchBeforeStart(limits.max_before_start));
+        }
+    }
+    let mut out = Vec::new();
+    loop {
+        let (used, done) = {
+            let buf = reader.fill_buf().await?;
+            if buf.is_empty() {
+                return Err(FrameError::Truncated(out.len()));
+            }
+            let (part, done) = match buf.iter().position(|&b| b == END) {
+                Some(pos) => (&buf[..pos], true),
+                None => (buf, false),
+            };
+            // Checked before copying: a huge frame never grows the buffer past the limit.
+            if out.len() + part.len() > limits.max_message {
+                return Err(FrameError::TooLarge(limits.max_message));
+            }
+            out.extend_from_slice(part);
+            (part.len() + usize::from(done), done)
+        };
+        reader.consume(used);
+        if done {
+            break;
+        }
+    }
+    let mut cr = [0u8; 1];
+    match reader.read(&mut cr).await? {
+        0 => Err(FrameError::Truncated(out.len())),
+        _ if cr[0] != CR => Err(FrameError::NoCrAfterEnd),
+        _ => Ok(Some(out)),
+    }
+}
+
+/// What may be logged about a message: its control ID (MSH-10) and type (MSH-9).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Header {
+    /// MSH-10, at most 20 characters of `[A-Za-z0-9._-]` (other characters become `?`).
+    pub control_id: String,
+    /// MSH-9, e.g. `ADT^A01`, at most 15 characters, same alphabet plus `^`.
+    pub message_type: String,
+}
+
+/// The control ID and type of a message, cleaned for a log line (a malformed MSH gives
+/// empty fields, never other bytes of the message).
+pub fn header(msg: &[u8]) -> Header {
+    let sep = field_separator(msg);
+    let Some(msh) = segments(msg).next().filter(|s| s.starts_with(b"MSH")) else {
+        return Header::default();
+    };
+    let fields: Vec<&[u8]> = msh.split(|&b| b == sep).collect();
+    // MSH-1 is the separator itself, so MSH-n is fields[n - 1].
+    let clean = |f: Option<&&[u8]>, max: usize, extra: u8| -> String {
+        f.map(|f| {
+            f.iter()
+                .take(max)
+                .map(|&b| {
+                    if b.is_ascii_alphanumeric() || b"._-".contains(&b) || b == extra {
+                        b as char
+                    } else {
+                        '?'
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let component = fields
+        .get(1)
+        .and_then(|e| e.first())
+        .copied()
+        .unwrap_or(b'^');
+    Header {
+        control_id: clean(fields.get(9), 20, b'-'),
+        message_type: clean(fields.get(8), 15, component).replace(component as char, "^"),
+    }
 }
 
 fn invalid(msg: &'static str) -> io::Error {
@@ -238,6 +380,74 @@ mod tests {
             assert_eq!(e.kind(), kind);
             assert!(!e.to_string().contains("MSH"), "error leaks content: {e}");
         }
+    }
+
+    const LIMITS: FrameLimits = FrameLimits {
+        max_message: 16,
+        max_before_start: 4,
+    };
+
+    /// The message read, or the start of the error's text.
+    type Want = Result<Option<&'static [u8]>, &'static str>;
+
+    #[tokio::test]
+    async fn bounded_frames() {
+        let rows: [(&[u8], Want); 10] = [
+            (b"\x0bMSH|a\x1c\x0d", Ok(Some(b"MSH|a"))),
+            (b"\r\n\x0bMSH|a\x1c\x0d", Ok(Some(b"MSH|a"))),
+            (b"", Ok(None)),
+            (b"\r\n", Ok(None)),
+            (b"MSH|a\x1c\x0d", Err("no MLLP start block")),
+            (b"\r\n\r\n\r\x0bMSH\x1c\x0d", Err("over 4 bytes before")),
+            (
+                b"\x0bMSH|0123456789abcdef\x1c\x0d",
+                Err("MLLP message over 16"),
+            ),
+            (b"\x0bMSH|a\x1cX", Err("bad MLLP framing")),
+            (b"\x0bMSH|a", Err("connection closed inside")),
+            (b"\x0bMSH|a\x1c", Err("connection closed inside")),
+        ];
+        for (wire, want) in rows {
+            let mut r = BufReader::with_capacity(3, wire);
+            let got = read_frame_bounded(&mut r, &LIMITS).await;
+            match (got, want) {
+                (Ok(m), Ok(w)) => assert_eq!(m.as_deref(), w, "{wire:?}"),
+                (Err(e), Err(w)) => {
+                    let t = e.to_string();
+                    assert!(t.starts_with(w), "{wire:?}: {t}");
+                    assert!(!t.contains("MSH"), "error leaks content: {t}");
+                }
+                (g, w) => panic!("{wire:?}: got {g:?}, want {w:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_frames_leave_the_next_frame() {
+        let mut wire = frame(b"MSH|1");
+        wire.extend(b"\r\n");
+        wire.extend(frame(b"MSH|2"));
+        let mut r = BufReader::new(&wire[..]);
+        let a = read_frame_bounded(&mut r, &LIMITS).await.unwrap();
+        let b = read_frame_bounded(&mut r, &LIMITS).await.unwrap();
+        assert_eq!(
+            (a.as_deref(), b.as_deref()),
+            (Some(&b"MSH|1"[..]), Some(&b"MSH|2"[..]))
+        );
+        assert!(read_frame_bounded(&mut r, &LIMITS).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn header_reads_control_id_and_type_only() {
+        let h = header(b"MSH|^~\\&|S|F|R|RF|20260101||ADT^A01|CTRL-42|P|2.5\rPID|1||X||DOE^JANE");
+        assert_eq!(h.control_id, "CTRL-42");
+        assert_eq!(h.message_type, "ADT^A01");
+        let h = header(b"MSH|^~\\&|S|F|R|RF|t||ADT^A01|DOE JANE\"<x>|P");
+        assert_eq!(h.control_id, "DOE?JANE??x?");
+        assert_eq!(header(b"PID|1||X||DOE^JANE"), Header::default());
+        assert_eq!(header(b"MSH|^~\\&|S").control_id, "");
+        let long = format!("MSH|^~\\&|S|F|R|RF|t||ADT^A01|{}|P", "9".repeat(40));
+        assert_eq!(header(long.as_bytes()).control_id.len(), 20);
     }
 
     #[test]

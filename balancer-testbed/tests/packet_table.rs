@@ -824,6 +824,11 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
     let atime = tb.dp.flows().values().map(|f| f.atime).max().unwrap();
     let s = tb.dp.sweep_flows(t, atime + 5);
     assert_eq!((s.closed, s.idle), (0, 0), "nothing is old enough yet");
+    assert!(
+        s.kept.is_empty(),
+        "a closing flow and a half-open one are not established: {:?}",
+        s.kept
+    );
     let s = tb.dp.sweep_flows(
         t,
         atime + balancer::control::flow_expiry::CLOSED_LINGER_SECS + 1,
@@ -881,6 +886,12 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
         tb.dp.flows().len(),
         2,
         "the completed flow stays with its reply entry"
+    );
+    assert_eq!(
+        s.kept.values().sum::<u64>(),
+        1,
+        "the completed flow counts as established on its backend: {:?}",
+        s.kept
     );
 }
 
@@ -1171,7 +1182,13 @@ fn half_open_flows_are_not_kept_by_backend_retransmits() {
     assert_eq!(flows[&fkey].flags & half, 0);
     assert_eq!(flows[&rkey].flags & half, 0);
     assert_eq!(tb.run(&from_be).unwrap().0, XDP_TX);
-    assert_eq!(tb.dp.flows()[&rkey].atime, fwd.atime);
+    // Refreshed to now (the whole-second clock may have ticked since the SYN).
+    let refreshed = tb.dp.flows()[&rkey].atime;
+    assert!(
+        refreshed != reply.atime && balancer_common::idle_secs(refreshed, fwd.atime) <= 5,
+        "refreshed {refreshed}, SYN at {}",
+        fwd.atime
+    );
 
     // A half-open flow whose reply half was refreshed later is still swept 30 s after the
     // client's SYN, and so is a half-open reply entry whose forward half is gone.
@@ -1432,5 +1449,95 @@ fn refused_and_unanswered_syns_are_counted_per_backend() {
     assert_eq!(
         (after.syn_retries, after.refused),
         (before.syn_retries, before.refused)
+    );
+}
+
+/// A SYN flood recycles its own ports: when every probed port is held, a port held by a
+/// half-open flow older than `HALF_OPEN_REUSE_SECS` goes to the new flow (the old flow's
+/// forward entry goes too); ports of live or young half-open flows are never taken.
+#[test]
+fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
+    let (mut tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40080");
+    let (be, first) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let svc = tb
+        .dp
+        .services()
+        .into_iter()
+        .map(|(_, s)| s)
+        .find(|s| s.id == st.services["web"].id)
+        .unwrap();
+    let (lo, hi) = (svc.snat_port_lo as u32, svc.snat_port_hi as u32);
+    let range = hi - lo + 1;
+    // The 16 ports the program probes, written out independently: first, +1, +3, +6, …
+    let probes: Vec<u16> = (0..16u32)
+        .map(|i| (lo + (first as u32 - lo + i * (i + 1) / 2) % range) as u16)
+        .collect();
+    let now = balancer::control::flow_expiry::now_secs();
+    let half = balancer_common::FLOW_F_HALF_OPEN;
+    // Each probed port held by a spoofed client's flow (both halves, as the program makes them).
+    let hold = |tb: &mut Testbed, i: usize, flags: u32, atime: u32| {
+        let spoofed = SocketAddr::new(format!("10.99.0.{}", i + 1).parse().unwrap(), 5000);
+        let rk = reply_key(be, probes[i], false);
+        let reply = Flow {
+            new_src: addr16(vip.ip()),
+            new_dst: addr16(spoofed.ip()),
+            new_sport: vip.port().to_be(),
+            new_dport: spoofed.port().to_be(),
+            flags: balancer_common::FLOW_F_NEXTHOP | flags,
+            atime,
+            ..Default::default()
+        };
+        tb.dp.put_flow(&rk, &reply).unwrap();
+        let fk = FlowKey {
+            src: addr16(spoofed.ip()),
+            dst: addr16(vip.ip()),
+            sport: spoofed.port().to_be(),
+            dport: vip.port().to_be(),
+            proto: PROTO_TCP,
+            pad: [0; 3],
+        };
+        let fwd = Flow {
+            new_src: addr16(lb_addr(false)),
+            new_dst: addr16(be.ip()),
+            new_sport: probes[i].to_be(),
+            new_dport: be.port().to_be(),
+            flags: balancer_common::FLOW_F_FORWARD | balancer_common::FLOW_F_NEXTHOP | flags,
+            atime,
+            ..Default::default()
+        };
+        tb.dp.put_flow(&fk, &fwd).unwrap();
+        fk
+    };
+    // Young half-open flows and live flows everywhere: no port for the new client.
+    for i in 0..16 {
+        let flags = if i % 2 == 0 { half } else { 0 };
+        hold(&mut tb, i, flags, now);
+    }
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    run_counted(
+        &tb,
+        Row {
+            name: "every probed port held by a live or young half-open flow: dropped",
+            input: syn.clone(),
+            verdict: XDP_DROP,
+            output: None,
+        },
+        Reason::DropSnatExhausted,
+    );
+    // Probe 5's half-open flow is old now: its port goes to the new client.
+    let old = hold(&mut tb, 5, half, now.wrapping_sub(3));
+    let (v, out) = tb.run(&syn).unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_eq!(snat_port_of(&out), probes[5]);
+    let flows = tb.dp.flows();
+    assert!(
+        !flows.contains_key(&old),
+        "the old flow's forward entry went with its port"
+    );
+    assert_eq!(
+        flows[&reply_key(be, probes[5], false)].new_dst,
+        addr16(client.ip())
     );
 }

@@ -137,6 +137,142 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Manage the web console's users (the `[console] users` file, mode 0600, argon2 hashes).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user; the password is read from stdin (asked twice on a terminal).
+    Add {
+        /// User name.
+        name: String,
+        /// viewer (sees everything) or operator (also drains, disables, enables, reloads).
+        #[arg(long, default_value = "viewer", value_parser = ["viewer", "operator"])]
+        role: String,
+        #[command(flatten)]
+        file: UsersFile,
+    },
+    /// Set a user's password (read from stdin), and its role with --role.
+    Passwd {
+        /// User name.
+        name: String,
+        /// New role.
+        #[arg(long, value_parser = ["viewer", "operator"])]
+        role: Option<String>,
+        #[command(flatten)]
+        file: UsersFile,
+    },
+    /// Remove a user; its console sessions end at once.
+    Remove {
+        /// User name.
+        name: String,
+        #[command(flatten)]
+        file: UsersFile,
+    },
+    /// List users and roles.
+    List {
+        #[command(flatten)]
+        file: UsersFile,
+    },
+}
+
+#[derive(clap::Args)]
+struct UsersFile {
+    /// Config file whose `[console] users` names the users file.
+    #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+    config: PathBuf,
+    /// The users file itself (instead of reading the config).
+    #[arg(long)]
+    users: Option<PathBuf>,
+}
+
+impl UsersFile {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(u) = &self.users {
+            return Ok(u.clone());
+        }
+        let cfg = config::load(&self.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match &cfg.console {
+            Some(c) => Ok(c.users.clone()),
+            None => anyhow::bail!(
+                "{} has no [console] section: add one or pass --users",
+                self.config.display()
+            ),
+        }
+    }
+}
+
+/// `balancer user`: edits the users file; a running console sees the change at once.
+fn user(cmd: UserCmd) -> anyhow::Result<()> {
+    use balancer_console::{EventKind, Role, Users};
+    let role = |r: &str| r.parse::<Role>().map_err(|e| anyhow::anyhow!("{e}"));
+    let (file, what) = match &cmd {
+        UserCmd::Add { name, role, file } => (file, format!("user add {name} ({role})")),
+        UserCmd::Passwd { name, file, .. } => (file, format!("user passwd {name}")),
+        UserCmd::Remove { name, file } => (file, format!("user remove {name}")),
+        UserCmd::List { file } => (file, String::new()),
+    };
+    let path = file.path()?;
+    let mut users = Users::load(&path)?;
+    match &cmd {
+        UserCmd::List { .. } => {
+            for (name, role) in users.list() {
+                println!("{name}\t{role}");
+            }
+            return Ok(());
+        }
+        UserCmd::Add { name, role: r, .. } => {
+            let r = role(r)?;
+            let pw = read_password(&format!("Password for {name}: "))?;
+            users.add(name, r, &pw)?;
+        }
+        UserCmd::Passwd { name, role: r, .. } => {
+            let r = r.as_deref().map(role).transpose()?;
+            let pw = read_password(&format!("New password for {name}: "))?;
+            users.passwd(name, &pw, r)?;
+        }
+        UserCmd::Remove { name, .. } => users.remove(name)?,
+    }
+    users.save(&path)?;
+    let who = format!("uid {}", nix::unistd::getuid());
+    balancer::api::audit::record(EventKind::Action, &who, "command line", &what, "ok");
+    println!("{what}: saved {}", path.display());
+    Ok(())
+}
+
+/// Reads a password from stdin: twice and without echo on a terminal, one line otherwise.
+fn read_password(prompt: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line)?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_string());
+    }
+    let ask = |p: &str| -> anyhow::Result<String> {
+        use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+        eprint!("{p}");
+        std::io::stderr().flush()?;
+        let stdin = std::io::stdin();
+        let old = tcgetattr(&stdin)?;
+        let mut quiet = old.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        tcsetattr(&stdin, SetArg::TCSANOW, &quiet)?;
+        let mut line = String::new();
+        let r = stdin.lock().read_line(&mut line);
+        tcsetattr(&stdin, SetArg::TCSANOW, &old)?;
+        eprintln!();
+        r?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    };
+    let a = ask(prompt)?;
+    let b = ask("Again: ")?;
+    anyhow::ensure!(a == b, "the passwords differ");
+    Ok(a)
 }
 
 /// Products `balancer import` reads.
@@ -235,6 +371,9 @@ fn main() -> anyhow::Result<()> {
                 if let Err(e) = v.check_host() {
                     eprintln!("{}: {e}", config.display());
                     std::process::exit(1);
+                }
+                for w in v.capacity_warnings() {
+                    eprintln!("{}: warning: {w}", config.display());
                 }
                 println!("{}: ok ({} services)", config.display(), v.services.len());
                 Ok(())
@@ -338,5 +477,6 @@ fn main() -> anyhow::Result<()> {
             output,
             force,
         } => import(product, &file, output.as_deref(), force),
+        Cmd::User { cmd } => user(cmd),
     }
 }

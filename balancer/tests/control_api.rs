@@ -50,10 +50,12 @@ fn status() -> Status {
         active,
         check_latency_ms: Some(1.25),
         traffic: t.clone(),
+        flows: 3,
     };
     Status {
         l7: None,
         l7_backends: Vec::new(),
+        mllp: None,
         capacity: Default::default(),
         certificates: Vec::new(),
         config: "/etc/balancer/balancer.toml".into(),

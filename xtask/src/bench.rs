@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: bulk TCP throughput (iperf3) and short-connection rate (blb-client)
 //! through a namespace lab, directly, through the balancer (XDP, nat) and through an nftables
 //! DNAT balancer; the balancer's own XDP ns/packet bench; HL7 failover time and health change
-//! → map update latency; the L7 proxy beside HAProxy (wrk).
+//! → map update latency; the MLLP relay (`mode = "mllp"`) beside the L4 path and a direct
+//! connection (latency added per message, messages/s through one relay core); the L7 proxy
+//! beside HAProxy (wrk).
 //!
 //! Every path gets a fresh lab of its own. Numbers are printed, never asserted.
 
@@ -32,6 +34,9 @@ pub struct Options {
     /// Use the release binaries already built instead of building first.
     #[arg(long)]
     pub no_build: bool,
+    /// Run only the MLLP relay measurement.
+    #[arg(long)]
+    pub mllp_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +66,9 @@ struct Row {
 
 /// Runs every bench and prints the tables.
 pub fn run(opts: &Options) -> Result<()> {
+    if opts.mllp_only {
+        return bench_mllp();
+    }
     let paths = [Path::Direct, Path::Balancer, Path::Nftables];
     let mut rows = Vec::new();
     for path in paths {
@@ -86,6 +94,10 @@ pub fn run(opts: &Options) -> Result<()> {
     sigint::check()?;
     if let Err(e) = bench_failover() {
         println!("  failover bench failed: {e:#}");
+    }
+    sigint::check()?;
+    if let Err(e) = bench_mllp() {
+        println!("  mllp bench failed: {e:#}");
     }
     sigint::check()?;
     if let Err(e) = bench_status_during_reload() {
@@ -261,6 +273,150 @@ fn bench_failover() -> Result<()> {
             updates_us[updates_us.len() - 1]
         );
     }
+    Ok(())
+}
+
+/// One `blb-mllp bench` run from the client.
+fn mllp_bench_run(
+    lab: &Lab,
+    to: &str,
+    connections: usize,
+    seconds: f64,
+) -> Result<serde_json::Value> {
+    let bin = balancer_tests::tool_bin("blb-mllp")?;
+    let out = lab.exec(
+        Host::Client,
+        &[
+            &bin.to_string_lossy(),
+            "bench",
+            "--to",
+            to,
+            "--connections",
+            &connections.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).context("blb-mllp bench")?;
+    if v["errors"].as_u64().unwrap_or(0) > 0 || v["messages"].as_u64().unwrap_or(0) == 0 {
+        bail!("{to}: {v}");
+    }
+    Ok(v)
+}
+
+/// The MLLP relay beside the L4 path: one listener, reached directly, through an L4
+/// failover service (XDP, nat) and through a `mode = "mllp"` service (the controller's
+/// relay: one thread with a single-threaded runtime, so at most one core). Per message: the
+/// sender writes it and waits for its ACK, back to back on one connection (latency) or on
+/// 16 (messages/s). Nothing is pinned: pinning the balancer to one CPU and the peers to the
+/// other measured the scheduler (a competing process on the relay's CPU), not the relay.
+fn bench_mllp() -> Result<()> {
+    println!(
+        "\n== MLLP relay (mode = \"mllp\") beside L4 and direct: ACK round trip, messages/s =="
+    );
+    let lab = Lab::new(1)?;
+    let bin = balancer_tests::tool_bin("blb-mllp")?;
+    let mut listener = lab.spawn(
+        Host::Backend(1),
+        &[
+            &bin.to_string_lossy(),
+            "listen",
+            "--name",
+            "hl7a",
+            "--addr",
+            "0.0.0.0:6661",
+            "--quiet",
+        ],
+    )?;
+    listener.wait_for_output("blb-mllp ready", std::time::Duration::from_secs(10))?;
+    let socket = lab.dir().join("control.sock");
+    let cfg = format!(
+        r#"[dataplane]
+interface = "eth0"
+
+[controller]
+socket = "{}"
+
+[[service]]
+name = "hl7-l4"
+vip = "{VIP_V4}:6662"
+scheduler = "failover"
+health = {{ kind = "mllp", interval = "1s" }}
+backends = [ {{ address = "10.77.0.11:6661" }} ]
+
+[[service]]
+name = "hl7-relay"
+vip = "{VIP_V4}:6661"
+scheduler = "failover"
+mode = "mllp"
+health = {{ kind = "mllp", interval = "1s" }}
+backends = [ {{ address = "10.77.0.11:6661" }} ]
+"#,
+        socket.display()
+    );
+    let b = lab.start_balancer(&cfg)?;
+    let relay = format!("{VIP_V4}:6661");
+    let t0 = std::time::Instant::now();
+    while mllp_bench_run(&lab, &relay, 1, 0.1).is_err() {
+        if t0.elapsed() > std::time::Duration::from_secs(15) {
+            bail!("the relay did not get an active listener");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let paths = [
+        ("direct (sender -> listener)", "10.77.0.11:6661".to_string()),
+        ("L4 failover (XDP, nat)", format!("{VIP_V4}:6662")),
+        ("MLLP relay (controller)", relay.clone()),
+    ];
+    let mut rows = Vec::new();
+    for (label, to) in &paths {
+        sigint::check()?;
+        let v = mllp_bench_run(&lab, to, 1, 3.0)?;
+        rows.push((*label, v));
+    }
+    let us = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0) as i64;
+    println!(
+        "  {:<30} {:>12} {:>9} {:>9} {:>14} {:>14}",
+        "path (1 connection)", "msgs/s", "p50 us", "p99 us", "added p50 us", "added p99 us"
+    );
+    let direct = rows[0].1.clone();
+    for (label, v) in &rows {
+        println!(
+            "  {:<30} {:>12.0} {:>9} {:>9} {:>14} {:>14}",
+            label,
+            v["per_sec"].as_f64().unwrap_or(0.0),
+            us(v, "p50_us"),
+            us(v, "p99_us"),
+            us(v, "p50_us") - us(&direct, "p50_us"),
+            us(v, "p99_us") - us(&direct, "p99_us"),
+        );
+    }
+    for (label, to) in [
+        ("direct", "10.77.0.11:6661".to_string()),
+        ("MLLP relay", relay),
+    ] {
+        sigint::check()?;
+        let v = mllp_bench_run(&lab, &to, 16, 5.0)?;
+        println!(
+            "  {label}, 16 connections: {:.0} messages/s (p50 {} us, p99 {} us){}",
+            v["per_sec"].as_f64().unwrap_or(0.0),
+            us(&v, "p50_us"),
+            us(&v, "p99_us"),
+            if label == "direct" {
+                ""
+            } else {
+                " — relay on one core"
+            },
+        );
+    }
+    let status = lab.balancer_cli(&["status", "--json", "--socket", &socket.to_string_lossy()])?;
+    let st: serde_json::Value = serde_json::from_str(&status)?;
+    let m = &st["mllp"]["services"][0];
+    println!(
+        "  relay counters: relayed {}, replayed {}, unacked {}, frame errors {}",
+        m["relayed"], m["replayed"], m["unacked"], m["frame_errors"]
+    );
+    drop(b);
     Ok(())
 }
 

@@ -54,6 +54,23 @@ backends = [
 ]
 "#;
 
+/// The same two HL7 Listeners behind a second VIP:port in message mode: the controller's
+/// relay holds each message until the active listener ACKs it, and replays it to the
+/// standby when that listener fails.
+pub const MLLP_CONFIG: &str = r#"
+[[service]]
+name = "hl7-messages"
+vip = "10.77.0.100:6663"
+scheduler = "failover"
+mode = "mllp"               # HL7 messages relayed by the controller: no message lost in a failover
+health = { kind = "mllp", interval = "250ms", timeout = "200ms", rise = 2, fall = 2 }
+mllp = { ack_timeout = "2s", hold_timeout = "20s" }
+backends = [
+  { address = "10.77.0.11:6661", priority = 1 },
+  { address = "10.77.0.12:6661", priority = 2 },
+]
+"#;
+
 /// The health check the demo puts on the `web` service.
 const WEB_HEALTH: &str = r#"health = { kind = "http", path = "/health", port = 8080, interval = "500ms", timeout = "300ms", rise = 2, fall = 2 }
 passive_health = { failures = 5, window = "1s" }
@@ -67,9 +84,33 @@ pub fn demo_config(lab: &Lab) -> String {
         1,
     );
     format!(
-        "{sample}{CONTROLLER_CONFIG}\n[controller]\nsocket = \"{}\"\n",
-        lab.dir().join("control.sock").display()
+        "{sample}{CONTROLLER_CONFIG}{MLLP_CONFIG}\n[controller]\nsocket = \"{}\"\n\n[console]\naddress = \"{CONSOLE_ADDR}\"\nusers = \"{}\"\nstate_dir = \"{}\"\n",
+        lab.dir().join("control.sock").display(),
+        lab.dir().join("console-users").display(),
+        lab.dir().join("console").display(),
     )
+}
+
+/// The console's management address in the lab (the balancer host's own address).
+const CONSOLE_ADDR: &str = "10.77.0.1:9443";
+
+/// Adds the demo's console user with a fresh random password; returns the password.
+fn console_user(lab: &Lab) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut raw = [0u8; 9];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut c = std::process::Command::new(balancer_tests::balancer_bin()?)
+        .args(["user", "add", "demo", "--role", "operator", "--users"])
+        .arg(lab.dir().join("console-users"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    if let Some(mut stdin) = c.stdin.take() {
+        writeln!(stdin, "{password}")?;
+    }
+    anyhow::ensure!(c.wait()?.success(), "balancer user add failed");
+    Ok(password)
 }
 
 /// Everything a demo step can use. Dropping it stops the balancer and tears the lab down.
@@ -98,13 +139,17 @@ fn scenario() -> Vec<Step> {
         ("balancer status", status),
         ("a web backend fails under load", web_backend_fails),
         ("HL7 listener failover", hl7_failover),
+        (
+            "HL7 listener failover in message mode (mode = \"mllp\")",
+            hl7_message_mode,
+        ),
         ("balancer status after the failures", status),
         ("dataplane counters", counters),
     ]
 }
 
 /// Runs the demo; the lab is cleaned up whatever happens (error, panic or Ctrl-C).
-pub fn run() -> Result<()> {
+pub fn run(keep_console: bool) -> Result<()> {
     banner("lab");
     let lab = Lab::new(3).context("building the lab")?;
     println!("lab {} is up:", lab.prefix());
@@ -135,6 +180,7 @@ pub fn run() -> Result<()> {
         hl7.push(c);
     }
     sigint::check()?;
+    let password = console_user(&lab)?;
     let config = demo_config(&lab);
     println!("\nconfig:\n{config}");
     let balancer = lab.start_balancer(&config)?;
@@ -143,13 +189,45 @@ pub fn run() -> Result<()> {
         balancer.pid(),
         lab.pin_path().display()
     );
+    let client = lab.ns(Host::Client);
+    println!(
+        "console: https://{CONSOLE_ADDR}/  user demo  password {password}  (self-signed certificate)\n  \
+         reach it from the client namespace, e.g.\n  \
+         nsenter --net=/run/netns/{client} curl -k https://{CONSOLE_ADDR}/login\n  \
+         nsenter --net=/run/netns/{client} chromium --no-sandbox --user-data-dir=/tmp/blb-console https://{CONSOLE_ADDR}/"
+    );
+    let answer = lab.exec(
+        Host::Client,
+        &[
+            "curl",
+            "-sk",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{CONSOLE_ADDR}/login"),
+        ],
+    )?;
+    println!("  the console's sign-in page answers {answer} from the client namespace");
     let mut demo = Demo {
         echo,
         hl7,
         balancer: Some(balancer),
         lab,
     };
-    let result = run_steps(&mut demo);
+    let mut result = run_steps(&mut demo);
+    if keep_console && result.is_ok() {
+        banner("console");
+        println!(
+            "console up at https://{CONSOLE_ADDR}/ (user demo, password {password}); Ctrl-C ends the demo"
+        );
+        while !sigint::interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        result = Ok(());
+    }
     banner("cleanup");
     if let Some(b) = demo.balancer.as_mut() {
         let _ = b.stop();
@@ -415,6 +493,89 @@ fn hl7_failover(demo: &mut Demo) -> Result<()> {
             if leaked { "FOUND (bug)" } else { "none" }
         );
     }
+    Ok(())
+}
+
+/// The same kind of failover through the relay: the active listener (hl7b since the step
+/// before) drops off the network while a sender streams; every message is ACKed on the
+/// sender's one connection.
+fn hl7_message_mode(demo: &mut Demo) -> Result<()> {
+    let active = |st: &serde_json::Value| {
+        st["mllp"]["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "hl7-messages"))
+            .map(|s| s["active"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    wait_status(demo, Duration::from_secs(10), |st| {
+        active(st) == "10.77.0.12:6661"
+            && backend_field(st, "hl7-messages", "10.77.0.11:6661", "health") == "up"
+    })?;
+    println!(
+        "  hl7-messages on 10.77.0.100:6663: the relay sends to hl7b (active), hl7a is the standby"
+    );
+    let mut cmd = demo
+        .lab
+        .command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
+    cmd.args([
+        "send",
+        "--to",
+        "10.77.0.100:6663",
+        "--seconds",
+        "5",
+        "--interval-ms",
+        "50",
+        "--ack-timeout",
+        "25",
+    ]);
+    let sender = demo
+        .lab
+        .spawn_command(cmd, "[c] blb-mllp send (message mode)")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    println!(
+        "  a sender streams a message every 50 ms; hl7b's server drops off the network (link down)"
+    );
+    demo.lab
+        .exec(Host::Backend(2), &["ip", "link", "set", "eth0", "down"])?;
+    let took = wait_status(demo, Duration::from_secs(5), |st| {
+        active(st) == "10.77.0.11:6661"
+    })?;
+    println!(
+        "  the relay sends to hl7a after {:.0} ms; the message hl7b did not ACK is replayed there",
+        took.as_secs_f64() * 1e3
+    );
+    let done = sender.wait_output(Duration::from_secs(60))?;
+    if let Ok(r) = serde_json::from_str::<serde_json::Value>(&done.stdout) {
+        println!(
+            "  sender: sent {}, acked {}, resets {}, timeouts {}, connections {}, ACKs in order {}, longest gap between ACKs {} ms",
+            r["sent"],
+            r["acked"],
+            r["resets"],
+            r["timeouts"],
+            r["connects"],
+            r["sequence"],
+            r["max_gap_ms"]
+        );
+    }
+    if let Some(b) = demo.balancer.as_ref() {
+        let replays = b
+            .logs()
+            .lines()
+            .filter(|l| l.contains("replaying a message"))
+            .count();
+        println!(
+            "  replays logged by the balancer (possible duplicates at the listeners, control ID only): {replays}"
+        );
+    }
+    demo.lab
+        .exec(Host::Backend(2), &["ip", "link", "set", "eth0", "up"])?;
+    let took = wait_status(demo, Duration::from_secs(5), |st| {
+        backend_field(st, "hl7-messages", "10.77.0.12:6661", "health") == "up"
+    })?;
+    println!(
+        "  hl7b back after {:.0} ms, as the standby (failback = false)",
+        took.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

@@ -38,6 +38,9 @@ enum Task {
         /// Use the release binaries already built instead of building first.
         #[arg(long)]
         no_build: bool,
+        /// After the steps, keep the lab and its web console up until Ctrl-C.
+        #[arg(long)]
+        console: bool,
     },
     /// Set up, build, then measure throughput and connection rate, and XDP ns/packet.
     Bench(bench::Options),
@@ -76,11 +79,11 @@ fn run(task: Task) -> Result<()> {
             cmd::build_release(&["balancer", "balancer-tests", "balancer-testbed"])?;
             cmd::test(&args)
         }
-        Task::Demo { no_build } => {
+        Task::Demo { no_build, console } => {
             sigint::install()?;
             setup::setup()?;
             build_for_lab(no_build)?;
-            demo::run()
+            demo::run(console)
         }
         Task::Bench(opts) => {
             sigint::install()?;

@@ -33,6 +33,9 @@ const PACKAGES: &[&str] = &[
     "lintian",
     // `cargo xtask deb`: strip(1) for the packaged binary.
     "binutils",
+    // The console lab drives a headless browser over WebDriver.
+    "chromium",
+    "chromium-driver",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

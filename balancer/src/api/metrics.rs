@@ -23,6 +23,12 @@
 //! | `l7_request_duration_seconds` | histogram | route, pool |
 //! | `l7_backend_health_up` | gauge | pool, backend |
 //! | `l7_certificate_expiry_timestamp_seconds` | gauge | listener, cert |
+//! | `mllp_messages_{relayed,replayed,unacked}_total`, `mllp_frame_errors_total`, `mllp_senders_{accepted,refused}_total` | counter | service |
+//! | `mllp_messages_in_flight`, `mllp_in_flight_bytes`, `mllp_senders_connected` | gauge | service |
+//! | `mllp_ack_duration_seconds` (listener ACK latency) | histogram | service |
+//! | `mllp_acks_total` | counter | service, listener, code |
+//! | `mllp_listener_{delivered,failures,garbage}_total` | counter | service, listener |
+//! | `mllp_active_listener` (1 for the listener messages go to) | gauge | service, listener |
 
 use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
 
@@ -177,10 +183,12 @@ struct HistogramSnapshot(std::sync::Mutex<HistogramState>);
 impl HistogramSnapshot {
     /// `buckets`: per-bucket counts (not cumulative), the last one `+Inf`.
     fn set(&self, sum: f64, buckets: &[u64]) {
-        let bounds = balancer_l7::LATENCY_BUCKETS
-            .iter()
-            .copied()
-            .chain([f64::MAX]);
+        self.set_with(&balancer_l7::LATENCY_BUCKETS, sum, buckets);
+    }
+
+    /// Like [`HistogramSnapshot::set`], with the upper bounds `le` (`+Inf` implied).
+    fn set_with(&self, le: &[f64], sum: f64, buckets: &[u64]) {
+        let bounds = le.iter().copied().chain([f64::MAX]);
         let b: Vec<(f64, u64)> = bounds.zip(buckets.iter().copied()).collect();
         let count = buckets.iter().sum();
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = (sum, count, b);
@@ -408,6 +416,9 @@ pub fn render(status: &Status) -> String {
     if let Some(l7) = &status.l7 {
         register_l7(&mut reg, l7);
     }
+    if let Some(m) = &status.mllp {
+        register_mllp(&mut reg, m);
+    }
     if !status.l7_backends.is_empty() {
         let up = Gauges::default();
         for b in &status.l7_backends {
@@ -521,6 +532,142 @@ fn register_l7(reg: &mut Registry, m: &balancer_l7::Metrics) {
     let open = Gauge::<i64>::default();
     open.set(i64::try_from(m.open_connections).unwrap_or(i64::MAX));
     reg.register("l7_open_connections", "Client connections open now", open);
+}
+
+/// The MLLP relay's counters, per service and per listener (counts and codes only: no
+/// message content reaches a label).
+fn register_mllp(reg: &mut Registry, m: &balancer_mllp::Metrics) {
+    /// Name, help, and the value of one service.
+    type PerService = (
+        &'static str,
+        &'static str,
+        fn(&balancer_mllp::ServiceMetrics) -> u64,
+    );
+    let counters: [PerService; 6] = [
+        (
+            "mllp_messages_relayed",
+            "Messages whose listener ACK was relayed to their sender",
+            |s| s.relayed,
+        ),
+        (
+            "mllp_messages_replayed",
+            "Messages sent again after their listener failed before ACKing (possible duplicates)",
+            |s| s.replayed,
+        ),
+        (
+            "mllp_messages_unacked",
+            "Messages given up without an ACK (sender closed so that it resends)",
+            |s| s.unacked,
+        ),
+        (
+            "mllp_frame_errors",
+            "Sender connections closed for a framing error, a size limit or a mid-frame timeout",
+            |s| s.frame_errors,
+        ),
+        (
+            "mllp_senders_accepted",
+            "Sender connections accepted",
+            |s| s.senders_total,
+        ),
+        (
+            "mllp_senders_refused",
+            "Sender connections refused over max_senders",
+            |s| s.senders_refused,
+        ),
+    ];
+    let gauges: [PerService; 3] = [
+        (
+            "mllp_messages_in_flight",
+            "Messages held now, waiting for a listener ACK",
+            |s| s.in_flight,
+        ),
+        (
+            "mllp_in_flight_bytes",
+            "Bytes of the messages held now",
+            |s| s.in_flight_bytes,
+        ),
+        (
+            "mllp_senders_connected",
+            "Sender connections open now",
+            |s| s.senders_connected,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let f = Counters::default();
+        for s in &m.services {
+            f.get_or_create(&vec![("service", esc(&s.name))])
+                .inc_by(get(s));
+        }
+        reg.register(name, help, f);
+    }
+    for (name, help, get) in gauges {
+        let f = Gauges::default();
+        for s in &m.services {
+            gauge(
+                &f,
+                &vec![("service", esc(&s.name))],
+                i64::try_from(get(s)).unwrap_or(i64::MAX),
+            );
+        }
+        reg.register(name, help, f);
+    }
+    let durations = Family::<Labels, HistogramSnapshot>::default();
+    let acks = Counters::default();
+    let delivered = Counters::default();
+    let failures = Counters::default();
+    let garbage = Counters::default();
+    let active = Gauges::default();
+    for s in &m.services {
+        durations
+            .get_or_create(&vec![("service", esc(&s.name))])
+            .set_with(
+                &balancer_mllp::ACK_LATENCY_BUCKETS,
+                s.ack_latency_sum_seconds,
+                &s.ack_latency_buckets,
+            );
+        for l in &s.listeners {
+            let ll: Labels = vec![
+                ("service", esc(&s.name)),
+                ("listener", l.address.to_string()),
+            ];
+            for (code, n) in &l.acks {
+                let mut c = ll.clone();
+                c.push(("code", esc(code)));
+                acks.get_or_create(&c).inc_by(*n);
+            }
+            delivered.get_or_create(&ll).inc_by(l.delivered);
+            failures.get_or_create(&ll).inc_by(l.failures);
+            garbage.get_or_create(&ll).inc_by(l.garbage);
+            gauge(&active, &ll, i64::from(s.active == Some(l.address)));
+        }
+    }
+    reg.register_with_unit(
+        "mllp_ack_duration",
+        "Time from a message written to the listener to its ACK read",
+        Unit::Seconds,
+        durations,
+    );
+    reg.register("mllp_acks", "Listener ACKs by code (MSA-1)", acks);
+    reg.register(
+        "mllp_listener_delivered",
+        "Messages written to a listener (replays included)",
+        delivered,
+    );
+    reg.register(
+        "mllp_listener_failures",
+        "Times the relay failed a listener (reset, ACK timeout, garbage, NACK rate, connect)",
+        failures,
+    );
+    reg.register(
+        "mllp_listener_garbage",
+        "Answers of a listener that were not an HL7 ACK",
+        garbage,
+    );
+    reg.register(
+        "mllp_active_listener",
+        "1 for the listener the relay sends a service's messages to",
+        active,
+    );
 }
 
 /// How long a scrape may wait for the daemon.
@@ -778,6 +925,53 @@ mod tests {
             !t.contains("missing.pem"),
             "an unreadable file has no sample"
         );
+    }
+
+    #[test]
+    fn mllp_counters_are_rendered_per_service_and_listener() {
+        let mut s = sample_status();
+        let l = |a: &str, aa: u64, ae: u64| balancer_mllp::ListenerMetrics {
+            address: a.parse().unwrap(),
+            delivered: aa + ae,
+            acks: [("AA".to_string(), aa), ("AE".to_string(), ae)].into(),
+            failures: 1,
+            garbage: 0,
+        };
+        s.mllp = Some(balancer_mllp::Metrics {
+            services: vec![balancer_mllp::ServiceMetrics {
+                name: "hl7".into(),
+                vip: "10.77.0.100:6661".parse().unwrap(),
+                active: Some("10.77.0.12:6661".parse().unwrap()),
+                senders_connected: 3,
+                senders_total: 4,
+                senders_refused: 0,
+                relayed: 100,
+                in_flight: 2,
+                in_flight_bytes: 512,
+                replayed: 1,
+                frame_errors: 0,
+                unacked: 0,
+                ack_latency_buckets: vec![90, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                ack_latency_sum_seconds: 0.05,
+                listeners: vec![l("10.77.0.11:6661", 40, 0), l("10.77.0.12:6661", 59, 1)],
+            }],
+        });
+        let t = render(&s);
+        for want in [
+            "balancer_mllp_messages_relayed_total{service=\"hl7\"} 100\n",
+            "balancer_mllp_messages_replayed_total{service=\"hl7\"} 1\n",
+            "balancer_mllp_messages_in_flight{service=\"hl7\"} 2\n",
+            "balancer_mllp_senders_connected{service=\"hl7\"} 3\n",
+            "# TYPE balancer_mllp_ack_duration_seconds histogram\n",
+            "balancer_mllp_ack_duration_seconds_bucket{le=\"0.001\",service=\"hl7\"} 100\n",
+            "balancer_mllp_ack_duration_seconds_count{service=\"hl7\"} 100\n",
+            "balancer_mllp_acks_total{service=\"hl7\",listener=\"10.77.0.12:6661\",code=\"AE\"} 1\n",
+            "balancer_mllp_listener_failures_total{service=\"hl7\",listener=\"10.77.0.11:6661\"} 1\n",
+            "balancer_mllp_active_listener{service=\"hl7\",listener=\"10.77.0.12:6661\"} 1\n",
+            "balancer_mllp_active_listener{service=\"hl7\",listener=\"10.77.0.11:6661\"} 0\n",
+        ] {
+            assert!(t.contains(want), "{want}\n{t}");
+        }
     }
 
     /// Runs `promtool` with `args` in `dir`, `stdin` piped in; returns (success, output).

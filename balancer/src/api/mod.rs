@@ -13,7 +13,9 @@
 //!
 //! The API only ever asks the daemon through its channel: it owns no state.
 
+pub mod audit;
 pub mod client;
+pub mod console;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

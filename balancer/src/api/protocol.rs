@@ -65,6 +65,9 @@ pub struct BackendStatus {
     pub check_latency_ms: Option<f64>,
     /// Dataplane counters.
     pub traffic: Traffic,
+    /// Established flows to it (at the last flow-table sweep, every few seconds).
+    #[serde(default)]
+    pub flows: u64,
 }
 
 /// One service in the status.
@@ -117,6 +120,9 @@ pub struct Status {
     /// Layer-7 pool members and their health.
     #[serde(default)]
     pub l7_backends: Vec<L7BackendStatus>,
+    /// MLLP relay counters, when a service runs in `mode = "mllp"` (no message content).
+    #[serde(default)]
+    pub mllp: Option<balancer_mllp::Metrics>,
     /// What the flow and SNAT gauges are measured against.
     #[serde(default)]
     pub capacity: Capacity,

@@ -146,7 +146,22 @@ async fn handle(
         StatusCode::BAD_REQUEST
     };
     let is_status = request == Request::Status;
-    match ask(tx, request).await {
+    // Every operator verb is audited with the peer's uid (root: checked above).
+    let audited = crate::api::audit::describe(&request);
+    let answer = ask(tx, request).await;
+    if let Some((kind, what)) = audited {
+        let result = match &answer {
+            Ok(r) if kind == balancer_console::EventKind::Reload => {
+                crate::api::audit::reload_result(r)
+            }
+            Ok(Ok(_)) => "ok".to_string(),
+            Ok(Err(_)) => "refused".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        let who = uid.map_or_else(|| "uid ?".to_string(), |u| format!("uid {u}"));
+        crate::api::audit::record(kind, &who, "control socket", &what, &result);
+    }
+    match answer {
         Ok(Ok(v)) => json_response(StatusCode::OK, &v),
         Ok(Err(e)) if is_status => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
         Ok(Err(e)) => error(refused, &e),

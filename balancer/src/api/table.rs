@@ -142,7 +142,74 @@ pub fn status_table(s: &Status) -> String {
         }
         out.push_str(&columns(&rows, "lllrrr", ""));
     }
+    if let Some(m) = &s.mllp {
+        out.push_str(&mllp_text(m));
+    }
     out
+}
+
+/// The MLLP relay's services and listeners, for `balancer status`.
+fn mllp_text(m: &balancer_mllp::Metrics) -> String {
+    let head = |h: &[&str]| h.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut svc = vec![head(&[
+        "MLLP SERVICE",
+        "ACTIVE",
+        "SENDERS",
+        "RELAYED",
+        "IN FLIGHT",
+        "REPLAYED",
+        "UNACKED",
+        "FRAME ERRORS",
+        "ACK AVG",
+    ])];
+    let mut lis = vec![head(&[
+        "MLLP SERVICE",
+        "LISTENER",
+        "DELIVERED",
+        "AA",
+        "CA",
+        "AE",
+        "AR",
+        "FAILURES",
+        "GARBAGE",
+    ])];
+    for s in &m.services {
+        let acks: u64 = s.ack_latency_buckets.iter().sum();
+        svc.push(vec![
+            s.name.clone(),
+            s.active.map_or_else(|| "-".into(), |a| a.to_string()),
+            s.senders_connected.to_string(),
+            s.relayed.to_string(),
+            format!("{} ({})", s.in_flight, human_bytes(s.in_flight_bytes)),
+            s.replayed.to_string(),
+            s.unacked.to_string(),
+            s.frame_errors.to_string(),
+            if acks == 0 {
+                "-".into()
+            } else {
+                format!("{:.2}ms", s.ack_latency_sum_seconds * 1e3 / acks as f64)
+            },
+        ]);
+        for l in &s.listeners {
+            let code = |c: &str| l.acks.get(c).copied().unwrap_or(0).to_string();
+            lis.push(vec![
+                s.name.clone(),
+                l.address.to_string(),
+                l.delivered.to_string(),
+                code("AA"),
+                code("CA"),
+                code("AE"),
+                code("AR"),
+                l.failures.to_string(),
+                l.garbage.to_string(),
+            ]);
+        }
+    }
+    format!(
+        "\n{}\n{}",
+        columns(&svc, "llrrrrrrr", ""),
+        columns(&lis, "llrrrrrrr", "")
+    )
 }
 
 /// Aligns rows in columns; `align` has one letter per column: `l`eft or `r`ight.

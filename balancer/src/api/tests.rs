@@ -50,11 +50,13 @@ pub(crate) fn sample_status() -> Status {
             active,
             check_latency_ms: (health == "up").then_some(0.84),
             traffic: traffic(p),
+            flows: 0,
         };
     Status {
         config: "/etc/balancer/balancer.toml".into(),
         l7: None,
         l7_backends: Vec::new(),
+        mllp: None,
         capacity: crate::api::protocol::Capacity {
             flow_table_entries: 262144,
             snat_ports: 22768,
@@ -225,6 +227,63 @@ fn table() {
     // Every backend line of a service has the same width as its header.
     let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("  ")).collect();
     assert_eq!(lines.len(), 2 + 3 + 2);
+}
+
+/// The relay's services and listeners get their own tables, and survive the JSON round trip.
+#[test]
+fn mllp_table_and_json() {
+    let mut st = sample_status();
+    st.mllp = Some(balancer_mllp::Metrics {
+        services: vec![balancer_mllp::ServiceMetrics {
+            name: "hl7".into(),
+            vip: "10.77.0.100:6663".parse().unwrap(),
+            active: Some("10.77.0.12:6661".parse().unwrap()),
+            senders_connected: 3,
+            senders_total: 3,
+            senders_refused: 0,
+            relayed: 87,
+            in_flight: 1,
+            in_flight_bytes: 2048,
+            replayed: 1,
+            frame_errors: 2,
+            unacked: 0,
+            ack_latency_buckets: vec![0, 87, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ack_latency_sum_seconds: 0.087,
+            listeners: vec![balancer_mllp::ListenerMetrics {
+                address: "10.77.0.12:6661".parse().unwrap(),
+                delivered: 88,
+                acks: [("AA".to_string(), 86), ("AE".to_string(), 1)].into(),
+                failures: 1,
+                garbage: 0,
+            }],
+        }],
+    });
+    let t = status_table(&st);
+    let row = t
+        .lines()
+        .find(|l| l.starts_with("hl7 ") && l.contains("10.77.0.12:6661") && l.contains("ms"))
+        .unwrap_or_else(|| panic!("{t}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // SERVICE ACTIVE SENDERS RELAYED IN-FLIGHT(2) REPLAYED UNACKED FRAME-ERRORS ACK-AVG
+    assert_eq!(
+        cells,
+        [
+            "hl7",
+            "10.77.0.12:6661",
+            "3",
+            "87",
+            "1",
+            "(2.0KiB)",
+            "1",
+            "0",
+            "2",
+            "1.00ms"
+        ],
+        "{t}"
+    );
+    assert!(t.contains("MLLP SERVICE  LISTENER"), "{t}");
+    let back: Status = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+    assert_eq!(back, st);
 }
 
 #[test]

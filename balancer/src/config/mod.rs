@@ -1,14 +1,18 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod console;
 pub mod controller;
 pub mod dataplane;
 pub mod health;
+pub mod mllp;
 pub mod passive;
 pub mod service;
 
+pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
+pub use mllp::Mode;
 pub(crate) use service::names;
 pub use service::{
     AdminState, BackendEntry, BackendSpec, DownAction, Forwarding, Protocol, Scheduler,
@@ -48,6 +52,8 @@ pub struct Config {
     pub services: Vec<ServiceSection>,
     /// Layer-7 (TLS-terminating HTTP proxy): listeners, routes, pools, redirects.
     pub l7: Option<Spanned<balancer_l7::L7Config>>,
+    /// The web console; absent: no console.
+    pub console: Option<Spanned<ConsoleSection>>,
 }
 
 /// A validated file: everything callers read, typed.
@@ -81,6 +87,8 @@ pub struct Validated {
     pub services: Vec<ServiceSpec>,
     /// The `[l7]` section, validated.
     pub l7: Option<balancer_l7::L7Config>,
+    /// The `[console]` section, validated.
+    pub console: Option<ConsoleSection>,
 }
 
 impl Validated {
@@ -89,6 +97,30 @@ impl Validated {
         let eph = crate::host::net::ephemeral_ports()
             .map_err(|e| HostCheckError::Unreadable(e.to_string()))?;
         self.snat_ports.check_against(eph)
+    }
+
+    /// Services whose NAT flows are capped below the flow table's size by their SNAT ports:
+    /// a NAT flow needs a distinct (SNAT port, backend) pair, so a service holds at most
+    /// ports × backends concurrent flows, and past that new flows are dropped (`check` prints
+    /// these; `run` and `reload` log them).
+    pub fn capacity_warnings(&self) -> Vec<String> {
+        let ports = u64::from(self.snat_ports.last - self.snat_ports.first) + 1;
+        // A NAT flow takes two entries.
+        let table = u64::from(self.flow_table_size) / 2;
+        self.services
+            .iter()
+            .filter(|s| s.forwarding == Forwarding::Nat)
+            .filter_map(|s| {
+                let backends = s.backends.iter().filter(|b| b.weight > 0).count() as u64;
+                let cap = ports * backends;
+                (cap < table).then(|| {
+                    format!(
+                        "service '{}': at most {cap} concurrent NAT flows ({ports} SNAT ports × {backends} backends), fewer than the flow table's {table}; new flows past that are dropped (widen [dataplane] snat_ports or add backends)",
+                        s.name
+                    )
+                })
+            })
+            .collect()
     }
 }
 
@@ -395,6 +427,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 None => Some(*p.get_ref()),
             }
         });
+        let relay = mllp::check(d, s);
         if let Some(vip) = vip {
             services.push(ServiceSpec {
                 name,
@@ -406,6 +439,8 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
                 ring_size: ring,
                 on_backend_down: s.on_backend_down,
                 new_flow_rate: s.new_flow_rate,
+                mode: *s.mode.get_ref(),
+                mllp: relay,
                 health: check,
                 passive_health: passive,
                 backends,
@@ -419,10 +454,14 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             }
         }
         for l in &l7.get_ref().listeners {
-            if services
-                .iter()
-                .any(|s: &ServiceSpec| s.vip == l.address && s.protocol == Protocol::Tcp)
-            {
+            // A relayed service's socket binds its VIP:port in the kernel, like a listener.
+            if services.iter().any(|s: &ServiceSpec| {
+                s.protocol == Protocol::Tcp
+                    && (s.vip == l.address
+                        || (s.mode == Mode::Mllp
+                            && s.vip.port() == l.address.port()
+                            && (l.address.ip().is_unspecified() || s.vip.ip().is_unspecified())))
+            }) {
                 d.at(
                     l7.span(),
                     format!("l7 listener {} is also an L4 service VIP:port", l.address),
@@ -430,6 +469,10 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             }
         }
     }
+    let console = raw
+        .console
+        .as_ref()
+        .and_then(|c| console::validate(c, &services, metrics, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
             0..0,
@@ -454,6 +497,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         metrics,
         services,
         l7: raw.l7.map(Spanned::into_inner),
+        console,
     }
 }
 
@@ -600,6 +644,29 @@ backends = [
             let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(!v.services.is_empty() || v.l7.is_some(), "{f}");
         }
+    }
+
+    #[test]
+    fn check_warns_when_snat_ports_cap_a_service_below_the_flow_table() {
+        let text = |size: u32| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\nflow_table_size = {size}\nsnat_ports = [40000, 49999]\n\n[[service]]\nname = \"web\"\nvip = \"10.77.0.100:80\"\nbackends = [ {{ address = \"10.77.0.11:80\" }}, {{ address = \"10.77.0.12:80\" }}, {{ address = \"10.77.0.13:80\", weight = 0 }} ]\n\n[[service]]\nname = \"direct\"\nvip = \"10.77.0.100:81\"\nforwarding = \"dsr\"\nbackends = [ {{ address = \"10.77.0.11:81\" }} ]\n"
+            )
+        };
+        let w = p(&text(32768)).unwrap().capacity_warnings();
+        assert!(
+            w.is_empty(),
+            "20,000 pairs hold the table's 16,384 flows: {w:?}"
+        );
+        let w = p(&text(65536 * 2)).unwrap().capacity_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("'web'")
+                && w[0].contains("at most 20000")
+                && w[0].contains("× 2 backends")
+                && w[0].contains("65536"),
+            "{w:?}"
+        );
     }
 
     #[test]

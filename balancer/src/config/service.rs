@@ -120,6 +120,11 @@ pub struct ServiceSection {
     /// Most new flows per second per CPU (0: no limit).
     #[serde(default)]
     pub new_flow_rate: u32,
+    /// `l4` (packets, in XDP) or `mllp` (HL7 messages, relayed by the controller).
+    #[serde(default = "super::mllp::default_mode")]
+    pub mode: Spanned<super::mllp::Mode>,
+    /// `mode = "mllp"` only: the relay's limits and timeouts.
+    pub mllp: Option<Spanned<super::mllp::MllpConfig>>,
     /// Health check (see the README); none means backends are always healthy.
     pub health: Option<Spanned<toml::Table>>,
     /// Passive health: a burst of refused or unanswered new flows marks a backend down.
@@ -173,6 +178,10 @@ pub struct ServiceSpec {
     pub on_backend_down: DownAction,
     /// New flows per second per CPU (0: no limit).
     pub new_flow_rate: u32,
+    /// `l4` or `mllp`.
+    pub mode: super::mllp::Mode,
+    /// Relay limits: `Some` exactly when `mode` is `mllp` (the defaults when not written).
+    pub mllp: Option<super::mllp::MllpConfig>,
     /// Health check, parsed and validated.
     pub health: Option<health::HealthSpec>,
     /// Passive health, validated (TCP services with an active check only).

@@ -50,7 +50,11 @@ pub struct Applied {
 }
 
 /// Writes one service: ring into the spare half, usable backends, flip, backends going down.
+/// A relayed service writes nothing: its VIP:port stays out of the service map.
 pub fn write_service(w: &ServiceWrite, maps: &mut impl Maps) -> Result<(), MapError> {
+    if w.relay {
+        return Ok(());
+    }
     maps.write_ring(w.service.id, w.service.ring_half, &w.ring)?;
     // Backends that become usable must be writable before the ring points at them.
     for (slot, b) in &w.usable {

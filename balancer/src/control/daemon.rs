@@ -48,12 +48,18 @@ pub struct Daemon {
     monitor: Monitor,
     checks: Checks,
     l7: Option<balancer_l7::L7>,
+    /// The HL7 message relay of the `mode = "mllp"` services.
+    mllp: Option<balancer_mllp::Relay>,
+    /// Listeners the relay failed (passive health); taken by [`run`].
+    mllp_failures: Option<mpsc::Receiver<balancer_mllp::ListenerFailure>>,
     gc_timeouts: std::sync::Arc<std::sync::Mutex<crate::control::flow_expiry::Timeouts>>,
     /// Kept for its lifetime: dropping it stops the sweep.
     _flow_expiry: crate::control::flow_expiry::Collector,
     /// Reads the passive-health counters; told what to watch at every publish.
     passive: passive::Poller,
     board: StatusBoard,
+    /// The `[l7]` section in force, shared with status readers.
+    l7_config: Option<std::sync::Arc<balancer_l7::L7Config>>,
     reloads: u64,
     config_errors: u64,
     failovers: u64,
@@ -92,6 +98,9 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| cfg.pin_path.clone());
         cfg.check_host()?;
+        for w in cfg.capacity_warnings() {
+            warn!("{w}");
+        }
         let mut dp = Dataplane::load(&LoadOptions {
             pin_path: Some(pin.clone()),
             flow_entries: cfg.flow_table_size,
@@ -137,14 +146,27 @@ impl Daemon {
             }
             None => None,
         };
+        // Its VIPs were put on the interface by the reconcile; the XDP program passes them.
+        let (mllp, mllp_failures) = match mllp_services(&cfg) {
+            v if v.is_empty() => (None, None),
+            v => {
+                let (relay, failures) = balancer_mllp::Relay::start(v)
+                    .await
+                    .context("starting the MLLP relay")?;
+                (Some(relay), Some(failures))
+            }
+        };
         let board = StatusBoard::new(
             Published {
                 status: Status::default(),
                 slots: Vec::new(),
+                l7: None,
             },
             Dataplane::open_pinned(&pin).context("opening the pinned maps for status readers")?,
             gc.entries.clone(),
+            gc.kept.clone(),
             l7.as_ref().map(balancer_l7::L7::metrics_handle),
+            mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
             Instant::now(),
         );
         let mut d = Daemon {
@@ -155,15 +177,19 @@ impl Daemon {
             monitor: Monitor::new(health_events),
             checks: Checks::default(),
             l7,
+            mllp,
+            mllp_failures,
             gc_timeouts,
             _flow_expiry: gc,
             passive: passive::Poller::start(&pin, bursts)
                 .context("starting the passive health poller")?,
             board,
+            l7_config: None,
             reloads: 0,
             config_errors: 0,
             failovers: 0,
         };
+        d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
         d.prime_neighbours(true);
         d.save_health();
@@ -241,6 +267,10 @@ impl Daemon {
     fn note(&mut self, ev: Option<Event>) {
         if let Some(Event::Failover { service, from, to }) = ev {
             self.failovers += 1;
+            crate::api::audit::change(
+                balancer_console::EventKind::Failover,
+                &balancer_console::failover(&service, from, to),
+            );
             match to {
                 Some(to) => {
                     info!(service = %service, from = ?from, to = %to, "failover: new active backend")
@@ -271,6 +301,20 @@ impl Daemon {
             Owner::Pool(pool) => {
                 if let Some(l7) = &self.l7 {
                     l7.set_backend_health(pool, reg.address, ev.health.is_up());
+                    let (before, after) = if ev.health.is_up() {
+                        (balancer_console::Health::Down, balancer_console::Health::Up)
+                    } else {
+                        (balancer_console::Health::Up, balancer_console::Health::Down)
+                    };
+                    crate::api::audit::change(
+                        balancer_console::EventKind::Health,
+                        &balancer_console::health_change(
+                            &format!("pool {pool}"),
+                            reg.address,
+                            before,
+                            after,
+                        ),
+                    );
                     info!(pool = %pool, backend = %reg.address, up = ev.health.is_up(), reason = %ev.reason, "l7 backend health changed");
                 }
                 return;
@@ -320,6 +364,18 @@ impl Daemon {
                     reason = %reason,
                     map_update_us = took.as_micros() as u64,
                     "backend health changed"
+                );
+                crate::api::audit::change(
+                    balancer_console::EventKind::Health,
+                    &balancer_console::health_change(
+                        service,
+                        address,
+                        old.map_or(
+                            balancer_console::Health::Unchecked,
+                            crate::api::console::health,
+                        ),
+                        crate::api::console::health(new),
+                    ),
                 );
                 self.note(event);
                 self.save_health();
@@ -420,11 +476,27 @@ impl Daemon {
     fn try_reload(&mut self) -> Result<usize, ReloadError> {
         let new = config::load(&self.opts.config)?;
         new.check_host()?;
+        for w in new.capacity_warnings() {
+            warn!("{w}");
+        }
         if new.interfaces != self.cfg.interfaces {
             return Err(ReloadError::RestartNeeded("interfaces"));
         }
         if new.pin_path != self.cfg.pin_path {
             return Err(ReloadError::RestartNeeded("pin_path"));
+        }
+        if new.console != self.cfg.console {
+            return Err(ReloadError::RestartNeeded("the [console] settings"));
+        }
+        let relayed = self
+            .mllp
+            .as_ref()
+            .map(balancer_mllp::Relay::services)
+            .unwrap_or_default();
+        if relayed != mllp_services(&new) {
+            return Err(ReloadError::RestartNeeded(
+                "mllp services (added, removed, or a name, vip or limit changed)",
+            ));
         }
         // L7 is checked first (certificates, listeners) and made live only after L4 applied.
         let l7 = match (&self.l7, &new.l7) {
@@ -446,6 +518,7 @@ impl Daemon {
         if let Ok(mut t) = self.gc_timeouts.lock() {
             *t = timeouts(&new);
         }
+        self.l7_config = new.l7.clone().map(std::sync::Arc::new);
         self.cfg = new;
         self.reloads += 1;
         self.register_checks();
@@ -506,10 +579,52 @@ impl Daemon {
         self.board.status()
     }
 
-    /// Publishes the daemon's part of the status for readers.
+    /// Publishes the daemon's part of the status for readers. Called after every change of
+    /// the state, so it also tells the MLLP relay each service's active listener.
     fn publish(&self) {
+        self.sync_mllp();
         self.board.publish(self.published());
         self.passive.watch(self.passive_watches());
+    }
+
+    /// Tells the relay each mllp service's active listener, as the failover scheduler chose.
+    fn sync_mllp(&self) {
+        let Some(relay) = &self.mllp else { return };
+        for s in self.state.services.values() {
+            if s.spec.mode == config::Mode::Mllp {
+                relay.set_active(
+                    &s.spec.name,
+                    s.active.and_then(|a| s.backends.get(a)).map(|b| b.address),
+                );
+            }
+        }
+    }
+
+    /// A listener the relay failed (reset, no ACK, garbage, NACK rate): down at once, and
+    /// its active check starts over from down under a new registration, so it comes back
+    /// (as a standby: no failback unless configured) after `rise` passing checks.
+    pub fn on_mllp_failure(&mut self, f: balancer_mllp::ListenerFailure) {
+        let at = Instant::now();
+        let up = self
+            .state
+            .services
+            .get(&f.service)
+            .and_then(|s| s.backends.iter().find(|b| b.address == f.listener))
+            .is_some_and(|b| b.health != BackendHealth::Down);
+        if !up {
+            debug!(service = %f.service, backend = %f.listener, "relay failure of a listener down already (or gone) dropped");
+            return;
+        }
+        let owner = Owner::Service(f.service.clone());
+        if let Some((old, start)) = self.checks.renew(&owner, f.listener, Checked::Down) {
+            self.monitor.remove(old);
+            self.monitor
+                .add(start.id, start.address, start.spec, start.initial);
+        }
+        warn!(service = %f.service, backend = %f.listener, reason = %f.reason, "mllp listener failed by the relay (passive health): down until its check passes");
+        let reason = format!("mllp relay: {}", f.reason);
+        self.set_health(&f.service, f.listener, BackendHealth::Down, &reason, at);
+        self.publish();
     }
 
     /// The daemon's part of the status: everything but the counters.
@@ -548,6 +663,7 @@ impl Daemon {
                                 .and_then(|id| self.monitor.last_latency(id))
                                 .map(|d| d.as_secs_f64() * 1e3),
                             traffic: Traffic::default(),
+                            flows: 0,
                         })
                         .collect(),
                 }
@@ -566,6 +682,7 @@ impl Daemon {
                 services,
                 l7_backends: self.l7_backends(),
                 l7: None,
+                mllp: None,
                 capacity: crate::api::protocol::Capacity {
                     flow_table_entries: self.cfg.flow_table_size,
                     snat_ports: u32::from(
@@ -583,13 +700,15 @@ impl Daemon {
                     .unwrap_or_default(),
             },
             slots,
+            l7: self.l7_config.clone(),
         }
     }
 }
 
 /// Starts the control socket and the metrics endpoint. Status requests are answered from
-/// the published snapshot, off the daemon loop; the others go to the loop.
-fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
+/// the published snapshot, off the daemon loop; the others go to the loop. Returns the
+/// channel they share (the console asks on it too).
+fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) -> mpsc::Sender<Message> {
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let board = d.board.clone();
     let to_daemon = daemon_tx.clone();
@@ -625,6 +744,7 @@ fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) {
             }
         });
     }
+    tx
 }
 
 /// Where operator overrides are kept across controller restarts: beside the control socket
@@ -692,6 +812,20 @@ impl Daemon {
     }
 }
 
+/// The services the MLLP relay serves, from a validated config.
+fn mllp_services(cfg: &Validated) -> Vec<balancer_mllp::ServiceConfig> {
+    cfg.services
+        .iter()
+        .filter_map(|s| {
+            Some(balancer_mllp::ServiceConfig {
+                name: s.name.clone(),
+                vip: s.vip,
+                limits: s.mllp.clone()?,
+            })
+        })
+        .collect()
+}
+
 fn timeouts(cfg: &Validated) -> crate::control::flow_expiry::Timeouts {
     crate::control::flow_expiry::Timeouts {
         tcp_idle: u32::try_from(cfg.tcp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
@@ -706,7 +840,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (burst_tx, mut burst_rx) = mpsc::unbounded_channel();
     let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
-    start_endpoints(&d, &ctl_tx);
+    let mut mllp_rx = d.mllp_failures.take();
+    let endpoints = start_endpoints(&d, &ctl_tx);
+    let console = match &d.cfg.console {
+        Some(c) => Some(
+            crate::api::console::start(c.clone(), d.board.clone(), endpoints)
+                .await
+                .context("starting the console")?,
+        ),
+        None => None,
+    };
     info!(
         services = d.state.services.len(),
         interfaces = ?d.cfg.interfaces,
@@ -734,11 +877,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 crate::host::systemd::reloading();
-                let _ = d.reload().await;
+                let r = d.reload().await;
+                crate::api::audit::reload("signal", "SIGHUP", &r);
                 crate::host::systemd::ready();
             }
             Some(ev) = ev_rx.recv() => d.on_health(ev),
             Some(b) = burst_rx.recv() => d.on_passive(b),
+            Some(f) = async {
+                match mllp_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => d.on_mllp_failure(f),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {
@@ -753,8 +903,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     crate::host::systemd::stopping();
+    if let Some(c) = console {
+        c.stop();
+    }
     if let Some(l7) = d.l7.take() {
         l7.shutdown(Duration::from_secs(10)).await;
+    }
+    if let Some(relay) = d.mllp.take() {
+        relay.shutdown(Duration::from_secs(10)).await;
     }
     info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
     Ok(())

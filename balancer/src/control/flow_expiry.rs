@@ -6,6 +6,7 @@
 //! program is safe: each element is replaced or removed atomically.
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::{
         Arc,
@@ -16,6 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
     FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, Flow, FlowKey, HALF_OPEN_SECS,
@@ -60,7 +62,7 @@ pub fn reply_key(f: &Flow, proto: u8) -> FlowKey {
 }
 
 /// What one sweep did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Sweep {
     /// Entries looked at.
     pub seen: u64,
@@ -70,6 +72,9 @@ pub struct Sweep {
     pub idle: u64,
     /// Table entries removed (a NAT flow has two).
     pub entries_removed: u64,
+    /// Established flows that stay (not closing, not half-open), by backend slot: what a
+    /// drain leaves on a backend.
+    pub kept: BTreeMap<u32, u64>,
 }
 
 /// Why a flow leaves the table.
@@ -124,7 +129,12 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             } else {
                 None
             };
-            (expiry(&f, r.as_ref(), k.proto, t, now), r.map(|_| rk))
+            let why = expiry(&f, r.as_ref(), k.proto, t, now);
+            let flags = r.map_or(f.flags, |r| f.flags | r.flags);
+            if why.is_none() && flags & (FLOW_F_CLOSING | FLOW_F_HALF_OPEN) == 0 {
+                *s.kept.entry(f.backend).or_default() += 1;
+            }
+            (why, r.map(|_| rk))
         } else {
             // A reply entry whose forward entry is gone (evicted or expired): judged alone.
             let fk = FlowKey {
@@ -171,6 +181,8 @@ pub struct Collector {
     /// Entries in the table at the last sweep (status and metrics read this instead of
     /// walking the table themselves).
     pub entries: Arc<AtomicU64>,
+    /// Established flows by backend slot at the last sweep.
+    pub kept: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
@@ -186,7 +198,8 @@ impl Collector {
         let mut flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
         let stop = Arc::new(AtomicBool::new(false));
         let entries = Arc::new(AtomicU64::new(0));
-        let (st, en) = (stop.clone(), entries.clone());
+        let kept: Arc<ArcSwap<BTreeMap<u32, u64>>> = Arc::default();
+        let (st, en, kp) = (stop.clone(), entries.clone(), kept.clone());
         let handle = thread::Builder::new()
             .name("flow-gc".into())
             .spawn(move || {
@@ -195,12 +208,13 @@ impl Collector {
                         Ok(t) => *t,
                         Err(_) => break,
                     };
-                    let s = sweep(&mut flows, t, now_secs());
+                    let mut s = sweep(&mut flows, t, now_secs());
                     // A removed flow took its reply entry too.
                     en.store(
                         s.seen.saturating_sub(2 * (s.closed + s.idle)),
                         Ordering::Relaxed,
                     );
+                    kp.store(Arc::new(std::mem::take(&mut s.kept)));
                     if s.closed + s.idle > 0 {
                         debug!(
                             seen = s.seen,
@@ -219,6 +233,7 @@ impl Collector {
         Ok(Collector {
             stop,
             entries,
+            kept,
             handle: Some(handle),
         })
     }

@@ -17,7 +17,7 @@ use balancer_common::{
 };
 
 use crate::{
-    config::{AdminState, Forwarding, Scheduler, Validated},
+    config::{AdminState, Forwarding, Mode, Scheduler, Validated},
     control::{
         maps::Maps,
         operator::OperatorStates,
@@ -128,6 +128,20 @@ pub enum PlanError {
         family: u8,
         /// The interface searched.
         interface: String,
+    },
+    /// A VIP:port on the SNAT address inside the SNAT port range.
+    #[error(
+        "service '{service}': vip {vip} is the SNAT address with a port inside snat_ports {first}-{last}; backends' replies to that port would be taken for clients' packets: use another port or address"
+    )]
+    VipInSnatRange {
+        /// Service.
+        service: String,
+        /// Its VIP.
+        vip: std::net::SocketAddr,
+        /// SNAT port range.
+        first: u16,
+        /// SNAT port range.
+        last: u16,
     },
     /// Every service id is in use.
     #[error(
@@ -264,6 +278,16 @@ pub fn plan(
     for spec in &desired.services {
         let v4 = spec.vip.is_ipv4();
         let ip = if v4 { host.snat_v4 } else { host.snat_v6 };
+        // A backend's reply to SNAT address:port would be taken for a client packet to it.
+        let (first, last) = (desired.snat_ports.first, desired.snat_ports.last);
+        if ip == Some(spec.vip.ip()) && (first..=last).contains(&spec.vip.port()) {
+            return Err(PlanError::VipInSnatRange {
+                service: spec.name.clone(),
+                vip: spec.vip,
+                first,
+                last,
+            });
+        }
         let a = match (spec.forwarding, ip) {
             (Forwarding::Dsr, _) => [0; 16],
             (Forwarding::Nat, Some(ip)) => net::addr16(ip),
@@ -282,7 +306,9 @@ pub fn plan(
     let mut ids: BTreeMap<String, (u32, u32)> = BTreeMap::new();
     let mut taken: HashSet<u32> = existing.iter().map(|(_, s)| s.id).collect();
     let mut kept_ids: HashSet<u32> = HashSet::new();
-    for spec in &desired.services {
+    // A relayed service (`mode = "mllp"`) is in no map: it adopts nothing, and what an L4
+    // service of its VIP left there is removed or freed below.
+    for spec in desired.services.iter().filter(|s| s.mode != Mode::Mllp) {
         let key = service_key(spec.vip, spec.protocol);
         if let Some((_, s)) = existing.iter().find(|(k, _)| *k == key)
             && s.id < MAX_SERVICES
@@ -315,7 +341,8 @@ pub fn plan(
         for (i, b) in spec.backends.iter().enumerate() {
             let a16 = net::addr16(b.address.ip());
             let found = slots.iter().find(|(idx, s)| {
-                s.used != 0
+                spec.mode != Mode::Mllp
+                    && s.used != 0
                     && s.service == id
                     && s.addr == a16
                     && s.port == b.address.port().to_be()
@@ -462,7 +489,12 @@ pub fn plan(
     let removed: Vec<ServiceKey> = existing
         .iter()
         .map(|(k, _)| *k)
-        .filter(|k| !next.services.values().any(|s| s.key == *k))
+        .filter(|k| {
+            !next
+                .services
+                .values()
+                .any(|s| s.key == *k && s.spec.mode != Mode::Mllp)
+        })
         .collect();
     let had: Vec<IpAddr> = current.map(|c| c.vips.clone()).unwrap_or_default();
     let vips = VipChanges {
@@ -616,6 +648,34 @@ backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
     }
 
     #[test]
+    fn a_vip_on_the_snat_address_inside_the_snat_ports_is_refused() {
+        let mut rig = Rig::new();
+        rig.reload(WEB).unwrap();
+        let writes = rig.maps.writes();
+        let (first, last) = {
+            let c = Rig::cfg(WEB);
+            (c.snat_ports.first, c.snat_ports.last)
+        };
+        let inside = format!(
+            "{WEB}\n[[service]]\nname = \"own\"\nvip = \"10.77.0.1:{}\"\nbackends = [ {{ address = \"10.77.0.11:80\" }} ]\n",
+            first + 5
+        );
+        let e = rig.plan(&inside).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::VipInSnatRange { service, .. } if service == "own"),
+            "{e}"
+        );
+        assert!(rig.reload(&inside).is_err());
+        assert_eq!(rig.maps.writes(), writes, "nothing written");
+        // Outside the range, or on another address, it is fine.
+        let below = inside.replace(&format!(":{}\"", first + 5), &format!(":{}\"", first - 1));
+        rig.plan(&below).unwrap();
+        let other = inside.replace("10.77.0.1:", "10.77.0.101:");
+        rig.plan(&other).unwrap();
+        assert!(last >= first + 5);
+    }
+
+    #[test]
     fn dsr_needs_no_snat_address() {
         let mut rig = Rig::new();
         rig.host.snat_v4 = None;
@@ -627,5 +687,110 @@ backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
         let dsr = WEB.replace("ring_size = 13", "ring_size = 13\nforwarding = \"dsr\"");
         rig.reload(&dsr).unwrap();
         assert_eq!(rig.service("web").snat, [0; 16]);
+    }
+
+    const HL7_L4: &str = r#"
+[[service]]
+name = "hl7"
+vip = "10.77.0.100:6661"
+scheduler = "failover"
+ring_size = 7
+health = { kind = "mllp" }
+backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
+"#;
+
+    fn relayed(text: &str) -> String {
+        text.replace(
+            "scheduler = \"failover\"",
+            "scheduler = \"failover\"\nmode = \"mllp\"",
+        )
+    }
+
+    fn key(text: &str) -> ServiceKey {
+        let cfg = Rig::cfg(text);
+        service_key(cfg.services[0].vip, cfg.services[0].protocol)
+    }
+
+    #[test]
+    fn a_relayed_service_is_in_no_map_but_its_vip_is_on_the_interface() {
+        let mut rig = Rig::new();
+        let text = format!("{}{WEB}", relayed(HL7_L4));
+        let p = rig.reload(&text).unwrap();
+        let fwd = rig.maps.forwarding();
+        // Only "web" is in the service map: XDP passes 10.77.0.100:6661 to the kernel.
+        assert_eq!(fwd.services.len(), 1);
+        assert!(!fwd.services.values().any(|(k, _)| *k == key(HL7_L4)));
+        let hl7 = rig.service("hl7");
+        assert!(
+            hl7.backends
+                .iter()
+                .all(|b| fwd.slots.get(&b.slot).is_none_or(|s| s.used == 0)),
+            "no slot of a relayed service is used in the maps"
+        );
+        assert!(rig.vips.on.contains(&"10.77.0.100".parse().unwrap()));
+        // The failover scheduler still chooses the listener the relay sends to.
+        assert_eq!(hl7.active, Some(0));
+        assert!(p.writes.iter().any(|w| w.name == "hl7" && w.relay));
+        // Health changes move the active listener without a map write.
+        let writes = rig.maps.writes();
+        rig.set_health("hl7", "10.77.0.11:6661", BackendHealth::Down);
+        assert_eq!(rig.service("hl7").active, Some(1));
+        assert_eq!(rig.maps.writes(), writes);
+    }
+
+    #[test]
+    fn switching_a_service_to_mllp_and_back_moves_its_vip_between_kernel_and_xdp() {
+        let mut rig = Rig::new();
+        rig.reload(HL7_L4).unwrap();
+        let old_slots: Vec<u32> = rig.service("hl7").backends.iter().map(|b| b.slot).collect();
+        assert!(rig.maps.services.contains_key(&key(HL7_L4)));
+        let p = rig.reload(&relayed(HL7_L4)).unwrap();
+        assert_eq!(p.removed, vec![key(HL7_L4)]);
+        assert!(!rig.maps.services.contains_key(&key(HL7_L4)));
+        // The L4 slots are freed (their flows reset), not adopted by the relayed service.
+        for slot in &old_slots {
+            assert_eq!(rig.maps.slots[slot].used, 0, "slot {slot}");
+            assert_eq!(rig.maps.slots[slot].state, BE_DOWN, "slot {slot}");
+        }
+        // A reload of the same relayed config writes nothing of it either.
+        let p = rig.reload(&relayed(HL7_L4)).unwrap();
+        assert!(p.removed.is_empty());
+        assert!(!rig.maps.services.contains_key(&key(HL7_L4)));
+        // Back to L4: the service is in the map again, with its active listener in the ring.
+        rig.reload(HL7_L4).unwrap();
+        assert!(rig.maps.services.contains_key(&key(HL7_L4)));
+        assert_eq!(rig.ring_addrs("hl7").len(), 1);
+    }
+
+    #[test]
+    fn a_failed_switch_to_mllp_changes_nothing() {
+        let mut rig = Rig::new();
+        rig.reload(&format!("{HL7_L4}{WEB}")).unwrap();
+        let to = format!("{}{WEB}", relayed(HL7_L4));
+        let mut probe = Rig {
+            maps: rig.maps.clone(),
+            vips: rig.vips.clone(),
+            state: rig.state.clone(),
+            host: rig.host.clone(),
+        };
+        let start = probe.maps.writes();
+        probe.reload(&to).unwrap();
+        let n = probe.maps.writes() - start;
+        assert!(n > 0);
+        for k in 0..n {
+            let mut r = Rig {
+                maps: rig.maps.clone(),
+                vips: rig.vips.clone(),
+                state: rig.state.clone(),
+                host: rig.host.clone(),
+            };
+            let before = r.maps.forwarding();
+            r.maps.fail_at = Some(start + k);
+            let e = r.reload(&to).unwrap_err();
+            assert!(e.contains("previous state was restored"), "write {k}: {e}");
+            assert_eq!(r.maps.forwarding(), before, "write {k}");
+            assert_eq!(r.state, rig.state, "write {k}");
+            assert!(r.maps.services.contains_key(&key(HL7_L4)), "write {k}");
+        }
     }
 }

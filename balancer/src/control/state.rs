@@ -14,7 +14,7 @@ use balancer_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{AdminState, DownAction, Forwarding, Protocol, Scheduler, ServiceSpec},
+    config::{AdminState, DownAction, Forwarding, Mode, Protocol, Scheduler, ServiceSpec},
     control::{ControlError, failover},
     dataplane::maglev,
     host::net,
@@ -135,6 +135,9 @@ pub struct ServiceWrite {
     pub usable: Vec<(u32, Backend)>,
     /// Slots that go down: written after the flip.
     pub down: Vec<(u32, Backend)>,
+    /// A relayed service (`mode = "mllp"`): nothing of it goes into the maps, so the XDP
+    /// program passes its VIP:port to the kernel, where the controller's relay listens.
+    pub relay: bool,
 }
 
 /// The controller's view of the dataplane.
@@ -291,6 +294,7 @@ impl ServiceState {
             ring,
             usable,
             down,
+            relay: self.spec.mode == Mode::Mllp,
         };
         (write, event)
     }

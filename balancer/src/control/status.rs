@@ -1,9 +1,10 @@
 //! The status as readers see it: what only the daemon knows (services, backends, health,
 //! operator states, reload counts) is published as an immutable snapshot after every change;
-//! counters are read from the pinned maps by the reader itself. So `status` and a metrics
+//! counters are read from the pinned maps (and the L7 proxy and MLLP relay) by the reader itself. So `status` and a metrics
 //! scrape never wait for the daemon loop, a reload or a burst of health events.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -26,6 +27,8 @@ pub struct Published {
     pub status: Status,
     /// For each service of `status` (same order): its id and its backends' slots.
     pub slots: Vec<(u32, Vec<u32>)>,
+    /// The `[l7]` section in force (the console shows its listeners, routes and pools).
+    pub l7: Option<Arc<balancer_l7::L7Config>>,
 }
 
 /// Where the daemon publishes and readers read.
@@ -34,7 +37,9 @@ pub struct StatusBoard {
     published: Arc<ArcSwap<Published>>,
     maps: Arc<Mutex<Dataplane>>,
     flows: Arc<AtomicU64>,
+    backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     l7: Option<balancer_l7::MetricsHandle>,
+    mllp: Option<balancer_mllp::MetricsHandle>,
     started: Instant,
 }
 
@@ -50,14 +55,18 @@ impl StatusBoard {
         first: Published,
         maps: Dataplane,
         flows: Arc<AtomicU64>,
+        backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
         l7: Option<balancer_l7::MetricsHandle>,
+        mllp: Option<balancer_mllp::MetricsHandle>,
         started: Instant,
     ) -> Self {
         StatusBoard {
             published: Arc::new(ArcSwap::from_pointee(first)),
             maps: Arc::new(Mutex::new(maps)),
             flows,
+            backend_flows,
             l7,
+            mllp,
             started,
         }
     }
@@ -65,6 +74,11 @@ impl StatusBoard {
     /// Replaces the daemon's part (readers in flight keep the one they loaded).
     pub fn publish(&self, p: Published) {
         self.published.store(Arc::new(p));
+    }
+
+    /// The `[l7]` section in force.
+    pub fn l7_config(&self) -> Option<Arc<balancer_l7::L7Config>> {
+        self.published.load().l7.clone()
     }
 
     /// The whole status, with counters read now.
@@ -87,6 +101,12 @@ impl StatusBoard {
             }
         }
         drop(maps);
+        let kept = self.backend_flows.load();
+        for (svc, (_, slots)) in s.services.iter_mut().zip(&p.slots) {
+            for (b, slot) in svc.backends.iter_mut().zip(slots) {
+                b.flows = kept.get(slot).copied().unwrap_or(0);
+            }
+        }
         if let Some(l7) = &self.l7 {
             let m = l7.snapshot();
             for b in &mut s.l7_backends {
@@ -99,6 +119,10 @@ impl StatusBoard {
             }
             s.l7 = Some(m);
         }
+        s.mllp = self
+            .mllp
+            .as_ref()
+            .map(balancer_mllp::MetricsHandle::snapshot);
         s
     }
 }
