@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -301,10 +301,25 @@ pub enum Reason {
     DropWrongInterface = 15,
     /// The service's new-flow rate limit was reached on this CPU: dropped, no state made.
     DropRateLimited = 16,
+    /// ICMP that is not an error about a balanced flow (echo, other types, errors about no
+    /// flow): passed.
+    PassIcmp = 17,
+    /// An ICMP error whose lengths or quoted headers do not hold up: passed untouched.
+    PassIcmpMalformed = 18,
+    /// An ICMP error about a NAT flow, translated and forwarded (either direction).
+    IcmpNat = 19,
+    /// An ICMP error about a DSR flow, forwarded to its backend.
+    IcmpDsr = 20,
+    /// A packet too big for its egress link, answered with "fragmentation needed" / "packet
+    /// too big".
+    TooBig = 21,
+    /// A packet too big for its egress link, dropped: IPv4 without DF, or the answer was
+    /// rate-limited.
+    DropTooBig = 22,
 }
 
 /// Number of [`Reason`] values.
-pub const REASONS: u32 = 17;
+pub const REASONS: u32 = 23;
 
 impl Reason {
     /// Every reason, in index order.
@@ -326,6 +341,12 @@ impl Reason {
         Reason::PortTaken,
         Reason::DropWrongInterface,
         Reason::DropRateLimited,
+        Reason::PassIcmp,
+        Reason::PassIcmpMalformed,
+        Reason::IcmpNat,
+        Reason::IcmpDsr,
+        Reason::TooBig,
+        Reason::DropTooBig,
     ];
 
     /// A stable snake_case name for metrics and the CLI.
@@ -348,6 +369,12 @@ impl Reason {
             Reason::PortTaken => "port_taken",
             Reason::DropWrongInterface => "drop_wrong_interface",
             Reason::DropRateLimited => "drop_rate_limited",
+            Reason::PassIcmp => "pass_icmp",
+            Reason::PassIcmpMalformed => "pass_icmp_malformed",
+            Reason::IcmpNat => "icmp_nat",
+            Reason::IcmpDsr => "icmp_dsr",
+            Reason::TooBig => "too_big",
+            Reason::DropTooBig => "drop_too_big",
         }
     }
 }

@@ -2,32 +2,51 @@
 //! and a reason counter. The headers are rewritten only after the next hop is known, so a
 //! packet that is passed to the kernel is always untouched.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
 use balancer_common::{FLOW_F_FORWARD, ServiceKey};
 use balancer_ebpf::{
     error::{Error, Verdict},
-    parse::parse,
+    frame::Frame,
+    headers::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr},
+    parse::{PROTO_ICMP, PROTO_ICMPV6, Pkt, parse},
 };
 
 use crate::{
     flow,
     maps::{FLOWS, GLOBALS, SERVICES},
+    related,
     stats::count,
+    toobig,
     xdp::Xdp,
 };
 
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
-    let mut x = Xdp::new(&ctx);
-    match try_balancer(&mut x) {
+    // Two paths, each its own BPF function, so their stack frames do not add up (the
+    // verifier limits the frames of a call chain to 512 bytes together).
+    let r = if is_icmp(&ctx) {
+        icmp_path(&ctx)
+    } else {
+        match flow_path(&ctx) {
+            Ok(Verdict::TooBig(mtu)) => too_big_path(&ctx, mtu),
+            r => r,
+        }
+    };
+    match r {
         Ok(v) => {
             count(v.reason());
             match v {
-                Verdict::Tx | Verdict::Reset(_) => xdp_action::XDP_TX,
+                Verdict::Tx | Verdict::Reset(_) | Verdict::IcmpTx(_) | Verdict::TooBig(_) => {
+                    xdp_action::XDP_TX
+                }
                 // SAFETY: plain helper call.
-                Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+                Verdict::Redirect(ifindex) | Verdict::IcmpRedirect(_, ifindex) => unsafe {
+                    bpf_redirect(ifindex, 0) as u32
+                },
             }
         }
         Err(e) => {
@@ -39,12 +58,83 @@ pub fn balancer(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Does the frame carry ICMP (IPv4) or ICMPv6, as [`parse`] would find? Reads two or three
+/// bytes at fixed offsets, nothing on the stack.
 #[inline(always)]
-fn try_balancer(x: &mut Xdp) -> Result<Verdict, Error> {
+fn is_icmp(ctx: &XdpContext) -> bool {
+    let x = Xdp::new(ctx);
+    let Ok(eth) = x.ptr_at::<EthHdr>(0) else {
+        return false;
+    };
+    // SAFETY (all reads): bounds-checked by ptr_at.
+    let mut proto = unsafe { (*eth).proto };
+    let mut l3 = size_of::<EthHdr>();
+    if proto == ETH_P_8021Q {
+        let Ok(tag) = x.ptr_at::<VlanHdr>(l3) else {
+            return false;
+        };
+        proto = unsafe { (*tag).proto };
+        l3 += size_of::<VlanHdr>();
+    }
+    if proto == ETH_P_IP {
+        match x.ptr_at::<Ipv4Hdr>(l3) {
+            Ok(ip) => unsafe { (*ip).proto == PROTO_ICMP },
+            Err(_) => false,
+        }
+    } else if proto == ETH_P_IPV6 {
+        match x.ptr_at::<Ipv6Hdr>(l3) {
+            Ok(ip) => unsafe { (*ip).next_hdr == PROTO_ICMPV6 },
+            Err(_) => false,
+        }
+    } else {
+        false
+    }
+}
+
+/// ICMP: errors about a flow go with it.
+#[inline(never)]
+fn icmp_path(ctx: &XdpContext) -> Result<Verdict, Error> {
+    let mut x = Xdp::new(ctx);
+    // SAFETY: plain data (offsets, flags, addresses); all-zero is valid.
+    let mut p: Pkt = unsafe { core::mem::zeroed() };
+    parse_into(ctx, &mut p)?;
+    if !p.icmp {
+        return Err(Error::NotTcpUdp);
+    }
+    related::icmp(&mut x, &p)
+}
+
+/// A packet of a flow too big for its egress link (the flow path left it untouched): the
+/// sender gets "fragmentation needed" / "packet too big", rate-limited.
+#[inline(never)]
+fn too_big_path(ctx: &XdpContext, mtu: u32) -> Result<Verdict, Error> {
+    // Parsed again here (inlined: a call would add its frame to this one's).
+    let mut x = Xdp::new(ctx);
+    let p = parse(&x)?;
+    toobig::answer(&mut x, &p, mtu)
+}
+
+/// [`parse`] as its own BPF function: its spills stay out of the ICMP path's frame.
+#[inline(never)]
+fn parse_into(ctx: &XdpContext, out: &mut Pkt) -> Result<(), Error> {
+    // The context pointer goes through a volatile read, so the compiler cannot hoist the
+    // loads of `data` / `data_end` into the caller and pass them as 32-bit arguments (the
+    // verifier refuses arithmetic on such a pointer).
+    let ctx = ctx as *const XdpContext;
+    // SAFETY: reads a local; the pointer is the caller's valid reference.
+    let ctx = unsafe { &*core::ptr::read_volatile(&ctx) };
+    *out = parse(&Xdp::new(ctx))?;
+    Ok(())
+}
+
+/// TCP and UDP: the flow table, new flows, replies.
+#[inline(never)]
+fn flow_path(ctx: &XdpContext) -> Result<Verdict, Error> {
+    let mut x = Xdp::new(ctx);
+    let x = &mut x;
     let p = parse(x)?;
     if p.icmp {
-        // ICMP is not balanced yet: errors about a flow go to the kernel untranslated.
-        return Err(Error::NotTcpUdp);
+        return Err(Error::IcmpUnrelated);
     }
     let skey = ServiceKey {
         addr: p.key.dst,

@@ -43,6 +43,16 @@ pub enum Error {
     WrongInterface,
     /// The service's new-flow rate limit was reached on this CPU.
     RateLimited,
+    /// ICMP that is not an error about a balanced flow (echo, other types, errors about
+    /// packets of no flow): passed.
+    IcmpUnrelated,
+    /// An ICMP error whose lengths or quoted headers do not hold up: passed.
+    IcmpMalformed,
+    /// Too big for the egress link, IPv4 without DF (XDP cannot fragment): dropped.
+    TooBigNoDf,
+    /// Too big for the egress link, and the answer was rate-limited or could not be built
+    /// (the frame may be changed already): dropped.
+    TooBig,
     /// A per-CPU map slot that always exists was missing: passed, not counted.
     Map,
 }
@@ -57,6 +67,8 @@ impl Error {
             | Error::Truncated
             | Error::NotVip
             | Error::NoRoute
+            | Error::IcmpUnrelated
+            | Error::IcmpMalformed
             | Error::Map => XDP_PASS,
             Error::NoNeighbour
             | Error::SnatExhausted
@@ -65,7 +77,9 @@ impl Error {
             | Error::BackendDown
             | Error::PortTaken
             | Error::WrongInterface
-            | Error::RateLimited => XDP_DROP,
+            | Error::RateLimited
+            | Error::TooBigNoDf
+            | Error::TooBig => XDP_DROP,
         }
     }
 
@@ -86,6 +100,9 @@ impl Error {
             Error::PortTaken => Reason::PortTaken,
             Error::WrongInterface => Reason::DropWrongInterface,
             Error::RateLimited => Reason::DropRateLimited,
+            Error::IcmpUnrelated => Reason::PassIcmp,
+            Error::IcmpMalformed => Reason::PassIcmpMalformed,
+            Error::TooBigNoDf | Error::TooBig => Reason::DropTooBig,
             Error::Map => return None,
         })
     }
@@ -100,6 +117,14 @@ pub enum Verdict {
     Redirect(u32),
     /// Turned into a TCP reset to its sender (`XDP_TX`), for this reason.
     Reset(Reason),
+    /// An ICMP error sent (translated, forwarded or built) back out of the interface it came
+    /// in on, for this reason.
+    IcmpTx(Reason),
+    /// An ICMP error sent out of this interface, for this reason.
+    IcmpRedirect(Reason, u32),
+    /// Untouched, but too big for its egress link of this MTU: the entry answers it with
+    /// "fragmentation needed" / "packet too big" (never an action of its own).
+    TooBig(u32),
 }
 
 impl Verdict {
@@ -108,7 +133,8 @@ impl Verdict {
         match self {
             Verdict::Tx => Reason::Tx,
             Verdict::Redirect(_) => Reason::Redirect,
-            Verdict::Reset(r) => r,
+            Verdict::Reset(r) | Verdict::IcmpTx(r) | Verdict::IcmpRedirect(r, _) => r,
+            Verdict::TooBig(_) => Reason::TooBig,
         }
     }
 }
@@ -126,6 +152,8 @@ mod tests {
             Error::Truncated,
             Error::NotVip,
             Error::NoRoute,
+            Error::IcmpUnrelated,
+            Error::IcmpMalformed,
         ] {
             assert_eq!(e.action(), XDP_PASS, "{e:?}");
             assert!(e.reason().is_some_and(|r| r.name().starts_with("pass_")));
@@ -135,6 +163,8 @@ mod tests {
             Error::SnatExhausted,
             Error::FlowTable,
             Error::BackendDown,
+            Error::TooBigNoDf,
+            Error::TooBig,
         ] {
             assert_eq!(e.action(), XDP_DROP, "{e:?}");
             assert!(e.reason().is_some_and(|r| r.name().starts_with("drop_")));

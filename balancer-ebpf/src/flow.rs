@@ -31,8 +31,9 @@ pub fn now_secs() -> u32 {
     (unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
+/// Is the flow's backend slot still the same backend, and not down?
 #[inline(always)]
-fn backend_live(idx: u32, generation: u32) -> bool {
+pub fn backend_live(idx: u32, generation: u32) -> bool {
     match BACKENDS.get(idx) {
         Some(b) => b.state != BE_DOWN && b.generation == generation,
         None => false,

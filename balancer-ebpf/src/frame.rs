@@ -17,6 +17,13 @@ pub trait Frame {
     fn len(&self) -> usize;
     /// Cuts `by` bytes off the end. Pointers from [`Frame::ptr_at`] are invalid afterwards.
     fn shrink(&mut self, by: usize) -> Result<(), Error>;
+    /// Adds `by` bytes in front of the frame (their content is undefined). Pointers from
+    /// [`Frame::ptr_at`] are invalid afterwards.
+    fn grow_head(&mut self, by: usize) -> Result<(), Error>;
+    /// One's complement sum (unfolded, memory-order words) of `len` bytes at `offset`;
+    /// `len` is a multiple of [`crate::ptb::SUM_CHUNK`], at most
+    /// [`crate::ptb::SUM_CHUNKS_MAX`] chunks.
+    fn sum(&self, offset: usize, len: usize) -> Result<u32, Error>;
     /// True for an empty frame.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -27,6 +34,8 @@ pub trait Frame {
 pub struct SliceFrame<'a> {
     ptr: *mut u8,
     len: usize,
+    /// Bytes of the slice in front of the frame, room for [`Frame::grow_head`].
+    head: usize,
     _buf: PhantomData<&'a mut [u8]>,
 }
 
@@ -37,8 +46,30 @@ impl<'a> SliceFrame<'a> {
         SliceFrame {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
+            head: 0,
             _buf: PhantomData,
         }
+    }
+
+    /// The frame starts `headroom` bytes into the slice; [`Frame::grow_head`] may use them.
+    /// `headroom` must be even, like the kernel's. Panics when it exceeds the slice (tests).
+    pub fn with_headroom(buf: &'a mut [u8], headroom: usize) -> Self {
+        assert!(
+            headroom <= buf.len() && headroom.is_multiple_of(2),
+            "headroom"
+        );
+        SliceFrame {
+            // SAFETY: in bounds (asserted).
+            ptr: unsafe { buf.as_mut_ptr().add(headroom) },
+            len: buf.len() - headroom,
+            head: headroom,
+            _buf: PhantomData,
+        }
+    }
+
+    /// Where the frame is in the slice now: (start, length).
+    pub fn window(&self) -> (usize, usize) {
+        (self.head, self.len)
     }
 }
 
@@ -65,5 +96,35 @@ impl Frame for SliceFrame<'_> {
         }
         self.len -= by;
         Ok(())
+    }
+
+    fn grow_head(&mut self, by: usize) -> Result<(), Error> {
+        if by > self.head {
+            return Err(Error::Truncated);
+        }
+        // SAFETY: stays inside the borrowed slice (by <= head).
+        self.ptr = unsafe { self.ptr.sub(by) };
+        self.head -= by;
+        self.len += by;
+        Ok(())
+    }
+
+    fn sum(&self, offset: usize, len: usize) -> Result<u32, Error> {
+        let chunk = crate::ptb::SUM_CHUNK;
+        if !len.is_multiple_of(chunk)
+            || len / chunk > crate::ptb::SUM_CHUNKS_MAX
+            || offset + len > self.len
+        {
+            return Err(Error::Truncated);
+        }
+        // SAFETY: in bounds of the borrowed slice (checked above).
+        let bytes = unsafe { core::slice::from_raw_parts(self.ptr.add(offset), len) };
+        Ok(bytes
+            .chunks(2)
+            .map(|w| u16::from_ne_bytes([w[0], w[1]]) as u32)
+            .fold(0u32, |a, w| {
+                let s = a as u64 + w as u64;
+                ((s & 0xffff_ffff) + (s >> 32)) as u32
+            }))
     }
 }

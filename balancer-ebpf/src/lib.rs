@@ -8,8 +8,10 @@ pub mod checksum;
 pub mod error;
 pub mod frame;
 pub mod headers;
+pub mod icmp;
 pub mod nat;
 pub mod parse;
+pub mod ptb;
 pub mod rst;
 #[cfg(test)]
 mod tests;

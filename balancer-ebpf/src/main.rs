@@ -4,7 +4,8 @@
 //!
 //! Modules by concern: `entry` (the XDP entry, the only place an outcome becomes an action
 //! and a reason counter), `flow` (the flow state machine), `snat` (port claims), `fib` (next
-//! hop), `tx` (rewrite and send), `stats`, `maps`, `xdp` (the XDP buffer as a frame). Parse,
+//! hop), `tx` (rewrite and send), `related` (ICMP errors about a flow), `toobig` (packets
+//! too big for the egress link), `stats`, `maps`, `xdp` (the XDP buffer as a frame). Parse,
 //! NAT rewrite, RST builder and the `Error` enum live in the library (`src/lib.rs`), written
 //! over byte slices so they are tested on the host.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -21,9 +22,13 @@ mod flow;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod related;
+#[cfg(target_arch = "bpf")]
 mod snat;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod toobig;
 #[cfg(target_arch = "bpf")]
 mod tx;
 #[cfg(target_arch = "bpf")]

@@ -9,6 +9,7 @@ use balancer_common::{
     Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, MAX_BACKENDS, MAX_SERVICES,
     REASONS, RING_VALUES, Service, ServiceKey,
 };
+use balancer_ebpf::ptb::TokenBucket;
 
 #[map(name = "BLB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -80,3 +81,7 @@ pub struct Rate {
 
 #[map(name = "BLB_GLOBALS")]
 pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
+
+/// Per-CPU token bucket of the too-big answers. Not part of the ABI.
+#[map(name = "BLB_PTB_BUCKETS")]
+pub static PTB_BUCKETS: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);

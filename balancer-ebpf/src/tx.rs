@@ -13,12 +13,17 @@ use balancer_ebpf::{
 use crate::{
     maps::{BACKEND_STATS, SERVICE_STATS},
     stats::account,
+    toobig,
     xdp::Xdp,
 };
 
 /// Rewrites (NAT) and sends a packet of a flow to the flow's cached next hop.
 #[inline(always)]
 pub fn transmit(x: &Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
+    // Too big for the egress link: answered by the entry, before anything is rewritten.
+    if let Some(mtu) = toobig::exceeds(x, p, flow.ifindex) {
+        return Ok(Verdict::TooBig(mtu));
+    }
     if flow.flags & FLOW_F_DSR == 0 {
         rewrite(
             x,

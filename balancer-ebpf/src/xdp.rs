@@ -2,10 +2,14 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use balancer_ebpf::{
     error::Error,
     frame::{Frame, MAX_HDR_OFFSET},
+    ptb::{SUM_CHUNK, SUM_CHUNKS_MAX},
 };
 
 /// One packet's XDP context.
@@ -57,5 +61,49 @@ impl Frame for Xdp<'_> {
             return Err(Error::Truncated);
         }
         Ok(())
+    }
+
+    #[inline(always)]
+    fn grow_head(&mut self, by: usize) -> Result<(), Error> {
+        // SAFETY: helper call; callers re-derive every packet pointer afterwards.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -(by as i32)) } != 0 {
+            return Err(Error::Truncated);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn sum(&self, offset: usize, len: usize) -> Result<u32, Error> {
+        if offset > MAX_HDR_OFFSET {
+            return Err(Error::Truncated);
+        }
+        let mut acc: u32 = 0;
+        let mut i = 0;
+        while i < SUM_CHUNKS_MAX {
+            let off = i * SUM_CHUNK;
+            if off >= len {
+                break;
+            }
+            let start = self.ctx.data() + offset + off;
+            if start + SUM_CHUNK > self.ctx.data_end() {
+                return Err(Error::Truncated);
+            }
+            // SAFETY: helper call over SUM_CHUNK bounds-checked packet bytes.
+            let s = unsafe {
+                bpf_csum_diff(
+                    core::ptr::null_mut(),
+                    0,
+                    start as *mut u32,
+                    SUM_CHUNK as u32,
+                    acc,
+                )
+            };
+            if s < 0 {
+                return Err(Error::Truncated);
+            }
+            acc = s as u32;
+            i += 1;
+        }
+        Ok(acc)
     }
 }

@@ -17,6 +17,9 @@ use balancer_common::{
 use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet, run_prog};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
+#[path = "packet_table/icmp.rs"]
+mod icmp;
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
