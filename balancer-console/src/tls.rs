@@ -37,22 +37,9 @@ fn file_err(path: &Path, err: impl std::fmt::Display) -> TlsError {
     }
 }
 
-/// Ring with forward-secret AEAD suites only.
+/// The L7 proxy's server policy: ring with forward-secret AEAD suites only.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite as cs;
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites = vec![
-        cs::TLS13_AES_256_GCM_SHA384,
-        cs::TLS13_AES_128_GCM_SHA256,
-        cs::TLS13_CHACHA20_POLY1305_SHA256,
-        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
-    ];
-    Arc::new(p)
+    balancer_l7::server_crypto_provider()
 }
 
 /// SHA-256 of a DER certificate as `AB:CD:...`.

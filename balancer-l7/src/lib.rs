@@ -22,6 +22,8 @@ mod route;
 mod server;
 mod tls;
 
+pub use tls::provider as server_crypto_provider;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

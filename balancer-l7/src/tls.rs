@@ -40,8 +40,9 @@ pub enum CertError {
 }
 
 /// The crypto provider: ring, forward-secret AEAD suites only (ECDHE with AES-GCM or
-/// ChaCha20-Poly1305 for TLS 1.2; all TLS 1.3 suites, which are AEAD and ephemeral).
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+/// ChaCha20-Poly1305 for TLS 1.2; all TLS 1.3 suites, which are AEAD and ephemeral). The
+/// project's one server-side TLS policy: the console uses it too.
+pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as cs;
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites = vec![
