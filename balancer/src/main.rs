@@ -142,6 +142,40 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// An active/standby pair (`[ha]`): keepalived's config, notify and health check.
+    Ha {
+        #[command(subcommand)]
+        cmd: HaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum HaCmd {
+    /// Print the keepalived.conf for this balancer (VRRPv3, unicast to the peer, every VIP
+    /// and SNAT address, tracking the controller).
+    KeepalivedConf {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+        config: PathBuf,
+        /// This program's path as keepalived should run it (default: this executable).
+        #[arg(long)]
+        balancer: Option<PathBuf>,
+    },
+    /// keepalived's notify script: tells the controller its VRRP role.
+    Notify {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// What keepalived appends: INSTANCE|GROUP <name> MASTER|BACKUP|FAULT|STOP [priority].
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// keepalived's track script: exits 1 when the controller does not answer.
+    Check {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -478,5 +512,59 @@ fn main() -> anyhow::Result<()> {
             force,
         } => import(product, &file, output.as_deref(), force),
         Cmd::User { cmd } => user(cmd),
+        Cmd::Ha { cmd } => ha(cmd),
+    }
+}
+
+fn ha(cmd: HaCmd) -> anyhow::Result<()> {
+    match cmd {
+        HaCmd::KeepalivedConf {
+            config: path,
+            balancer,
+        } => {
+            let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let exe = match balancer {
+                Some(b) => b,
+                None => std::env::current_exe().context("finding this program's path")?,
+            };
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            match balancer::host::keepalived::render(&cfg, &exe, &path) {
+                Some(text) => {
+                    print!("{text}");
+                    Ok(())
+                }
+                None => anyhow::bail!("{}: no [ha] section", path.display()),
+            }
+        }
+        HaCmd::Notify { socket, args } => {
+            let role = balancer::host::keepalived::role_of_notify(&args)?;
+            std::process::exit(balancer::api::cli(
+                &socket,
+                &balancer::api::Command::HaRole(role),
+            ))
+        }
+        HaCmd::Check { socket } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_millis(900),
+                    balancer::api::call(&socket, http::Method::GET, "/v1/status"),
+                )
+                .await
+            });
+            match r {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => {
+                    eprintln!("balancer: {e:#}");
+                    std::process::exit(1)
+                }
+                Err(_) => {
+                    eprintln!("balancer: no status within 900 ms");
+                    std::process::exit(1)
+                }
+            }
+        }
     }
 }

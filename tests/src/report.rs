@@ -32,6 +32,9 @@ pub struct StreamReport {
     /// What went wrong, when not `ok`.
     #[serde(default)]
     pub error: Option<String>,
+    /// The slowest chunk's round trip in ms (a stall: a takeover, a retransmission).
+    #[serde(default)]
+    pub max_rtt_ms: u64,
 }
 
 /// `blb-client udp`: datagrams, each answered by header + datagram.

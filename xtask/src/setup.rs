@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     // The console lab drives a headless browser over WebDriver.
     "chromium",
     "chromium-driver",
+    // The HA pair lab: VRRP between the two balancers.
+    "keepalived",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -147,6 +147,8 @@ pub enum Command {
     },
     /// `balancer reload`.
     Reload,
+    /// `balancer ha notify …` (keepalived's notify script).
+    HaRole(crate::control::ha::Role),
 }
 
 impl Command {
@@ -160,6 +162,7 @@ impl Command {
                 backend,
             } => (Method::POST, backend_uri(service, backend, *verb)),
             Command::Reload => (Method::POST, "/v1/reload".into()),
+            Command::HaRole(role) => (Method::POST, format!("/v1/ha/role/{}", role.name())),
         }
     }
 }

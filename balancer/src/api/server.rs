@@ -182,6 +182,10 @@ pub(crate) fn route(method: &Method, path: &str) -> Result<Request, Box<Response
     let (allowed, request) = match segs.as_slice() {
         ["", "v1", "status"] => (Method::GET, Request::Status),
         ["", "v1", "reload"] => (Method::POST, Request::Reload),
+        ["", "v1", "ha", "role", role] => match crate::control::ha::Role::parse(role) {
+            Some(role) => (Method::POST, Request::HaRole { role }),
+            None => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
+        },
         ["", "v1", "services", service, "backends", backend, op] => {
             let (Some(service), Some(backend)) = (percent_decode(service), percent_decode(backend))
             else {

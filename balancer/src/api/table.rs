@@ -23,6 +23,9 @@ pub fn status_table(s: &Status) -> String {
         "reloads {}  config errors {}  failovers {}  flows {}",
         s.reloads, s.config_errors, s.failovers, s.flows
     );
+    if let Some(ha) = &s.ha {
+        let _ = writeln!(out, "{}", ha_line(ha));
+    }
     if !s.reasons.is_empty() {
         let reasons: Vec<String> = s.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "verdicts {}", reasons.join("  "));
@@ -265,4 +268,40 @@ pub(crate) fn uptime(secs: u64) -> String {
     } else {
         format!("{h}h{m:02}m{s:02}s")
     }
+}
+
+/// The pair's two lines: role and peer, then the mirror's counters.
+fn ha_line(ha: &crate::api::protocol::HaStatus) -> String {
+    let peer = match (&ha.peer_node, ha.peer_role, ha.peer_heard_ms) {
+        (Some(n), Some(r), Some(ms)) => format!("{n} ({r}, heard {ms} ms ago)"),
+        _ => "not heard".to_string(),
+    };
+    let config = match ha.config_matches {
+        Some(true) => "same config",
+        Some(false) => "CONFIG DIFFERS FROM THE PEER'S",
+        None => "config not compared yet",
+    };
+    let m = &ha.mirror;
+    format!(
+        "ha node {} role {}  peer {} {peer}  {config}\nmirror flows sent {} applied {} unknown {}  deletes sent {} applied {}  resyncs sent {} received {}  lag {} msgs  events dropped {}  sync msgs sent {} accepted {}  dropped auth {} replay {} malformed {} foreign {}  lost {}",
+        ha.node,
+        ha.role,
+        ha.peer,
+        m.flows_sent,
+        m.flows_applied,
+        m.flows_unknown,
+        m.deletes_sent,
+        m.deletes_applied,
+        m.resyncs_sent,
+        m.resyncs_received,
+        m.lag_messages,
+        m.events_dropped,
+        m.messages_sent,
+        m.messages_accepted,
+        m.dropped_auth,
+        m.dropped_replay,
+        m.dropped_malformed,
+        m.dropped_foreign,
+        m.lost
+    )
 }

@@ -73,6 +73,7 @@ pub(crate) fn sample_status() -> Status {
                 not_after: None,
             },
         ],
+        ha: None,
         interfaces: vec!["eth0".into()],
         uptime_secs: 3723,
         reloads: 2,
@@ -124,6 +125,14 @@ fn routes() {
         route(&Method::POST, "/v1/reload").ok(),
         Some(Request::Reload)
     );
+    assert_eq!(
+        route(&Method::POST, "/v1/ha/role/standby").ok(),
+        Some(Request::HaRole {
+            role: crate::control::ha::Role::Standby
+        })
+    );
+    assert!(route(&Method::POST, "/v1/ha/role/leader").is_err());
+    assert!(route(&Method::GET, "/v1/ha/role/active").is_err());
     assert_eq!(
         route(
             &Method::POST,
@@ -319,6 +328,7 @@ fn fake_daemon() -> mpsc::Sender<Message> {
                     Ok(json!({ "ok": true, "message": format!("drain: {service} {backend}") }))
                 }
                 Request::Backend { service, .. } => Err(format!("no service '{service}'")),
+                Request::HaRole { role } => Ok(json!({ "ok": true, "message": role.name() })),
             };
             let _ = m.reply.send(reply);
         }

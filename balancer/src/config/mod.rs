@@ -4,6 +4,7 @@
 pub mod console;
 pub mod controller;
 pub mod dataplane;
+pub mod ha;
 pub mod health;
 pub mod mllp;
 pub mod passive;
@@ -12,6 +13,7 @@ pub mod service;
 pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
+pub use ha::Ha;
 pub use mllp::Mode;
 pub(crate) use service::names;
 pub use service::{
@@ -54,6 +56,8 @@ pub struct Config {
     pub l7: Option<Spanned<balancer_l7::L7Config>>,
     /// The web console; absent: no console.
     pub console: Option<Spanned<ConsoleSection>>,
+    /// One balancer of an active/standby pair; absent: a single balancer.
+    pub ha: Option<Spanned<ha::HaSection>>,
 }
 
 /// A validated file: everything callers read, typed.
@@ -89,6 +93,8 @@ pub struct Validated {
     pub l7: Option<balancer_l7::L7Config>,
     /// The `[console]` section, validated.
     pub console: Option<ConsoleSection>,
+    /// The `[ha]` section, validated: keepalived owns the addresses, flows are mirrored.
+    pub ha: Option<Ha>,
 }
 
 impl Validated {
@@ -473,6 +479,10 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         .console
         .as_ref()
         .and_then(|c| console::validate(c, &services, metrics, d));
+    let ha = raw
+        .ha
+        .as_ref()
+        .and_then(|h| ha::validate(h, &interfaces, (snat_ipv4, snat_ipv6), &services, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
             0..0,
@@ -498,6 +508,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         services,
         l7: raw.l7.map(Spanned::into_inner),
         console,
+        ha,
     }
 }
 

@@ -63,6 +63,20 @@ pub struct Daemon {
     reloads: u64,
     config_errors: u64,
     failovers: u64,
+    /// One balancer of a pair (`[ha]`): its role and what keepalived tracks.
+    ha: Option<HaNode>,
+}
+
+/// This balancer's part of a pair.
+struct HaNode {
+    /// The section.
+    cfg: config::Ha,
+    /// The role keepalived told last.
+    role: crate::control::ha::Role,
+    /// Where the role is recorded for a restarted controller.
+    role_file: PathBuf,
+    /// The file keepalived tracks.
+    track_file: PathBuf,
 }
 
 /// Why a reload was refused or failed; the running config keeps serving.
@@ -93,6 +107,22 @@ impl Daemon {
         bursts: mpsc::UnboundedSender<passive::Burst>,
     ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ha = cfg.ha.clone().map(|h| {
+            let role_file = crate::control::ha::role_file(&cfg.socket);
+            let role = crate::control::ha::load_role(&role_file);
+            let track_file = crate::host::keepalived::track_file(&cfg);
+            // Not serving until ready: keepalived keeps (or moves) the addresses elsewhere.
+            if let Err(e) = crate::control::ha::write_track(&track_file, false) {
+                warn!(path = %track_file.display(), error = %e, "cannot write the keepalived track file");
+            }
+            info!(node = %h.node, peer = %h.peer, role = %role, "one balancer of a pair: keepalived owns the addresses");
+            HaNode {
+                cfg: h,
+                role,
+                role_file,
+                track_file,
+            }
+        });
         let pin = opts
             .pin_path
             .clone()
@@ -188,6 +218,7 @@ impl Daemon {
             reloads: 0,
             config_errors: 0,
             failovers: 0,
+            ha,
         };
         d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
@@ -488,6 +519,9 @@ impl Daemon {
         if new.console != self.cfg.console {
             return Err(ReloadError::RestartNeeded("the [console] settings"));
         }
+        if new.ha != self.cfg.ha {
+            return Err(ReloadError::RestartNeeded("the [ha] settings"));
+        }
         let relayed = self
             .mllp
             .as_ref()
@@ -540,6 +574,7 @@ impl Daemon {
                     .await
                     .map(|m| serde_json::json!({ "ok": true, "message": m }));
             }
+            Request::HaRole { role } => return self.on_role(role),
             Request::Backend {
                 verb,
                 service,
@@ -572,6 +607,32 @@ impl Daemon {
         Ok(
             serde_json::json!({ "ok": true, "message": format!("{}: {service} {addr}", verb.name()) }),
         )
+    }
+
+    /// keepalived's word on this balancer's role.
+    fn on_role(&mut self, role: crate::control::ha::Role) -> Result<serde_json::Value, String> {
+        let Some(ha) = self.ha.as_mut() else {
+            return Err("this balancer has no [ha] section".into());
+        };
+        let old = ha.role;
+        ha.role = role;
+        if let Err(e) = crate::control::ha::save_role(&ha.role_file, role) {
+            warn!(path = %ha.role_file.display(), error = %e, "cannot record the HA role");
+        }
+        if old != role {
+            info!(node = %ha.cfg.node, old = %old, new = %role, "ha role changed");
+        }
+        self.publish();
+        Ok(serde_json::json!({ "ok": true, "message": format!("ha role: {role}") }))
+    }
+
+    /// Tells keepalived (through its track file) whether this controller serves.
+    fn track(&self, serving: bool) {
+        if let Some(ha) = &self.ha
+            && let Err(e) = crate::control::ha::write_track(&ha.track_file, serving)
+        {
+            warn!(path = %ha.track_file.display(), error = %e, "cannot write the keepalived track file");
+        }
     }
 
     /// The status, counters read now (what `status` and the metrics endpoint answer).
@@ -698,6 +759,12 @@ impl Daemon {
                     .as_ref()
                     .map(crate::api::metrics::certificate_expiry)
                     .unwrap_or_default(),
+                ha: self.ha.as_ref().map(|h| crate::api::protocol::HaStatus {
+                    node: h.cfg.node.clone(),
+                    role: h.role,
+                    peer: h.cfg.peer.to_string(),
+                    ..Default::default()
+                }),
             },
             slots,
             l7: self.l7_config.clone(),
@@ -856,6 +923,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "balancer ready"
     );
     crate::host::systemd::ready();
+    d.track(true);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -903,6 +971,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     crate::host::systemd::stopping();
+    // First of all: keepalived hands the addresses to the peer at once.
+    d.track(false);
     if let Some(c) = console {
         c.stop();
     }

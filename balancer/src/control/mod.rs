@@ -14,6 +14,7 @@
 //! | [`status`] | the status snapshot readers get without waiting for the loop |
 //! | [`daemon`] | `balancer run`: the loop, health events, the API, signals |
 //! | [`flow_expiry`] | idle flows leave the flow table |
+//! | [`ha`] | one balancer of a pair: its VRRP role, the track file, following the active peer |
 
 pub mod apply;
 pub mod checks;
@@ -22,6 +23,7 @@ pub mod failover;
 #[cfg(test)]
 mod fake;
 pub mod flow_expiry;
+pub mod ha;
 pub mod maps;
 pub mod operator;
 pub mod passive;

@@ -217,6 +217,10 @@ pub struct Plan {
 
 /// The addresses a config needs on the interface: service VIPs and L7 addresses.
 fn wanted_vips(cfg: &Validated) -> Vec<IpAddr> {
+    // In a pair keepalived owns the addresses: they are on the active balancer only.
+    if cfg.ha.is_some() {
+        return Vec::new();
+    }
     let mut out: BTreeSet<IpAddr> = cfg.services.iter().map(|s| s.vip.ip()).collect();
     if let Some(l7) = &cfg.l7 {
         for a in l7

@@ -366,6 +366,29 @@ impl State {
         })
     }
 
+    /// The change that makes `address` the active backend of failover service `service`
+    /// (a standby following its peer's choice); `None` when it is active already. The
+    /// failover rule still applies: a backend that cannot take flows is not made active.
+    pub fn active_change(
+        &self,
+        service: &str,
+        address: SocketAddr,
+    ) -> Result<Option<Change>, ControlError> {
+        let mut next = self.service(service)?.clone();
+        let i = next
+            .position(address)
+            .ok_or_else(|| ControlError::NoBackend {
+                service: service.to_string(),
+                backend: address.to_string(),
+            })?;
+        if next.active == Some(i) {
+            return Ok(None);
+        }
+        next.active = Some(i);
+        let (write, event) = next.write(&self.globals);
+        Ok(Some(Change { next, write, event }))
+    }
+
     fn change(
         &self,
         service: &str,

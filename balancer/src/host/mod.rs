@@ -1,5 +1,6 @@
 //! The host around the balancer: interface addresses, VIPs and sysctls, and systemd.
 
+pub mod keepalived;
 pub mod net;
 pub mod systemd;
 

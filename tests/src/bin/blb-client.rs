@@ -305,6 +305,7 @@ fn stream_inner(
     let mut got = vec![0u8; chunk];
     while Instant::now() < deadline {
         payloads.fill(&mut sent);
+        let t0 = Instant::now();
         s.write_all(&sent)
             .with_context(|| format!("sending chunk {}", report.chunks))?;
         read_exact(
@@ -315,6 +316,7 @@ fn stream_inner(
         if got != sent {
             bail!("echo of chunk {} differs", report.chunks);
         }
+        report.max_rtt_ms = report.max_rtt_ms.max(t0.elapsed().as_millis() as u64);
         report.chunks += 1;
         report.bytes += chunk as u64;
         thread::sleep(interval);
