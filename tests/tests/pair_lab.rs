@@ -18,9 +18,7 @@ use std::{
 };
 
 use balancer_tests::{
-    bins::{balancer_bin, tool_bin},
-    lab::{BalancerProc, Host, Lab, LabConfig, stream_report, vip4},
-    process::LabChild,
+    BalancerProc, Host, Lab, LabChild, LabConfig, balancer_bin, stream_report, tool_bin, vip4,
 };
 
 /// The second VIP, for the DSR service (the backends hold it on their loopback).

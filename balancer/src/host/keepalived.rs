@@ -65,7 +65,7 @@ pub fn render(cfg: &Validated, balancer: &Path, config: &Path) -> Option<String>
     );
     let _ = writeln!(
         s,
-        "# 0 while the controller serves; it writes 1 when it stops, so the peer takes over at once.\nvrrp_track_file balancer_serving {{\n    file \"{}\"\n}}\n",
+        "# 0 while the controller serves; it writes 1 when it stops, so the peer takes over at once.\ntrack_file balancer_serving {{\n    file \"{}\"\n}}\n",
         track_file(cfg).display()
     );
     let _ = writeln!(
