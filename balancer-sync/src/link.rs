@@ -217,6 +217,11 @@ impl Link {
         &self.stats
     }
 
+    /// The sequence number the next message will carry (messages sent so far + 1).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Relaxed)
+    }
+
     /// This link's epoch (its creation time in unix nanoseconds).
     pub fn epoch(&self) -> u64 {
         self.epoch

@@ -65,6 +65,10 @@ pub struct Daemon {
     failovers: u64,
     /// One balancer of a pair (`[ha]`): its role and what keepalived tracks.
     ha: Option<HaNode>,
+    /// The pair's sync runtime (with `[ha]`).
+    pair: Option<crate::control::pair::Pair>,
+    /// The active peer's control states (a standby follows them); taken by [`run`].
+    peer_control: Option<mpsc::UnboundedReceiver<Vec<balancer_sync::ServiceControl>>>,
 }
 
 /// This balancer's part of a pair.
@@ -160,11 +164,30 @@ impl Daemon {
                 .with_context(|| format!("attaching to {iface}"))?;
         }
         let gc_timeouts = std::sync::Arc::new(std::sync::Mutex::new(timeouts(&cfg)));
+        let (removed_tx, removed_rx) = mpsc::unbounded_channel();
         let gc = crate::control::flow_expiry::Collector::start(
             &pin,
             gc_timeouts.clone(),
             Duration::from_secs(5),
+            ha.as_ref().map(|_| removed_tx),
         )?;
+        let (peer_tx, peer_rx) = mpsc::unbounded_channel();
+        let pair = match &ha {
+            Some(h) => {
+                dp.set_mirror(h.role == crate::control::ha::Role::Active)?;
+                let reader = dp.mirror_reader()?;
+                let text = std::fs::read_to_string(&opts.config)
+                    .with_context(|| format!("reading {}", opts.config.display()))?;
+                Some(
+                    crate::control::pair::Pair::start(
+                        &h.cfg, &text, h.role, &pin, reader, peer_tx, removed_rx,
+                    )
+                    .await
+                    .context("starting the pair sync")?,
+                )
+            }
+            None => None,
+        };
         let l7 = match &cfg.l7 {
             Some(l7) => {
                 // Its addresses were put on the interface with the VIPs.
@@ -186,6 +209,10 @@ impl Daemon {
                 (Some(relay), Some(failures))
             }
         };
+        let ha_source = match &pair {
+            Some(p) => Some(p.status_source(&pin)?),
+            None => None,
+        };
         let board = StatusBoard::new(
             Published {
                 status: Status::default(),
@@ -197,6 +224,7 @@ impl Daemon {
             gc.kept.clone(),
             l7.as_ref().map(balancer_l7::L7::metrics_handle),
             mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
+            ha_source,
             Instant::now(),
         );
         let mut d = Daemon {
@@ -219,6 +247,8 @@ impl Daemon {
             config_errors: 0,
             failovers: 0,
             ha,
+            pair,
+            peer_control: Some(peer_rx),
         };
         d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
@@ -574,13 +604,22 @@ impl Daemon {
                     .await
                     .map(|m| serde_json::json!({ "ok": true, "message": m }));
             }
-            Request::HaRole { role } => return self.on_role(role),
+            Request::HaRole { role } => return self.on_role(role).await,
             Request::Backend {
                 verb,
                 service,
                 backend,
             } => (verb, service, backend),
         };
+        if let (Some(ha), Some(pair)) = (&self.ha, &self.pair)
+            && ha.role != crate::control::ha::Role::Active
+            && let Some(peer) = pair.peer_alive()
+        {
+            return Err(format!(
+                "this balancer is the {} of the pair: act on the active balancer ({peer}); this one follows its operator states",
+                ha.role
+            ));
+        }
         let addr = self
             .state
             .find(&service, &backend)
@@ -610,7 +649,10 @@ impl Daemon {
     }
 
     /// keepalived's word on this balancer's role.
-    fn on_role(&mut self, role: crate::control::ha::Role) -> Result<serde_json::Value, String> {
+    async fn on_role(
+        &mut self,
+        role: crate::control::ha::Role,
+    ) -> Result<serde_json::Value, String> {
         let Some(ha) = self.ha.as_mut() else {
             return Err("this balancer has no [ha] section".into());
         };
@@ -619,11 +661,73 @@ impl Daemon {
         if let Err(e) = crate::control::ha::save_role(&ha.role_file, role) {
             warn!(path = %ha.role_file.display(), error = %e, "cannot record the HA role");
         }
+        let active = role == crate::control::ha::Role::Active;
+        // The mirror first: a flow made from now on reaches the peer.
+        if let Err(e) = self.dp.set_mirror(active) {
+            warn!(error = %e, "cannot switch the flow mirror");
+        }
+        if let Some(p) = &self.pair {
+            p.set_role(role).await;
+        }
         if old != role {
-            info!(node = %ha.cfg.node, old = %old, new = %role, "ha role changed");
+            info!(node = %ha.cfg.node, old = %old, new = %role, flows = self.dp.flow_count(), "ha role changed");
         }
         self.publish();
         Ok(serde_json::json!({ "ok": true, "message": format!("ha role: {role}") }))
+    }
+
+    /// The active peer's failover choices and operator states: a standby takes them, so the
+    /// two balancers never send HL7 traffic to different listeners.
+    fn on_peer_control(&mut self, c: Vec<balancer_sync::ServiceControl>) {
+        if self
+            .ha
+            .as_ref()
+            .is_none_or(|h| h.role == crate::control::ha::Role::Active)
+        {
+            return;
+        }
+        let peer = crate::control::pair::peer_services(&c);
+        let todo = crate::control::ha::follow(&self.state, &peer);
+        if todo.is_empty() {
+            return;
+        }
+        let mut admin_changed = false;
+        for f in todo {
+            let (service, backend, change) = match &f {
+                crate::control::ha::Follow::Admin {
+                    service,
+                    backend,
+                    admin,
+                } => {
+                    admin_changed = true;
+                    (
+                        service.clone(),
+                        *backend,
+                        self.state.admin_change(service, *backend, *admin),
+                    )
+                }
+                crate::control::ha::Follow::Active { service, backend } => (
+                    service.clone(),
+                    *backend,
+                    self.state.active_change(service, *backend),
+                ),
+            };
+            match change.map_err(|e| e.to_string()).and_then(|c| {
+                self.state
+                    .set(&mut self.dp, c)
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(ev) => {
+                    self.note(ev);
+                    info!(service = %service, backend = %backend, change = ?f, "following the active peer");
+                }
+                Err(e) => warn!(service = %service, backend = %backend, error = %e, "cannot follow the active peer"),
+            }
+        }
+        if admin_changed {
+            self.save_admin();
+        }
+        self.publish();
     }
 
     /// Tells keepalived (through its track file) whether this controller serves.
@@ -643,6 +747,9 @@ impl Daemon {
     /// Publishes the daemon's part of the status for readers. Called after every change of
     /// the state, so it also tells the MLLP relay each service's active listener.
     fn publish(&self) {
+        if let Some(p) = &self.pair {
+            p.publish(&self.state);
+        }
         self.sync_mllp();
         self.board.publish(self.published());
         self.passive.watch(self.passive_watches());
@@ -908,6 +1015,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     let mut mllp_rx = d.mllp_failures.take();
+    let mut peer_rx = d.peer_control.take();
     let endpoints = start_endpoints(&d, &ctl_tx);
     let console = match &d.cfg.console {
         Some(c) => Some(
@@ -957,6 +1065,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             } => d.on_mllp_failure(f),
+            Some(c) = async {
+                match peer_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => d.on_peer_control(c),
             Some(msg) = ctl_rx.recv() => {
                 let reload = msg.request == Request::Reload;
                 if reload {

@@ -15,6 +15,7 @@
 //! | [`daemon`] | `balancer run`: the loop, health events, the API, signals |
 //! | [`flow_expiry`] | idle flows leave the flow table |
 //! | [`ha`] | one balancer of a pair: its VRRP role, the track file, following the active peer |
+//! | [`pair`] | the pair's sync tasks: flows and control state mirrored over the authenticated channel |
 
 pub mod apply;
 pub mod checks;
@@ -26,6 +27,7 @@ pub mod flow_expiry;
 pub mod ha;
 pub mod maps;
 pub mod operator;
+pub mod pair;
 pub mod passive;
 pub mod plan;
 pub mod state;

@@ -349,6 +349,24 @@ impl Pair {
             .store(Arc::new(control_of(&crate::control::ha::view(state))));
     }
 
+    /// What the status board calls to read the pair's part of the status.
+    pub fn status_source(
+        &self,
+        pin: &std::path::Path,
+    ) -> anyhow::Result<crate::control::status::HaSource> {
+        let shared = self.shared.clone();
+        let link = self.link.clone();
+        let peer = self.cfg.peer;
+        let dp = Mutex::new(Dataplane::open_pinned(pin)?);
+        Ok(Arc::new(move || {
+            let dropped = dp
+                .lock()
+                .map(|d| d.mirror_counters().dropped)
+                .unwrap_or(0);
+            shared.status(&link, peer, dropped)
+        }))
+    }
+
     /// Whether the peer was heard within three advert intervals (at least one second).
     pub fn peer_alive(&self) -> Option<String> {
         let p = self

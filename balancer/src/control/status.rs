@@ -40,8 +40,12 @@ pub struct StatusBoard {
     backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     l7: Option<balancer_l7::MetricsHandle>,
     mllp: Option<balancer_mllp::MetricsHandle>,
+    ha: Option<HaSource>,
     started: Instant,
 }
+
+/// Reads the pair's part of the status (role, peer, mirror counters) when asked.
+pub type HaSource = Arc<dyn Fn() -> crate::api::protocol::HaStatus + Send + Sync>;
 
 impl std::fmt::Debug for StatusBoard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +62,7 @@ impl StatusBoard {
         backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
         l7: Option<balancer_l7::MetricsHandle>,
         mllp: Option<balancer_mllp::MetricsHandle>,
+        ha: Option<HaSource>,
         started: Instant,
     ) -> Self {
         StatusBoard {
@@ -67,6 +72,7 @@ impl StatusBoard {
             backend_flows,
             l7,
             mllp,
+            ha,
             started,
         }
     }
@@ -123,6 +129,9 @@ impl StatusBoard {
             .mllp
             .as_ref()
             .map(balancer_mllp::MetricsHandle::snapshot);
+        if let Some(ha) = &self.ha {
+            s.ha = Some(ha());
+        }
         s
     }
 }
