@@ -51,6 +51,7 @@
 
 mod bins;
 mod lab;
+pub mod pair;
 mod process;
 pub mod report;
 pub mod wire;

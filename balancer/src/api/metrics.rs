@@ -710,17 +710,61 @@ fn register_ha(reg: &mut Registry, ha: &crate::api::protocol::HaStatus) {
     }
     let m = &ha.mirror;
     let counters: [(&str, &str, u64); 11] = [
-        ("ha_mirror_flows_sent", "New flows sent to the peer", m.flows_sent),
-        ("ha_mirror_flows_applied", "Flows of the peer installed here", m.flows_applied),
-        ("ha_mirror_flows_unknown", "Flows of the peer with no service or backend here", m.flows_unknown),
-        ("ha_mirror_deletes_sent", "Expired flows sent to the peer", m.deletes_sent),
-        ("ha_mirror_deletes_applied", "Expired flows of the peer removed here", m.deletes_applied),
-        ("ha_mirror_resyncs_sent", "Full resync passes sent", m.resyncs_sent),
-        ("ha_mirror_resyncs_received", "Full resync passes received", m.resyncs_received),
-        ("ha_mirror_events_dropped", "New-flow events the program could not queue (ring buffer full)", m.events_dropped),
-        ("ha_sync_messages_sent", "Sync messages sent", m.messages_sent),
-        ("ha_sync_messages_accepted", "Sync messages received and accepted", m.messages_accepted),
-        ("ha_sync_lost", "Sync messages of the peer that never arrived", m.lost),
+        (
+            "ha_mirror_flows_sent",
+            "New flows sent to the peer",
+            m.flows_sent,
+        ),
+        (
+            "ha_mirror_flows_applied",
+            "Flows of the peer installed here",
+            m.flows_applied,
+        ),
+        (
+            "ha_mirror_flows_unknown",
+            "Flows of the peer with no service or backend here",
+            m.flows_unknown,
+        ),
+        (
+            "ha_mirror_deletes_sent",
+            "Expired flows sent to the peer",
+            m.deletes_sent,
+        ),
+        (
+            "ha_mirror_deletes_applied",
+            "Expired flows of the peer removed here",
+            m.deletes_applied,
+        ),
+        (
+            "ha_mirror_resyncs_sent",
+            "Full resync passes sent",
+            m.resyncs_sent,
+        ),
+        (
+            "ha_mirror_resyncs_received",
+            "Full resync passes received",
+            m.resyncs_received,
+        ),
+        (
+            "ha_mirror_events_dropped",
+            "New-flow events the program could not queue (ring buffer full)",
+            m.events_dropped,
+        ),
+        (
+            "ha_sync_messages_sent",
+            "Sync messages sent",
+            m.messages_sent,
+        ),
+        (
+            "ha_sync_messages_accepted",
+            "Sync messages received and accepted",
+            m.messages_accepted,
+        ),
+        (
+            "ha_sync_lost",
+            "Sync messages of the peer that never arrived",
+            m.lost,
+        ),
     ];
     for (name, help, v) in counters {
         let c = Counter::<u64>::default();
@@ -738,7 +782,11 @@ fn register_ha(reg: &mut Registry, ha: &crate::api::protocol::HaStatus) {
             .get_or_create(&vec![("reason", reason.to_string())])
             .inc_by(v);
     }
-    reg.register("ha_sync_dropped", "Sync datagrams dropped, by reason", dropped);
+    reg.register(
+        "ha_sync_dropped",
+        "Sync datagrams dropped, by reason",
+        dropped,
+    );
     let lag = Gauge::<i64>::default();
     lag.set(i64::try_from(m.lag_messages).unwrap_or(i64::MAX));
     reg.register(

@@ -712,16 +712,17 @@ impl Daemon {
                     self.state.active_change(service, *backend),
                 ),
             };
-            match change.map_err(|e| e.to_string()).and_then(|c| {
-                self.state
-                    .set(&mut self.dp, c)
-                    .map_err(|e| e.to_string())
-            }) {
+            match change
+                .map_err(|e| e.to_string())
+                .and_then(|c| self.state.set(&mut self.dp, c).map_err(|e| e.to_string()))
+            {
                 Ok(ev) => {
                     self.note(ev);
                     info!(service = %service, backend = %backend, change = ?f, "following the active peer");
                 }
-                Err(e) => warn!(service = %service, backend = %backend, error = %e, "cannot follow the active peer"),
+                Err(e) => {
+                    warn!(service = %service, backend = %backend, error = %e, "cannot follow the active peer")
+                }
             }
         }
         if admin_changed {

@@ -318,7 +318,11 @@ impl Pair {
             installer,
             control,
         )));
-        tasks.push(tokio::spawn(send_deletes(link.clone(), shared.clone(), deletes)));
+        tasks.push(tokio::spawn(send_deletes(
+            link.clone(),
+            shared.clone(),
+            deletes,
+        )));
         info!(bind = %cfg.bind, peer = %cfg.peer, "pair sync channel bound");
         Ok(Pair {
             link,
@@ -359,10 +363,7 @@ impl Pair {
         let peer = self.cfg.peer;
         let dp = Mutex::new(Dataplane::open_pinned(pin)?);
         Ok(Arc::new(move || {
-            let dropped = dp
-                .lock()
-                .map(|d| d.mirror_counters().dropped)
-                .unwrap_or(0);
+            let dropped = dp.lock().map(|d| d.mirror_counters().dropped).unwrap_or(0);
             shared.status(&link, peer, dropped)
         }))
     }
@@ -548,7 +549,12 @@ async fn resyncs(link: Arc<Link>, shared: Arc<Shared>, pin: std::path::PathBuf, 
             })
             .await;
         shared.counters.resyncs_sent.fetch_add(1, Ordering::Relaxed);
-        debug!(generation, flows = records.len(), ms = t0.elapsed().as_millis() as u64, "pair sync: resync pass sent");
+        debug!(
+            generation,
+            flows = records.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "pair sync: resync pass sent"
+        );
     }
 }
 
@@ -672,7 +678,10 @@ async fn receive(
                     shared.resync.notify_one();
                 }
             }
-            Body::ResyncDone { generation, records } => {
+            Body::ResyncDone {
+                generation,
+                records,
+            } => {
                 touch_peer(&shared);
                 shared
                     .counters
@@ -691,9 +700,5 @@ async fn receive(
 }
 
 fn touch_peer(shared: &Shared) {
-    shared
-        .peer
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .heard = Some(Instant::now());
+    shared.peer.lock().unwrap_or_else(|e| e.into_inner()).heard = Some(Instant::now());
 }
