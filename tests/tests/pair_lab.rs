@@ -146,3 +146,82 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     // Patient data never reaches a log.
     assert!(!logs.contains("DOE^JANE"), "a patient name is in a log");
 }
+
+/// Runs a scapy snippet in `host` (Debian's python3-scapy).
+fn scapy(lab: &Lab, host: Host, code: &str) -> String {
+    lab.exec(host, &["python3", "-c", code])
+        .unwrap_or_else(|e| panic!("scapy in {host}: {e:#}"))
+}
+
+fn mirror_counter(lab: &Lab, n: &Node, field: &str) -> u64 {
+    n.status(lab)
+        .and_then(|s| s["ha"]["mirror"][field].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn forged_and_replayed_sync_messages_are_dropped_and_counted() {
+    let lab = Lab::with_config(LabConfig {
+        backends: 3,
+        peer: true,
+        ..LabConfig::default()
+    })
+    .expect("lab");
+    let _servers = prepare_backends(&lab).expect("backends");
+    let key = key_file(&lab).expect("key");
+    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
+    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
+    start_pair(&lab, &mut a, &mut b).expect("pair");
+    let role_b = b.role(&lab);
+    let applied = mirror_counter(&lab, &b, "flows_applied");
+    // A forged datagram with the peer's source address (the sync header, a body, a tag that
+    // is not the key's), sent from the client's namespace: dropped for its MAC.
+    scapy(
+        &lab,
+        Host::Client,
+        "from scapy.all import *\n\
+         body = b'BLBS' + bytes([1,0,0,0]) + (2**62).to_bytes(8,'big') + (1).to_bytes(8,'big') + b'\\x03' + bytes(32)\n\
+         send(IP(src='10.77.0.1', dst='10.77.0.3')/UDP(sport=7946, dport=7946)/Raw(body), verbose=0)",
+    );
+    // A real datagram of lb1, captured on the switch and sent again: dropped as a replay.
+    scapy(
+        &lab,
+        Host::Switch,
+        "from scapy.all import *\n\
+         p = sniff(iface='lb', filter='udp and src host 10.77.0.1 and dst port 7946', count=1, timeout=5)\n\
+         assert len(p) == 1, 'no sync datagram seen'\n\
+         sendp(p[0], iface='lb2', verbose=0)",
+    );
+    // From an address that is not the peer's: dropped before its MAC is even checked.
+    scapy(
+        &lab,
+        Host::Client,
+        "from scapy.all import *\n\
+         send(IP(dst='10.77.0.3')/UDP(sport=7946, dport=7946)/Raw(b'BLBS' + bytes(80)), verbose=0)",
+    );
+    let t0 = std::time::Instant::now();
+    let (mut auth, mut replay, mut foreign) = (0, 0, 0);
+    while t0.elapsed() < Duration::from_secs(5) {
+        auth = mirror_counter(&lab, &b, "dropped_auth");
+        replay = mirror_counter(&lab, &b, "dropped_replay");
+        foreign = mirror_counter(&lab, &b, "dropped_foreign");
+        if auth >= 1 && replay >= 1 && foreign >= 1 {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let logs = b.logs();
+    assert!(auth >= 1, "forged datagram not counted\n{logs}");
+    assert!(replay >= 1, "replayed datagram not counted\n{logs}");
+    assert!(foreign >= 1, "foreign datagram not counted\n{logs}");
+    assert_eq!(b.role(&lab), role_b, "the standby's role changed");
+    assert_eq!(
+        mirror_counter(&lab, &b, "flows_applied"),
+        applied,
+        "a dropped datagram installed flows"
+    );
+    assert!(
+        logs.contains("pair sync") && !logs.contains("BLBS"),
+        "drops are logged without content\n{logs}"
+    );
+}

@@ -80,7 +80,9 @@ pub fn run() -> Result<()> {
     };
     std::thread::sleep(Duration::from_secs(2));
     pair::wait_mirrored(&lab, &b, 2, Duration::from_secs(5))?;
-    println!("  a NAT stream (a chunk every 20 ms) and an HL7 sender (a message every 20 ms) run through the VIP");
+    println!(
+        "  a NAT stream (a chunk every 20 ms) and an HL7 sender (a message every 20 ms) run through the VIP"
+    );
     println!("  kill -9 of lb1's controller and keepalived ...");
     if let Some(p) = a.balancer.as_mut() {
         p.kill9();
@@ -101,9 +103,8 @@ pub fn run() -> Result<()> {
     println!("  lb1 restarted: standby (no preemption)");
     let s = stream_report(stream, Duration::from_secs(60))?;
     let done = hl7.wait_output(Duration::from_secs(60))?;
-    let h: serde_json::Value =
-        serde_json::from_str(done.stdout.lines().last().unwrap_or_default())
-            .context("the HL7 sender's report")?;
+    let h: serde_json::Value = serde_json::from_str(done.stdout.lines().last().unwrap_or_default())
+        .context("the HL7 sender's report")?;
     println!(
         "  NAT stream: {} ({} chunks, slowest round trip {} ms)",
         if s.ok {
