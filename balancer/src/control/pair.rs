@@ -702,3 +702,96 @@ async fn receive(
 fn touch_peer(shared: &Shared) {
     shared.peer.lock().unwrap_or_else(|e| e.into_inner()).heard = Some(Instant::now());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::fake::Rig;
+
+    const TWO: &str = r#"
+[[service]]
+name = "hl7"
+vip = "10.77.0.100:6661"
+scheduler = "failover"
+backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
+
+[[service]]
+name = "dsr"
+vip = "10.77.0.101:7002"
+forwarding = "dsr"
+backends = [ { address = "10.77.0.11:7002" } ]
+"#;
+
+    #[test]
+    fn control_state_survives_the_wire_both_ways() {
+        let mut rig = Rig::new();
+        rig.reload(TWO).expect("applies");
+        rig.set_admin("hl7", "10.77.0.12:6661", AdminState::Drain);
+        let view = crate::control::ha::view(rig.state());
+        let wire = control_of(&view);
+        assert_eq!(wire[0].active.as_deref(), Some("10.77.0.11:6661"));
+        assert_eq!(peer_services(&wire), view);
+        // A name this balancer cannot parse is skipped, not misread.
+        let mut bad = wire.clone();
+        bad[0].active = Some("listener-a".into());
+        assert_eq!(peer_services(&bad)[0].active, None);
+    }
+
+    #[test]
+    fn translation_finds_this_balancers_slots_by_backend_identity() {
+        let mut rig = Rig::new();
+        rig.reload(TWO).expect("applies");
+        let t = Translation::of(rig.state());
+        let hl7 = rig.service("hl7");
+        let (id, backends) = &t.services[&hl7.key];
+        assert_eq!(*id, hl7.id);
+        let b = &hl7.backends[1];
+        let addr = crate::host::net::addr16(b.address.ip());
+        assert_eq!(
+            backends.get(&(addr, 6661u16.to_be())),
+            Some(&(b.slot, b.generation))
+        );
+        // A DSR flow names the VIP port, which is also the backend's.
+        let dsr = rig.service("dsr");
+        let (_, backends) = &t.services[&dsr.key];
+        assert!(backends.contains_key(&(
+            crate::host::net::addr16(dsr.backends[0].address.ip()),
+            7002u16.to_be()
+        )));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let m = MirroredFlow {
+            src: [1; 16],
+            dst: [2; 16],
+            sport: 1,
+            dport: 2,
+            proto: 6,
+            new_src: [3; 16],
+            new_dst: [4; 16],
+            new_sport: 3,
+            new_dport: 4,
+            flags: 5,
+            idle_secs: 6,
+        };
+        let r = record_of(&m);
+        assert_eq!(mirrored_of(&r), m);
+        assert_eq!(
+            key_of(&r.id()),
+            FlowKey {
+                src: [1; 16],
+                dst: [2; 16],
+                sport: 1,
+                dport: 2,
+                proto: 6,
+                pad: [0; 3]
+            }
+        );
+        assert_eq!(id_of(&key_of(&r.id())), r.id());
+        for role in [Role::Unknown, Role::Active, Role::Standby, Role::Fault] {
+            assert_eq!(role_of(role_code(role)), role);
+            assert_eq!(our_role(wire_role(role)), role);
+        }
+    }
+}
