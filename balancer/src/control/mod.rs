@@ -14,6 +14,7 @@
 //! | [`status`] | the status snapshot readers get without waiting for the loop |
 //! | [`daemon`] | `balancer run`: the loop, health events, the API, signals |
 //! | [`flow_expiry`] | idle flows leave the flow table |
+//! | [`mirror`] | flows of the HA pair's other balancer, translated to this one's numbering |
 
 pub mod apply;
 pub mod checks;
@@ -23,6 +24,7 @@ pub mod failover;
 mod fake;
 pub mod flow_expiry;
 pub mod maps;
+pub mod mirror;
 pub mod operator;
 pub mod passive;
 pub mod plan;
