@@ -59,6 +59,17 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
         if e.flags & FLOW_F_HALF_OPEN != 0 && p.tcp_flags & TCP_SYN == 0 {
             e.flags &= !FLOW_F_HALF_OPEN;
         }
+        // Installed by the controller without a next hop: the way back is the way this
+        // packet came, as for a restored entry.
+        if e.flags & FLOW_F_NEXTHOP == 0 {
+            e.ifindex = x.ingress();
+            e.smac = p.dst_mac;
+            e.dmac = p.src_mac;
+            if e.peer_ifindex == 0 {
+                e.peer_ifindex = peer_ifindex(x, p, f);
+            }
+            e.flags |= FLOW_F_NEXTHOP;
+        }
         return Ok(Pair::Intact);
     }
     let reply = &mut scratch.reply;

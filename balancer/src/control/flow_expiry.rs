@@ -75,6 +75,8 @@ pub struct Sweep {
     /// Established flows that stay (not closing, not half-open), by backend slot: what a
     /// drain leaves on a backend.
     pub kept: BTreeMap<u32, u64>,
+    /// Keys of the forward entries removed (the HA mirror deletes them on the standby too).
+    pub removed_forward: Vec<FlowKey>,
 }
 
 /// Why a flow leaves the table.
@@ -153,6 +155,9 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
         let Some(why) = why else { continue };
         let _ = flows.remove(&k);
         s.entries_removed += 1;
+        if f.flags & FLOW_F_FORWARD != 0 {
+            s.removed_forward.push(k);
+        }
         if let Some(rk) = pair {
             let _ = flows.remove(&rk);
             s.entries_removed += 1;

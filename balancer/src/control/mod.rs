@@ -16,6 +16,7 @@
 //! | [`flow_expiry`] | idle flows leave the flow table |
 //! | [`ha`] | one balancer of a pair: its VRRP role, the track file, following the active peer |
 //! | [`pair`] | the pair's sync tasks: flows and control state mirrored over the authenticated channel |
+//! | [`mirror`] | flows of the HA pair's other balancer, translated to this one's numbering |
 
 pub mod apply;
 pub mod checks;
@@ -26,6 +27,7 @@ mod fake;
 pub mod flow_expiry;
 pub mod ha;
 pub mod maps;
+pub mod mirror;
 pub mod operator;
 pub mod pair;
 pub mod passive;
