@@ -192,11 +192,13 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts sweeping the flow table pinned under `pin_dir` every `every`.
+    /// Starts sweeping the flow table pinned under `pin_dir` every `every`; the forward keys
+    /// of removed flows go to `removed` (the pair's mirror), when given.
     pub fn start(
         pin_dir: &Path,
         timeouts: Arc<std::sync::Mutex<Timeouts>>,
         every: Duration,
+        removed: Option<tokio::sync::mpsc::UnboundedSender<Vec<FlowKey>>>,
     ) -> anyhow::Result<Self> {
         let data =
             MapData::from_pin(pin_dir.join(MAP_FLOWS)).context("opening the pinned flow table")?;
@@ -220,6 +222,12 @@ impl Collector {
                         Ordering::Relaxed,
                     );
                     kp.store(Arc::new(std::mem::take(&mut s.kept)));
+                    // The pair's active balancer tells its standby what expired.
+                    if let Some(tx) = &removed
+                        && !s.removed_forward.is_empty()
+                    {
+                        let _ = tx.send(std::mem::take(&mut s.removed_forward));
+                    }
                     if s.closed + s.idle > 0 {
                         debug!(
                             seen = s.seen,

@@ -20,7 +20,7 @@
 //! resync repairs them.
 
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
@@ -52,17 +52,19 @@ const RESYNC_BURST: usize = 16;
 /// How this balancer finds its own service id and backend slot for a peer's flow.
 #[derive(Debug, Default, Clone)]
 pub struct Translation {
-    /// Service key → (service id, [(backend address, backend port in network order) →
-    /// (slot, generation)]).
-    services: BTreeMap<ServiceKey, (u32, BTreeMap<([u8; 16], u16), (u32, u32)>)>,
+    /// Service key → service id.
+    services: HashMap<ServiceKey, u32>,
+    /// Service id → (backend address, backend port in network order) → (slot, generation).
+    backends: HashMap<u32, HashMap<([u8; 16], u16), (u32, u32)>>,
 }
 
 impl Translation {
     /// From the state in force.
     pub fn of(state: &State) -> Translation {
-        let mut services = BTreeMap::new();
+        let mut services = HashMap::new();
+        let mut by_id = HashMap::new();
         for s in state.services.values() {
-            let mut backends = BTreeMap::new();
+            let mut backends = HashMap::new();
             for b in &s.backends {
                 let addr = crate::host::net::addr16(b.address.ip());
                 backends.insert((addr, b.address.port().to_be()), (b.slot, b.generation));
@@ -71,9 +73,13 @@ impl Translation {
                     .entry((addr, s.spec.vip.port().to_be()))
                     .or_insert((b.slot, b.generation));
             }
-            services.insert(s.key, (s.id, backends));
+            services.insert(s.key, s.id);
+            by_id.insert(s.id, backends);
         }
-        Translation { services }
+        Translation {
+            services,
+            backends: by_id,
+        }
     }
 }
 
@@ -444,7 +450,12 @@ async fn events(
     shared: Arc<Shared>,
     reader: crate::dataplane::mirror::MirrorReader,
 ) {
-    let fd = match tokio::io::unix::AsyncFd::new(reader) {
+    // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
+    // the reader's lifetime (the AsyncFd owns the reader).
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE)
+    };
+    let fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
             warn!(error = %e, "pair sync: cannot wait on the mirror ring buffer; new flows reach the peer with the resyncs only");
@@ -623,12 +634,11 @@ async fn receive(
                 let mut unknown = 0u64;
                 for r in &records {
                     let m = mirrored_of(r);
-                    let svc = |k: &ServiceKey| t.services.get(k).map(|(id, _)| *id);
+                    let svc = |k: &ServiceKey| t.services.get(k).copied();
                     let be = |id: u32, addr: &[u8; 16], port: u16| {
-                        t.services
-                            .values()
-                            .find(|(sid, _)| *sid == id)
-                            .and_then(|(_, b)| b.get(&(*addr, port)).copied())
+                        t.backends
+                            .get(&id)
+                            .and_then(|b| b.get(&(*addr, port)).copied())
                     };
                     match mirror::entries(&m, &svc, &be, now) {
                         Some(e) => entries.extend(e),
@@ -659,8 +669,14 @@ async fn receive(
                 for id in &ids {
                     let key = key_of(id);
                     if let Some(f) = dp.flow(&key) {
-                        if let Some(rkey) = mirror::reply_key(&key, &f) {
-                            let _ = dp.remove_flow(&rkey);
+                        if f.flags & balancer_common::FLOW_F_DSR == 0 {
+                            let rkey = crate::control::flow_expiry::reply_key(&f, key.proto);
+                            // Only this flow's own reply entry.
+                            if dp.flow(&rkey).is_some_and(|r| {
+                                r.new_dst == key.src && r.new_dport == key.sport
+                            }) {
+                                let _ = dp.remove_flow(&rkey);
+                            }
                         }
                         if dp.remove_flow(&key).is_ok() {
                             n += 1;
@@ -743,8 +759,9 @@ backends = [ { address = "10.77.0.11:7002" } ]
         rig.reload(TWO).expect("applies");
         let t = Translation::of(rig.state());
         let hl7 = rig.service("hl7");
-        let (id, backends) = &t.services[&hl7.key];
-        assert_eq!(*id, hl7.id);
+        let id = t.services[&hl7.key];
+        assert_eq!(id, hl7.id);
+        let backends = &t.backends[&id];
         let b = &hl7.backends[1];
         let addr = crate::host::net::addr16(b.address.ip());
         assert_eq!(
@@ -753,7 +770,7 @@ backends = [ { address = "10.77.0.11:7002" } ]
         );
         // A DSR flow names the VIP port, which is also the backend's.
         let dsr = rig.service("dsr");
-        let (_, backends) = &t.services[&dsr.key];
+        let backends = &t.backends[&t.services[&dsr.key]];
         assert!(backends.contains_key(&(
             crate::host::net::addr16(dsr.backends[0].address.ip()),
             7002u16.to_be()

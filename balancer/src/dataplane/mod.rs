@@ -563,7 +563,12 @@ impl Dataplane {
         self.flows.iter().filter_map(Result::ok).collect()
     }
 
-    /// Removes one flow-table entry (tests: one half of a flow lost).
+    /// One flow-table entry, if present.
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// Removes one flow-table entry (a mirrored delete; tests: one half of a flow lost).
     pub fn remove_flow(&mut self, key: &FlowKey) -> anyhow::Result<()> {
         self.flows.remove(key)?;
         Ok(())
