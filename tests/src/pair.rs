@@ -35,6 +35,8 @@ pub struct Node {
     pub balancer: Option<BalancerProc>,
     /// keepalived, while it runs.
     pub keepalived: Option<LabChild>,
+    /// keepalived starts so far.
+    starts: u32,
 }
 
 /// The pair's config for `node` (own and peer addresses), and its control socket.
@@ -45,7 +47,11 @@ pub fn config(
     peer: Ipv4Addr,
     key: &Path,
 ) -> (String, PathBuf) {
-    let socket = lab.dir().join(format!("{node}.sock"));
+    // A directory per node: the role and keepalived track files live beside the socket, as
+    // /run/balancer does on each machine.
+    let dir = lab.dir().join(node);
+    let _ = std::fs::create_dir_all(&dir);
+    let socket = dir.join("control.sock");
     let text = format!(
         r#"
 [dataplane]
@@ -108,6 +114,7 @@ impl Node {
             socket,
             balancer: None,
             keepalived: None,
+            starts: 0,
         })
     }
 
@@ -137,8 +144,12 @@ impl Node {
             )
             .context("balancer ha keepalived-conf")?;
         let path = lab.write_file(&format!("keepalived-{}.conf", self.name), &conf)?;
-        let pid = lab.dir().join(format!("keepalived-{}.pid", self.name));
-        let vrrp_pid = lab.dir().join(format!("keepalived-{}-vrrp.pid", self.name));
+        // Fresh pid files each start: a killed keepalived's files must not stop the next one.
+        self.starts += 1;
+        let pid = lab
+            .dir()
+            .join(format!("keepalived-{}-{}.pid", self.name, self.starts));
+        let vrrp_pid = self.vrrp_pid(lab);
         let args = [
             "keepalived".to_string(),
             "--dont-fork".into(),
@@ -152,6 +163,28 @@ impl Node {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.keepalived = Some(lab.spawn(self.host, &args)?);
         Ok(())
+    }
+
+    fn vrrp_pid(&self, lab: &Lab) -> PathBuf {
+        lab.dir()
+            .join(format!("keepalived-{}-{}-vrrp.pid", self.name, self.starts))
+    }
+
+    /// `kill -9` of keepalived: its VRRP child first, then the parent (no clean-up, the
+    /// addresses stay on the interface).
+    pub fn kill_keepalived(&mut self, lab: &Lab) {
+        if let Ok(pid) = std::fs::read_to_string(self.vrrp_pid(lab))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            // SAFETY: plain kill(2) of a process this lab started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        if let Some(k) = self.keepalived.as_mut() {
+            k.kill();
+        }
+        self.keepalived = None;
     }
 
     /// `balancer status --json`, if it answers.

@@ -72,9 +72,7 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     let mut new_conns_failed = 0;
     // 1. kill -9 of the active's controller and keepalived.
     a.balancer.as_mut().expect("a").kill9();
-    if let Some(k) = a.keepalived.as_mut() {
-        k.kill();
-    }
+    a.kill_keepalived(&lab);
     // keepalived was killed too: the addresses stay on its interface until it is restarted.
     takeovers.push((
         "kill -9",
@@ -82,7 +80,6 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     ));
     // systemd restarts both: the old active comes back as standby (no preemption) and
     // keepalived takes the addresses it left behind off its interface.
-    a.keepalived = None;
     a.start_balancer(&lab).expect("restart");
     a.start_keepalived(&lab).expect("restart keepalived");
     wait_role(&lab, &a, "standby", Duration::from_secs(10)).expect("standby");
@@ -149,7 +146,7 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
 
 /// Runs a scapy snippet in `host` (Debian's python3-scapy).
 fn scapy(lab: &Lab, host: Host, code: &str) -> String {
-    lab.exec(host, &["python3", "-c", code])
+    lab.exec(host, &["/usr/bin/python3", "-c", code])
         .unwrap_or_else(|e| panic!("scapy in {host}: {e:#}"))
 }
 

@@ -87,16 +87,13 @@ pub fn run() -> Result<()> {
     if let Some(p) = a.balancer.as_mut() {
         p.kill9();
     }
-    if let Some(k) = a.keepalived.as_mut() {
-        k.kill();
-    }
+    a.kill_keepalived(&lab);
     let took = pair::wait_active(&lab, &b, &a, false, Duration::from_secs(5))?;
     println!(
         "  lb2 active and holding the VIP {} ms later",
         took.as_millis()
     );
     // As systemd would: both come back, lb1 as standby (no preemption).
-    a.keepalived = None;
     a.start_balancer(&lab)?;
     a.start_keepalived(&lab)?;
     pair::wait_role(&lab, &a, "standby", Duration::from_secs(10))?;

@@ -672,9 +672,10 @@ async fn receive(
                         if f.flags & balancer_common::FLOW_F_DSR == 0 {
                             let rkey = crate::control::flow_expiry::reply_key(&f, key.proto);
                             // Only this flow's own reply entry.
-                            if dp.flow(&rkey).is_some_and(|r| {
-                                r.new_dst == key.src && r.new_dport == key.sport
-                            }) {
+                            if dp
+                                .flow(&rkey)
+                                .is_some_and(|r| r.new_dst == key.src && r.new_dport == key.sport)
+                            {
                                 let _ = dp.remove_flow(&rkey);
                             }
                         }
