@@ -88,10 +88,14 @@ bind = "{own}:7946"
 peer = "{peer}:7946"
 key_file = "{key}"
 advert_interval = "100ms"
+priority = {priority}
 resync_interval = "5s"
 "#,
         socket = socket.display(),
         key = key.display(),
+        // Different priorities: with equal ones VRRP breaks the tie by the higher address,
+        // which then takes over whenever it returns, nopreempt or not.
+        priority = if own.octets()[3] == 1 { 150 } else { 100 },
     );
     (text, socket)
 }

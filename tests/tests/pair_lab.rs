@@ -44,10 +44,10 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
 
     // Long-lived flows through the VIPs for the whole test.
     let seconds = 45.0;
-    let nat = lab
+    let mut nat = lab
         .spawn_stream(vip4(7002), seconds, 20)
         .expect("nat stream");
-    let dsr = lab
+    let mut dsr = lab
         .spawn_stream(SocketAddr::new(DSR_VIP.into(), 7002), seconds, 20)
         .expect("dsr stream");
     let hl7 = {
@@ -67,6 +67,25 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     // The standby has the streams' flows before anything fails.
     sleep(Duration::from_secs(2));
     wait_mirrored(&lab, &b, 3, Duration::from_secs(5)).expect("mirrored");
+    // Drain the streams' backends on the active balancer: the standby follows, both rings
+    // leave them out, so after a takeover only the mirrored flow entries keep the streams on
+    // their backends (a balancer without them would hash the flows to another backend).
+    for (stream, service) in [(&mut nat, "web"), (&mut dsr, "web-dsr")] {
+        let backend = stream_backend(stream);
+        let addr = format!("10.77.0.1{}:7002", &backend[2..]);
+        lab.balancer_cli_on(
+            a.host,
+            &[
+                "drain",
+                service,
+                &addr,
+                "--socket",
+                &a.socket.to_string_lossy(),
+            ],
+        )
+        .expect("drain");
+        wait_admin(&lab, &b, service, &addr, "drain");
+    }
 
     let mut takeovers = Vec::new();
     let mut new_conns_failed = 0;
@@ -142,6 +161,44 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     assert_eq!(new_conns_failed, 0, "new connections failed\n{logs}");
     // Patient data never reaches a log.
     assert!(!logs.contains("DOE^JANE"), "a patient name is in a log");
+}
+
+/// The backend a stream connected to (`be<i>`), from its first line.
+fn stream_backend(stream: &mut LabChild) -> String {
+    stream
+        .wait_for_output("stream connected to ", Duration::from_secs(10))
+        .expect("stream connected");
+    let err = stream.stderr();
+    err.lines()
+        .find_map(|l| l.strip_prefix("stream connected to "))
+        .map(|b| b.trim().to_string())
+        .expect("backend name")
+}
+
+/// Waits until `node`'s status shows `backend` of `service` in operator state `admin`.
+fn wait_admin(lab: &Lab, node: &Node, service: &str, backend: &str, admin: &str) {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        let got = node.status(lab).and_then(|s| {
+            s["services"]
+                .as_array()?
+                .iter()
+                .find(|x| x["name"] == service)?["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == backend)
+                .and_then(|b| b["admin"].as_str().map(str::to_string))
+        });
+        if got.as_deref() == Some(admin) {
+            return;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{} does not show {service} {backend} as {admin}\n{}",
+        node.name,
+        node.logs()
+    );
 }
 
 /// Runs a scapy snippet in `host` (Debian's python3-scapy).

@@ -34,7 +34,9 @@ pub struct HaSection {
     #[serde(default = "default_vrid")]
     pub virtual_router_id: u8,
     /// VRRP priority of this balancer (1–254). With `nopreempt` (the default) the first to
-    /// start is master and a returning balancer does not take the addresses back.
+    /// start is master and a returning balancer does not take the addresses back, provided
+    /// the two priorities differ (equal ones are broken by the higher address, which then
+    /// always wins).
     #[serde(default = "default_priority")]
     pub priority: u8,
     /// VRRPv3 advertisement interval (10 ms steps, at least 10 ms): the master is declared
