@@ -230,7 +230,15 @@ pub struct Flow {
     /// hop's, or the trunk of a tagged flow); a reply from another interface is dropped.
     /// Zero in forward entries.
     pub peer_ifindex: u32,
+    /// Monotonic second the cached next hop was resolved (the FIB answer's time): a forward
+    /// entry's next hop is resolved again on its first packet [`NEXTHOP_TTL_SECS`] later, so
+    /// an established flow follows a changed route or MAC.
+    pub nh_time: u32,
 }
+
+/// Seconds a FIB answer is used: the per-backend cache of new flows, and a forward entry's
+/// cached next hop.
+pub const NEXTHOP_TTL_SECS: u32 = 5;
 
 /// Per-CPU traffic counters of a service or a backend.
 #[repr(C)]
@@ -513,10 +521,10 @@ mod tests {
         assert_eq!(size_of::<Service>(), 44);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 76);
+        assert_eq!(size_of::<Flow>(), 80);
         assert_eq!(size_of::<Counters>(), 56);
         assert_eq!(size_of::<Globals>(), 20);
-        assert_eq!(size_of::<MirrorEvent>(), 116);
+        assert_eq!(size_of::<MirrorEvent>(), 120);
         assert_eq!(size_of::<MirrorCounters>(), 16);
     }
 

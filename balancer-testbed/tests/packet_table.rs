@@ -21,6 +21,8 @@ use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 mod icmp;
 #[path = "packet_table/mirror.rs"]
 mod mirror;
+#[path = "packet_table/nexthop.rs"]
+mod nexthop;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -178,6 +178,7 @@ mod tests {
             dmac: [2; 6],
             atime: 990,
             peer_ifindex: 0,
+            nh_time: 985,
         };
         (key, f)
     }
@@ -240,6 +241,7 @@ mod tests {
                     dmac: [0; 6],
                     atime: 4990,
                     peer_ifindex: 0,
+                    nh_time: 0,
                     ..f
                 },
                 "same rewrite (SNAT port included), this balancer's slot, no next hop"
