@@ -50,6 +50,7 @@
 //! ```
 
 mod bins;
+pub mod ecmp;
 mod lab;
 mod process;
 pub mod report;

@@ -29,6 +29,8 @@
 //! | `mllp_acks_total` | counter | service, listener, code |
 //! | `mllp_listener_{delivered,failures,garbage}_total` | counter | service, listener |
 //! | `mllp_active_listener` (1 for the listener messages go to) | gauge | service, listener |
+//! | `bgp_announced` (1 while BIRD announces the VIP, 0 withdrawn) | gauge | vip |
+//! | `bgp_withdrawn_by_operator`, `bgp_birdc_failures_total` | gauge, counter | |
 
 use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
 
@@ -419,6 +421,9 @@ pub fn render(status: &Status) -> String {
     if let Some(m) = &status.mllp {
         register_mllp(&mut reg, m);
     }
+    if let Some(b) = &status.bgp {
+        register_bgp(&mut reg, b);
+    }
     if !status.l7_backends.is_empty() {
         let up = Gauges::default();
         for b in &status.l7_backends {
@@ -450,6 +455,39 @@ pub fn render(status: &Status) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+/// The BGP announcements: one 0/1 sample per VIP of the config (and any still announced),
+/// the operator's withdraw and the failed `birdc` runs.
+fn register_bgp(reg: &mut Registry, b: &crate::host::bird::BgpStatus) {
+    let announced = Gauges::default();
+    let vips: std::collections::BTreeSet<_> = b.vips.iter().chain(&b.announced).collect();
+    for vip in vips {
+        gauge(
+            &announced,
+            &vec![("vip", vip.to_string())],
+            i64::from(b.announced.contains(vip)),
+        );
+    }
+    reg.register(
+        "bgp_announced",
+        "The VIP is announced to the routers through BIRD (1) or withdrawn (0)",
+        announced,
+    );
+    let withdrawn = Gauge::<i64>::default();
+    withdrawn.set(i64::from(b.withdrawn_by_operator));
+    reg.register(
+        "bgp_withdrawn_by_operator",
+        "The operator withdrew this balancer from BGP (balancer bgp withdraw)",
+        withdrawn,
+    );
+    let failures = Counter::<u64>::default();
+    failures.inc_by(b.failures);
+    reg.register(
+        "bgp_birdc_failures",
+        "Failed updates of BIRD (routes file or birdc configure)",
+        failures,
+    );
 }
 
 /// The L7 proxy's counters: requests by status class and latency buckets per (route, pool),

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::{AdminState, Forwarding, Protocol, Scheduler},
-    control::operator::Verb,
+    control::operator::{BgpVerb, Verb},
     control::state::{BackendHealth, SlotState},
     dataplane::counters::Traffic,
 };
@@ -30,6 +30,11 @@ pub enum Request {
     },
     /// Re-read the config file; a bad file is refused and the running config keeps serving.
     Reload,
+    /// Withdraw or announce this balancer's VIPs (BGP, `[bgp]`).
+    Bgp {
+        /// What to do.
+        verb: BgpVerb,
+    },
 }
 
 /// The daemon's answer: a JSON value, or an error message for the operator.
@@ -129,6 +134,9 @@ pub struct Status {
     /// Expiry of the L7 listeners' certificate files.
     #[serde(default)]
     pub certificates: Vec<CertificateStatus>,
+    /// The BGP announcements, when a `[bgp]` section runs.
+    #[serde(default)]
+    pub bgp: Option<crate::host::bird::BgpStatus>,
 }
 
 /// Sizes from the config that usage is measured against.

@@ -1,6 +1,7 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod bgp;
 pub mod console;
 pub mod controller;
 pub mod dataplane;
@@ -9,6 +10,7 @@ pub mod mllp;
 pub mod passive;
 pub mod service;
 
+pub use bgp::{BgpConfig, BgpSection};
 pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
@@ -54,6 +56,8 @@ pub struct Config {
     pub l7: Option<Spanned<balancer_l7::L7Config>>,
     /// The web console; absent: no console.
     pub console: Option<Spanned<ConsoleSection>>,
+    /// VIP announcement through BIRD (ECMP scale-out); absent: nothing is announced.
+    pub bgp: Option<Spanned<BgpSection>>,
 }
 
 /// A validated file: everything callers read, typed.
@@ -89,6 +93,8 @@ pub struct Validated {
     pub l7: Option<balancer_l7::L7Config>,
     /// The `[console]` section, validated.
     pub console: Option<ConsoleSection>,
+    /// The `[bgp]` section, validated.
+    pub bgp: Option<BgpConfig>,
 }
 
 impl Validated {
@@ -473,6 +479,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         .console
         .as_ref()
         .and_then(|c| console::validate(c, &services, metrics, d));
+    let bgp = raw.bgp.as_ref().and_then(|b| bgp::validate(b, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
             0..0,
@@ -498,6 +505,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         services,
         l7: raw.l7.map(Spanned::into_inner),
         console,
+        bgp,
     }
 }
 

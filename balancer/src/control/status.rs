@@ -40,6 +40,7 @@ pub struct StatusBoard {
     backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     l7: Option<balancer_l7::MetricsHandle>,
     mllp: Option<balancer_mllp::MetricsHandle>,
+    bgp: Option<crate::host::bird::ReportHandle>,
     started: Instant,
 }
 
@@ -67,8 +68,15 @@ impl StatusBoard {
             backend_flows,
             l7,
             mllp,
+            bgp: None,
             started,
         }
+    }
+
+    /// The same board, also reading the BGP driver's results.
+    pub fn with_bgp(mut self, bgp: crate::host::bird::ReportHandle) -> Self {
+        self.bgp = Some(bgp);
+        self
     }
 
     /// Replaces the daemon's part (readers in flight keep the one they loaded).
@@ -118,6 +126,9 @@ impl StatusBoard {
                 b.connect_failures = c.map_or(0, |c| c.connect_failures);
             }
             s.l7 = Some(m);
+        }
+        if let (Some(h), Some(b)) = (&self.bgp, s.bgp.as_mut()) {
+            h.fill(b);
         }
         s.mllp = self
             .mllp

@@ -305,6 +305,7 @@ fn stream_inner(
     let mut got = vec![0u8; chunk];
     while Instant::now() < deadline {
         payloads.fill(&mut sent);
+        let started = Instant::now();
         s.write_all(&sent)
             .with_context(|| format!("sending chunk {}", report.chunks))?;
         read_exact(
@@ -315,6 +316,9 @@ fn stream_inner(
         if got != sent {
             bail!("echo of chunk {} differs", report.chunks);
         }
+        report.max_stall_ms = report
+            .max_stall_ms
+            .max(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         report.chunks += 1;
         report.bytes += chunk as u64;
         thread::sleep(interval);
