@@ -311,6 +311,11 @@ impl EcmpLab {
                 "-w",
                 "net.ipv4.tcp_tw_reuse=1",
                 "net.ipv4.ip_local_port_range=10000 65000",
+                // The router hashes a flow by the hash its skb carries from the client's
+                // socket (one kernel), and TCP picks a new one after a retransmission
+                // timeout: the stream would reroute itself around a lost balancer, which a
+                // real router (hashing the headers) never does.
+                "net.core.txrehash=0",
             ],
         )?;
         // DSR backends: the VIPs on a loopback, no ARP for them, replies via the router.
@@ -638,8 +643,25 @@ impl EcmpLab {
             .unwrap_or(0))
     }
 
-    /// Takes balancer `i`'s link down (no FIN, no RST, no BGP notification: the router
-    /// notices when the hold time runs out).
+    /// Makes balancer `i` vanish silently, as a hung host behind a switch port that stays up:
+    /// the bridge drops every frame from and to its port (nftables, bridge family), so the
+    /// router's frames to its MAC go nowhere, no other host sees them, and no BGP
+    /// notification or TCP reset leaves it; the router notices when the hold time runs out.
+    pub fn blackhole(&self, i: usize) -> Result<()> {
+        let port = EcmpHost::Lb(i).short();
+        let rules = format!(
+            "table bridge blb {{\n  chain blackhole {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"{port}\" drop\n    oifname \"{port}\" drop\n  }}\n}}\n"
+        );
+        let path = self.dir.join(format!("blackhole-{port}.nft"));
+        std::fs::write(&path, rules)?;
+        self.exec(EcmpHost::Switch, &["nft", "-f", &path.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Takes balancer `i`'s link down (no FIN, no RST, no BGP notification). On this lab's
+    /// bridge the port going down flushes its forwarding entries, so frames the router still
+    /// sends to the balancer's MAC are flooded to every port, and the other balancers' XDP
+    /// programs forward them (they do not check the destination MAC).
     pub fn link_down(&self, i: usize) -> Result<()> {
         ip(&[
             "-n",

@@ -36,6 +36,9 @@ pub struct StreamReport {
     /// stream's longest stall.
     #[serde(default)]
     pub max_stall_ms: u64,
+    /// When that chunk was written, in ms since the stream connected.
+    #[serde(default)]
+    pub max_stall_at_ms: u64,
 }
 
 /// `blb-client udp`: datagrams, each answered by header + datagram.
