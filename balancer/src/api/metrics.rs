@@ -823,6 +823,53 @@ mod tests {
     }
 
     #[test]
+    fn bgp_announcements_are_one_sample_per_vip_and_in_the_table() {
+        let mut st = sample_status();
+        assert!(
+            !render(&st).contains("balancer_bgp_"),
+            "no [bgp]: no bgp metrics"
+        );
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        st.bgp = Some(crate::host::bird::BgpStatus {
+            announced: vec![ip("10.77.0.100")],
+            desired: vec![ip("10.77.0.100")],
+            withdrawn_by_operator: false,
+            vips: vec![ip("10.77.0.100"), ip("10.77.0.101")],
+            routes_file: "/etc/bird/balancer-vips.conf".into(),
+            last_result: Some("ok".into()),
+            last_ok: Some(true),
+            last_at: Some(1_900_000_000),
+            failures: 2,
+        });
+        let t = render(&st);
+        assert!(
+            t.contains("balancer_bgp_announced{vip=\"10.77.0.100\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("balancer_bgp_announced{vip=\"10.77.0.101\"} 0\n"),
+            "{t}"
+        );
+        assert!(t.contains("balancer_bgp_withdrawn_by_operator 0\n"), "{t}");
+        assert!(t.contains("balancer_bgp_birdc_failures_total 2\n"), "{t}");
+        let table = crate::api::table::status_table(&st);
+        assert!(
+            table.contains("\nbgp announced 10.77.0.100  withdrawn by operator no  birdc ok\n"),
+            "{table}"
+        );
+        let b = st.bgp.as_mut().unwrap();
+        b.withdrawn_by_operator = true;
+        b.desired.clear();
+        b.last_ok = Some(false);
+        b.last_result = Some("Unable to connect to server control socket".into());
+        let table = crate::api::table::status_table(&st);
+        assert!(
+            table.contains("bgp announced 10.77.0.100  withdrawn by operator yes  pending none  birdc failed (2 failures): Unable to connect"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn render_sample() {
         let t = render(&sample_status());
         println!("{t}");

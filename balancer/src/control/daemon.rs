@@ -1056,7 +1056,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // (the dataplane keeps forwarding whatever still arrives here).
     if let Some(b) = &d.bgp {
         let generation = b.want(Default::default());
-        match b.wait(generation, Duration::from_secs(5)).await {
+        match b.wait(generation, Duration::from_secs(3)).await {
             Ok(()) => info!("bgp: every VIP withdrawn before stopping"),
             Err(e) => warn!(error = %e, "bgp: could not withdraw the VIPs before stopping"),
         }
