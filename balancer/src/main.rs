@@ -7,7 +7,10 @@ use anyhow::Context as _;
 
 use balancer::{
     config,
-    control::{daemon, operator::Verb},
+    control::{
+        daemon,
+        operator::{BgpVerb, Verb},
+    },
     dataplane::Dataplane,
     host::net,
 };
@@ -110,6 +113,11 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Announce or withdraw this balancer's VIPs through BIRD (ECMP with BGP, `[bgp]`).
+    Bgp {
+        #[command(subcommand)]
+        cmd: BgpCmd,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -175,6 +183,43 @@ enum HaCmd {
         /// Control socket.
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BgpCmd {
+    /// Withdraw every VIP (maintenance): the routers stop sending this balancer traffic.
+    Withdraw {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Announce the VIPs again (each while its services have a backend up).
+    Announce {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Print the balancer side of BIRD's config: router id, the routes file, BGP sessions.
+    BirdConf {
+        /// Config file (its [bgp] section; the defaults without one).
+        #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+        config: PathBuf,
+        /// BIRD router id (usually this balancer's own IPv4 address).
+        #[arg(long)]
+        router_id: std::net::Ipv4Addr,
+        /// This balancer's AS number.
+        #[arg(long)]
+        local_as: u32,
+        /// An upstream router's address (repeat for each router; IPv6 ones carry the IPv6 VIPs).
+        #[arg(long = "neighbor", required = true)]
+        neighbors: Vec<std::net::IpAddr>,
+        /// The upstream routers' AS number.
+        #[arg(long)]
+        neighbor_as: u32,
+        /// BGP hold time in seconds: how long a lost balancer stays in the routers' ECMP group.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(3..))]
+        hold_time: u16,
     },
 }
 
@@ -489,6 +534,50 @@ fn main() -> anyhow::Result<()> {
         )),
         Cmd::Reload { socket } => {
             std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload))
+        }
+        Cmd::Bgp {
+            cmd: BgpCmd::Withdraw { socket },
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Bgp {
+                verb: BgpVerb::Withdraw,
+            },
+        )),
+        Cmd::Bgp {
+            cmd: BgpCmd::Announce { socket },
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Bgp {
+                verb: BgpVerb::Announce,
+            },
+        )),
+        Cmd::Bgp {
+            cmd:
+                BgpCmd::BirdConf {
+                    config,
+                    router_id,
+                    local_as,
+                    neighbors,
+                    neighbor_as,
+                    hold_time,
+                },
+        } => {
+            let cfg = config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let bgp = cfg.bgp.unwrap_or_default();
+            print!(
+                "{}",
+                balancer::host::bird::bird_conf(
+                    &bgp,
+                    &balancer::host::bird::BirdConfOptions {
+                        router_id,
+                        local_as,
+                        neighbors,
+                        neighbor_as,
+                        hold_time,
+                    },
+                )
+            );
+            Ok(())
         }
         Cmd::Completions { shell } => {
             use clap::CommandFactory as _;

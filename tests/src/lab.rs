@@ -149,13 +149,8 @@ impl Lab {
         if config.backends > 89 {
             bail!("at most 89 backends (10.77.0.11 ..= 10.77.0.99)");
         }
-        STALE_ONCE.call_once(|| {
-            if let Err(e) = Self::cleanup_stale() {
-                eprintln!("lab: cleaning up stale labs: {e:#}");
-            }
-        });
-        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("{PREFIX_BASE}{}x{n}", std::process::id());
+        cleanup_stale_once();
+        let prefix = next_prefix();
         let dir = std::env::temp_dir().join(&prefix);
         // The lab exists (and cleans up on drop) from here on, even if building it fails.
         let lab = Self {
@@ -793,17 +788,33 @@ pub fn vip6(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(VIP_V6), port)
 }
 
-fn is_root() -> bool {
+/// Removes the labs of dead processes, once per process (before its first lab).
+pub(crate) fn cleanup_stale_once() {
+    STALE_ONCE.call_once(|| {
+        if let Err(e) = Lab::cleanup_stale() {
+            eprintln!("lab: cleaning up stale labs: {e:#}");
+        }
+    });
+}
+
+/// A new lab prefix, `blb<pid>x<n>`, unique in this process (other topologies use it too,
+/// so [`Lab::cleanup_stale`] finds their namespaces, pins and scratch directories).
+pub(crate) fn next_prefix() -> String {
+    let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+    format!("{PREFIX_BASE}{}x{n}", std::process::id())
+}
+
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn netns_path(ns: &str) -> PathBuf {
+pub(crate) fn netns_path(ns: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(ns)
 }
 
 /// Runs `ip <args>` in the root namespace; fails with its stderr.
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -820,7 +831,7 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// SIGKILLs every process in `ns` and waits (2 s at most) until none is left.
-fn kill_netns_processes(ns: &str) {
+pub(crate) fn kill_netns_processes(ns: &str) {
     if !netns_path(ns).exists() {
         return;
     }
@@ -852,7 +863,7 @@ fn kill_netns_processes(ns: &str) {
 }
 
 /// Removes a pin directory (bpffs files unlink like any file).
-fn remove_pins(path: &Path) {
+pub(crate) fn remove_pins(path: &Path) {
     if path.exists()
         && let Err(e) = std::fs::remove_dir_all(path)
     {
@@ -874,7 +885,7 @@ fn stale_prefix(name: &str) -> Option<String> {
 }
 
 /// Mounts the BPF filesystem on /sys/fs/bpf when it is not (the balancer pins there).
-fn ensure_bpffs() -> Result<()> {
+pub(crate) fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounts
         .lines()

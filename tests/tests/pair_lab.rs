@@ -7,6 +7,8 @@
 //! without a reset, the HL7 sender must get every ACK from one listener, and new connections
 //! must succeed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{net::SocketAddr, thread::sleep, time::Duration};
 
 use balancer_tests::{
@@ -141,11 +143,11 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     eprintln!("takeovers (until the new active holds the VIP): {takeovers:?}");
     eprintln!(
         "nat stream: ok {} chunks {} longest round trip {} ms",
-        nat.ok, nat.chunks, nat.max_rtt_ms
+        nat.ok, nat.chunks, nat.max_stall_ms
     );
     eprintln!(
         "dsr stream: ok {} chunks {} longest round trip {} ms",
-        dsr.ok, dsr.chunks, dsr.max_rtt_ms
+        dsr.ok, dsr.chunks, dsr.max_stall_ms
     );
     eprintln!("hl7 sender: {hl7}");
     let logs = format!("{}\n{}", a.logs(), b.logs());

@@ -110,7 +110,7 @@ pub fn run() -> Result<()> {
             "BROKEN"
         },
         s.chunks,
-        s.max_rtt_ms
+        s.max_stall_ms
     );
     println!(
         "  HL7 sender: sent {}, acked {}, resets {}, listeners {}, longest ACK gap {} ms",

@@ -34,6 +34,8 @@
 //! | `ha_mirror_{flows_sent,flows_applied,flows_unknown,deletes_sent,deletes_applied,resyncs_sent,resyncs_received,events_dropped}_total` | counter | |
 //! | `ha_mirror_lag_messages` (sent, not yet acknowledged by the peer) | gauge | |
 //! | `ha_sync_messages_{sent,accepted}_total`, `ha_sync_dropped_total` (reason: auth, replay, malformed, foreign), `ha_sync_lost_total` | counter | |
+//! | `bgp_announced` (1 while BIRD announces the VIP, 0 withdrawn) | gauge | vip |
+//! | `bgp_withdrawn_by_operator`, `bgp_birdc_failures_total` | gauge, counter | |
 
 use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
 
@@ -427,6 +429,9 @@ pub fn render(status: &Status) -> String {
     if let Some(ha) = &status.ha {
         register_ha(&mut reg, ha);
     }
+    if let Some(b) = &status.bgp {
+        register_bgp(&mut reg, b);
+    }
     if !status.l7_backends.is_empty() {
         let up = Gauges::default();
         for b in &status.l7_backends {
@@ -458,6 +463,39 @@ pub fn render(status: &Status) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+/// The BGP announcements: one 0/1 sample per VIP of the config (and any still announced),
+/// the operator's withdraw and the failed `birdc` runs.
+fn register_bgp(reg: &mut Registry, b: &crate::host::bird::BgpStatus) {
+    let announced = Gauges::default();
+    let vips: std::collections::BTreeSet<_> = b.vips.iter().chain(&b.announced).collect();
+    for vip in vips {
+        gauge(
+            &announced,
+            &vec![("vip", vip.to_string())],
+            i64::from(b.announced.contains(vip)),
+        );
+    }
+    reg.register(
+        "bgp_announced",
+        "The VIP is announced to the routers through BIRD (1) or withdrawn (0)",
+        announced,
+    );
+    let withdrawn = Gauge::<i64>::default();
+    withdrawn.set(i64::from(b.withdrawn_by_operator));
+    reg.register(
+        "bgp_withdrawn_by_operator",
+        "The operator withdrew this balancer from BGP (balancer bgp withdraw)",
+        withdrawn,
+    );
+    let failures = Counter::<u64>::default();
+    failures.inc_by(b.failures);
+    reg.register(
+        "bgp_birdc_failures",
+        "Failed updates of BIRD (routes file or birdc configure)",
+        failures,
+    );
 }
 
 /// The L7 proxy's counters: requests by status class and latency buckets per (route, pool),
@@ -908,6 +946,53 @@ mod tests {
         text.lines()
             .find(|l| l.starts_with(prefix))
             .unwrap_or_else(|| panic!("no line {prefix} in\n{text}"))
+    }
+
+    #[test]
+    fn bgp_announcements_are_one_sample_per_vip_and_in_the_table() {
+        let mut st = sample_status();
+        assert!(
+            !render(&st).contains("balancer_bgp_"),
+            "no [bgp]: no bgp metrics"
+        );
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        st.bgp = Some(crate::host::bird::BgpStatus {
+            announced: vec![ip("10.77.0.100")],
+            desired: vec![ip("10.77.0.100")],
+            withdrawn_by_operator: false,
+            vips: vec![ip("10.77.0.100"), ip("10.77.0.101")],
+            routes_file: "/etc/bird/balancer-vips.conf".into(),
+            last_result: Some("ok".into()),
+            last_ok: Some(true),
+            last_at: Some(1_900_000_000),
+            failures: 2,
+        });
+        let t = render(&st);
+        assert!(
+            t.contains("balancer_bgp_announced{vip=\"10.77.0.100\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("balancer_bgp_announced{vip=\"10.77.0.101\"} 0\n"),
+            "{t}"
+        );
+        assert!(t.contains("balancer_bgp_withdrawn_by_operator 0\n"), "{t}");
+        assert!(t.contains("balancer_bgp_birdc_failures_total 2\n"), "{t}");
+        let table = crate::api::table::status_table(&st);
+        assert!(
+            table.contains("\nbgp announced 10.77.0.100  withdrawn by operator no  birdc ok\n"),
+            "{table}"
+        );
+        let b = st.bgp.as_mut().unwrap();
+        b.withdrawn_by_operator = true;
+        b.desired.clear();
+        b.last_ok = Some(false);
+        b.last_result = Some("Unable to connect to server control socket".into());
+        let table = crate::api::table::status_table(&st);
+        assert!(
+            table.contains("bgp announced 10.77.0.100  withdrawn by operator yes  pending none  birdc failed (2 failures): Unable to connect"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::{AdminState, Forwarding, Protocol, Scheduler},
-    control::operator::Verb,
+    control::operator::{BgpVerb, Verb},
     control::state::{BackendHealth, SlotState},
     dataplane::counters::Traffic,
 };
@@ -34,6 +34,11 @@ pub enum Request {
     HaRole {
         /// The role.
         role: crate::control::ha::Role,
+    },
+    /// Withdraw or announce this balancer's VIPs (BGP, `[bgp]`).
+    Bgp {
+        /// What to do.
+        verb: BgpVerb,
     },
 }
 
@@ -137,6 +142,9 @@ pub struct Status {
     /// This balancer's part of a pair, when it has an `[ha]` section.
     #[serde(default)]
     pub ha: Option<HaStatus>,
+    /// The BGP announcements, when a `[bgp]` section runs.
+    #[serde(default)]
+    pub bgp: Option<crate::host::bird::BgpStatus>,
 }
 
 /// One balancer of a pair: its role, the peer as last heard, and the mirror's counters.

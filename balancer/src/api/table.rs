@@ -30,6 +30,9 @@ pub fn status_table(s: &Status) -> String {
         let reasons: Vec<String> = s.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "verdicts {}", reasons.join("  "));
     }
+    if let Some(b) = &s.bgp {
+        out.push_str(&bgp_line(b));
+    }
     for svc in &s.services {
         out.push('\n');
         let t = &svc.traffic;
@@ -149,6 +152,40 @@ pub fn status_table(s: &Status) -> String {
         out.push_str(&mllp_text(m));
     }
     out
+}
+
+/// The BGP line of `balancer status`: what BIRD announces, the operator's withdraw, a
+/// change not applied yet and the last `birdc` result.
+fn bgp_line(b: &crate::host::bird::BgpStatus) -> String {
+    let list = |v: &[std::net::IpAddr]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    let mut line = format!(
+        "bgp announced {}  withdrawn by operator {}",
+        list(&b.announced),
+        if b.withdrawn_by_operator { "yes" } else { "no" }
+    );
+    if b.desired != b.announced {
+        let _ = write!(line, "  pending {}", list(&b.desired));
+    }
+    let _ = write!(
+        line,
+        "  birdc {}",
+        match (&b.last_ok, &b.last_result) {
+            (Some(true), _) => "ok".to_string(),
+            (Some(false), Some(e)) => format!("failed ({} failures): {e}", b.failures),
+            _ => "-".to_string(),
+        }
+    );
+    line.push('\n');
+    line
 }
 
 /// The MLLP relay's services and listeners, for `balancer status`.

@@ -151,7 +151,7 @@ pub(super) fn validate(
         d.at(s.span(), "ha priority must be 1..=254");
     }
     let cs = h.advert_interval.as_millis();
-    if cs < 10 || cs > 40_950 || cs % 10 != 0 {
+    if !(10..=40_950).contains(&cs) || !cs.is_multiple_of(10) {
         d.at(
             s.span(),
             "ha advert_interval must be a multiple of 10 ms between 10 ms and 40.95 s (VRRPv3)",

@@ -1,6 +1,7 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod bgp;
 pub mod console;
 pub mod controller;
 pub mod dataplane;
@@ -10,6 +11,7 @@ pub mod mllp;
 pub mod passive;
 pub mod service;
 
+pub use bgp::{BgpConfig, BgpSection};
 pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
@@ -58,6 +60,8 @@ pub struct Config {
     pub console: Option<Spanned<ConsoleSection>>,
     /// One balancer of an active/standby pair; absent: a single balancer.
     pub ha: Option<Spanned<ha::HaSection>>,
+    /// VIP announcement through BIRD (ECMP scale-out); absent: nothing is announced.
+    pub bgp: Option<Spanned<BgpSection>>,
 }
 
 /// A validated file: everything callers read, typed.
@@ -95,6 +99,8 @@ pub struct Validated {
     pub console: Option<ConsoleSection>,
     /// The `[ha]` section, validated: keepalived owns the addresses, flows are mirrored.
     pub ha: Option<Ha>,
+    /// The `[bgp]` section, validated.
+    pub bgp: Option<BgpConfig>,
 }
 
 impl Validated {
@@ -483,6 +489,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         .ha
         .as_ref()
         .and_then(|h| ha::validate(h, &interfaces, (snat_ipv4, snat_ipv6), &services, d));
+    let bgp = raw.bgp.as_ref().and_then(|b| bgp::validate(b, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
             0..0,
@@ -509,6 +516,7 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         l7: raw.l7.map(Spanned::into_inner),
         console,
         ha,
+        bgp,
     }
 }
 

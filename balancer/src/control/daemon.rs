@@ -27,7 +27,7 @@ use crate::{
         status::{Published, StatusBoard},
     },
     dataplane::{Dataplane, LoadOptions, counters::Traffic},
-    host::net,
+    host::{bird, net},
 };
 
 /// Options of `balancer run`.
@@ -57,6 +57,10 @@ pub struct Daemon {
     _flow_expiry: crate::control::flow_expiry::Collector,
     /// Reads the passive-health counters; told what to watch at every publish.
     passive: passive::Poller,
+    /// The VIP announcements through BIRD (`[bgp]`); told the wanted set at every publish.
+    bgp: Option<bird::Driver>,
+    /// The operator withdrew this balancer from BGP (`balancer bgp withdraw`).
+    bgp_withdrawn: bool,
     board: StatusBoard,
     /// The `[l7]` section in force, shared with status readers.
     l7_config: Option<std::sync::Arc<balancer_l7::L7Config>>,
@@ -92,7 +96,7 @@ pub enum ReloadError {
     /// This host cannot run it (SNAT ports in the ephemeral range).
     #[error("{0}; nothing changed")]
     Host(#[from] config::HostCheckError),
-    /// Interfaces, pin path or the presence of `[l7]` changed.
+    /// Interfaces, pin path, `[console]`, `[bgp]` or the presence of `[l7]` changed.
     #[error("{0} change only with a restart; nothing changed")]
     RestartNeeded(&'static str),
     /// The L7 proxy refused its part (certificate, listeners).
@@ -224,9 +228,29 @@ impl Daemon {
             gc.kept.clone(),
             l7.as_ref().map(balancer_l7::L7::metrics_handle),
             mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
-            ha_source,
             Instant::now(),
         );
+        let board = match ha_source {
+            Some(h) => board.with_ha(h),
+            None => board,
+        };
+        let bgp = d_bgp(&cfg);
+        let bgp_withdrawn = match &bgp {
+            Some(_) => operator::load_bgp_withdrawn(&bgp_file(&cfg)).unwrap_or_else(|e| {
+                warn!(path = %bgp_file(&cfg).display(), error = %e, "ignoring an unreadable bgp state; announcing");
+                false
+            }),
+            None => false,
+        };
+        if bgp_withdrawn {
+            info!(
+                "bgp: withdrawn by the operator before this start; nothing is announced until `balancer bgp announce`"
+            );
+        }
+        let board = match &bgp {
+            Some(b) => board.with_bgp(b.handle()),
+            None => board,
+        };
         let mut d = Daemon {
             opts,
             cfg,
@@ -242,6 +266,8 @@ impl Daemon {
             passive: passive::Poller::start(&pin, bursts)
                 .context("starting the passive health poller")?,
             board,
+            bgp,
+            bgp_withdrawn,
             l7_config: None,
             reloads: 0,
             config_errors: 0,
@@ -552,6 +578,9 @@ impl Daemon {
         if new.ha != self.cfg.ha {
             return Err(ReloadError::RestartNeeded("the [ha] settings"));
         }
+        if new.bgp != self.cfg.bgp {
+            return Err(ReloadError::RestartNeeded("the [bgp] settings"));
+        }
         let relayed = self
             .mllp
             .as_ref()
@@ -605,6 +634,11 @@ impl Daemon {
                     .map(|m| serde_json::json!({ "ok": true, "message": m }));
             }
             Request::HaRole { role } => return self.on_role(role).await,
+            Request::Bgp { verb } => {
+                let (wait, message) = self.on_bgp(verb)?;
+                wait.await?;
+                return Ok(serde_json::json!({ "ok": true, "message": message }));
+            }
             Request::Backend {
                 verb,
                 service,
@@ -752,8 +786,96 @@ impl Daemon {
             p.publish(&self.state);
         }
         self.sync_mllp();
+        self.sync_bgp();
         self.board.publish(self.published());
         self.passive.watch(self.passive_watches());
+    }
+
+    /// Tells the BGP driver the VIPs to announce now (it acts only when the set changed).
+    fn sync_bgp(&self) {
+        if let Some(b) = &self.bgp {
+            b.want(self.desired_vips());
+        }
+    }
+
+    /// The VIPs this balancer should announce: see [`bird::announced`].
+    fn desired_vips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        let Some(b) = &self.bgp else {
+            return Default::default();
+        };
+        let serving = self
+            .state
+            .services
+            .iter()
+            .map(|(name, s)| {
+                let n = (0..s.backends.len())
+                    .filter(|i| s.slot_state(*i) == crate::control::state::SlotState::Up)
+                    .count();
+                (name.clone(), n)
+            })
+            .collect();
+        bird::announced(
+            &self.cfg.services,
+            &serving,
+            self.bgp_withdrawn,
+            b.config().withdraw_when_no_backend,
+        )
+    }
+
+    /// `balancer bgp withdraw|announce`: records the operator's choice (kept across
+    /// restarts), hands the new set to the driver and returns a future that resolves when
+    /// BIRD took it (at most 15 s), with the reply's message.
+    pub fn on_bgp(
+        &mut self,
+        verb: crate::control::operator::BgpVerb,
+    ) -> Result<
+        (
+            impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+            String,
+        ),
+        String,
+    > {
+        if self.bgp.is_none() {
+            return Err("bgp is off: the config has no [bgp] section".into());
+        }
+        let old = self.bgp_withdrawn;
+        self.bgp_withdrawn = verb.withdrawn();
+        let path = bgp_file(&self.cfg);
+        if let Err(e) = operator::save_bgp_withdrawn(&path, self.bgp_withdrawn) {
+            warn!(path = %path.display(), error = %e, "cannot save the bgp state; it will not survive a restart");
+        }
+        info!(
+            old_withdrawn = old,
+            withdrawn = self.bgp_withdrawn,
+            reason = "operator",
+            "bgp: {}",
+            verb.name()
+        );
+        let vips = self.desired_vips();
+        self.publish();
+        let Some(b) = &self.bgp else {
+            return Err("bgp is off: the config has no [bgp] section".into());
+        };
+        let generation = b.want(vips.clone());
+        let list: Vec<String> = vips.iter().map(ToString::to_string).collect();
+        let message = if vips.is_empty() {
+            format!("bgp {}: no VIP announced", verb.name())
+        } else {
+            format!("bgp {}: announcing {}", verb.name(), list.join(" "))
+        };
+        Ok((b.wait(generation, Duration::from_secs(15)), message))
+    }
+
+    /// The daemon's part of the BGP status (the driver's part is filled when read).
+    fn bgp_status(&self) -> Option<bird::BgpStatus> {
+        let b = self.bgp.as_ref()?;
+        Some(bird::BgpStatus {
+            desired: self.desired_vips().into_iter().collect(),
+            withdrawn_by_operator: self.bgp_withdrawn,
+            vips: bird::all_vips(&self.cfg.services).into_iter().collect(),
+            routes_file: b.config().routes_file.clone(),
+            ..Default::default()
+        })
     }
 
     /// Tells the relay each mllp service's active listener, as the failover scheduler chose.
@@ -873,6 +995,7 @@ impl Daemon {
                     peer: h.cfg.peer.to_string(),
                     ..Default::default()
                 }),
+                bgp: self.bgp_status(),
             },
             slots,
             l7: self.l7_config.clone(),
@@ -929,6 +1052,17 @@ fn admin_file(cfg: &Validated) -> PathBuf {
         .parent()
         .unwrap_or(std::path::Path::new("/run/balancer"))
         .join("admin-state.json")
+}
+
+/// Where the operator's BGP withdraw is kept for the next controller (beside the operator
+/// states).
+fn bgp_file(cfg: &Validated) -> PathBuf {
+    admin_file(cfg).with_file_name("bgp-state.json")
+}
+
+/// The BGP driver of a config with a `[bgp]` section.
+fn d_bgp(cfg: &Validated) -> Option<bird::Driver> {
+    cfg.bgp.clone().map(bird::Driver::start)
 }
 
 /// Where the last known health is kept for the next controller (beside the operator states).
@@ -1073,6 +1207,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             } => d.on_peer_control(c),
             Some(msg) = ctl_rx.recv() => {
+                // A BGP verb is answered once BIRD took the change, off the loop.
+                if let Request::Bgp { verb } = msg.request {
+                    match d.on_bgp(verb) {
+                        Ok((wait, message)) => {
+                            let reply = msg.reply;
+                            tokio::spawn(async move {
+                                let r = wait
+                                    .await
+                                    .map(|()| serde_json::json!({ "ok": true, "message": message }));
+                                let _ = reply.send(r);
+                            });
+                        }
+                        Err(e) => {
+                            let _ = msg.reply.send(Err(e));
+                        }
+                    }
+                    continue;
+                }
                 let reload = msg.request == Request::Reload;
                 if reload {
                     crate::host::systemd::reloading();
@@ -1088,6 +1240,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::host::systemd::stopping();
     // First of all: keepalived hands the addresses to the peer at once.
     d.track(false);
+    // First out of the ECMP group: the routers move the traffic to the other balancers
+    // (the dataplane keeps forwarding whatever still arrives here).
+    if let Some(b) = &d.bgp {
+        let generation = b.want(Default::default());
+        match b.wait(generation, Duration::from_secs(3)).await {
+            Ok(()) => info!("bgp: every VIP withdrawn before stopping"),
+            Err(e) => warn!(error = %e, "bgp: could not withdraw the VIPs before stopping"),
+        }
+    }
     if let Some(c) = console {
         c.stop();
     }

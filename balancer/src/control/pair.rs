@@ -49,13 +49,16 @@ use crate::{
 /// table does not overrun the peer's socket buffer).
 const RESYNC_BURST: usize = 16;
 
+/// (backend address, backend port in network order) → (slot, generation).
+type Slots = HashMap<([u8; 16], u16), (u32, u32)>;
+
 /// How this balancer finds its own service id and backend slot for a peer's flow.
 #[derive(Debug, Default, Clone)]
 pub struct Translation {
     /// Service key → service id.
     services: HashMap<ServiceKey, u32>,
-    /// Service id → (backend address, backend port in network order) → (slot, generation).
-    backends: HashMap<u32, HashMap<([u8; 16], u16), (u32, u32)>>,
+    /// Service id → its backends.
+    backends: HashMap<u32, Slots>,
 }
 
 impl Translation {
@@ -305,30 +308,22 @@ impl Pair {
         });
         let installer = Dataplane::open_pinned(pin)?;
         let walker = pin.to_path_buf();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(events(link.clone(), shared.clone(), reader)));
-        tasks.push(tokio::spawn(heartbeats(
-            link.clone(),
-            shared.clone(),
-            cfg.advert_interval,
-        )));
-        tasks.push(tokio::spawn(resyncs(
-            link.clone(),
-            shared.clone(),
-            walker,
-            cfg.resync_interval,
-        )));
-        tasks.push(tokio::spawn(receive(
-            link.clone(),
-            shared.clone(),
-            installer,
-            control,
-        )));
-        tasks.push(tokio::spawn(send_deletes(
-            link.clone(),
-            shared.clone(),
-            deletes,
-        )));
+        let tasks = vec![
+            tokio::spawn(events(link.clone(), shared.clone(), reader)),
+            tokio::spawn(heartbeats(
+                link.clone(),
+                shared.clone(),
+                cfg.advert_interval,
+            )),
+            tokio::spawn(resyncs(
+                link.clone(),
+                shared.clone(),
+                walker,
+                cfg.resync_interval,
+            )),
+            tokio::spawn(receive(link.clone(), shared.clone(), installer, control)),
+            tokio::spawn(send_deletes(link.clone(), shared.clone(), deletes)),
+        ];
         info!(bind = %cfg.bind, peer = %cfg.peer, "pair sync channel bound");
         Ok(Pair {
             link,
@@ -342,10 +337,11 @@ impl Pair {
     /// peer for a full pass at once.
     pub async fn set_role(&self, role: Role) {
         let old = role_of(self.shared.role.swap(role_code(role), Ordering::AcqRel));
-        if role == Role::Standby && old != Role::Standby {
-            if let Err(e) = self.link.send(&Body::ResyncRequest).await {
-                warn!(error = %e, "pair sync: cannot ask the peer for a resync");
-            }
+        if role == Role::Standby
+            && old != Role::Standby
+            && let Err(e) = self.link.send(&Body::ResyncRequest).await
+        {
+            warn!(error = %e, "pair sync: cannot ask the peer for a resync");
         }
     }
 
@@ -612,10 +608,8 @@ async fn receive(
                 ..
             } => {
                 let mut p = shared.peer.lock().unwrap_or_else(|e| e.into_inner());
-                if p.digest.is_some_and(|d| d != config_digest) || p.digest.is_none() {
-                    if config_digest != shared.digest {
-                        warn!(peer = %node, "the peer's config differs from this balancer's (services, backends or settings): run the same file on both");
-                    }
+                if p.digest != Some(config_digest) && config_digest != shared.digest {
+                    warn!(peer = %node, "the peer's config differs from this balancer's (services, backends or settings): run the same file on both");
                 }
                 p.node = Some(node);
                 p.role = Some(our_role(r));

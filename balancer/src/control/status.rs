@@ -41,6 +41,7 @@ pub struct StatusBoard {
     l7: Option<balancer_l7::MetricsHandle>,
     mllp: Option<balancer_mllp::MetricsHandle>,
     ha: Option<HaSource>,
+    bgp: Option<crate::host::bird::ReportHandle>,
     started: Instant,
 }
 
@@ -62,7 +63,6 @@ impl StatusBoard {
         backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
         l7: Option<balancer_l7::MetricsHandle>,
         mllp: Option<balancer_mllp::MetricsHandle>,
-        ha: Option<HaSource>,
         started: Instant,
     ) -> Self {
         StatusBoard {
@@ -72,9 +72,22 @@ impl StatusBoard {
             backend_flows,
             l7,
             mllp,
-            ha,
+            ha: None,
+            bgp: None,
             started,
         }
+    }
+
+    /// The same board, also reading the pair's role, peer and mirror counters.
+    pub fn with_ha(mut self, ha: HaSource) -> Self {
+        self.ha = Some(ha);
+        self
+    }
+
+    /// The same board, also reading the BGP driver's results.
+    pub fn with_bgp(mut self, bgp: crate::host::bird::ReportHandle) -> Self {
+        self.bgp = Some(bgp);
+        self
     }
 
     /// Replaces the daemon's part (readers in flight keep the one they loaded).
@@ -124,6 +137,9 @@ impl StatusBoard {
                 b.connect_failures = c.map_or(0, |c| c.connect_failures);
             }
             s.l7 = Some(m);
+        }
+        if let (Some(h), Some(b)) = (&self.bgp, s.bgp.as_mut()) {
+            h.fill(b);
         }
         s.mllp = self
             .mllp
