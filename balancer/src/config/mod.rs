@@ -658,6 +658,7 @@ backends = [
         for f in [
             "examples/patientsecure.toml",
             "examples/patientsecure-l7.toml",
+            "examples/patientsecure-ha.toml",
             "packaging/balancer.toml",
         ] {
             let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));

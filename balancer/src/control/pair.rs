@@ -740,12 +740,16 @@ backends = [ { address = "10.77.0.11:7002" } ]
         rig.set_admin("hl7", "10.77.0.12:6661", AdminState::Drain);
         let view = crate::control::ha::view(rig.state());
         let wire = control_of(&view);
-        assert_eq!(wire[0].active.as_deref(), Some("10.77.0.11:6661"));
+        let hl7 = wire
+            .iter()
+            .position(|s| s.service == "hl7")
+            .expect("hl7 sent");
+        assert_eq!(wire[hl7].active.as_deref(), Some("10.77.0.11:6661"));
         assert_eq!(peer_services(&wire), view);
         // A name this balancer cannot parse is skipped, not misread.
         let mut bad = wire.clone();
-        bad[0].active = Some("listener-a".into());
-        assert_eq!(peer_services(&bad)[0].active, None);
+        bad[hl7].active = Some("listener-a".into());
+        assert_eq!(peer_services(&bad)[hl7].active, None);
     }
 
     #[test]
