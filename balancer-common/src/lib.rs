@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -27,8 +27,15 @@ pub const MAP_BACKEND_STATS: &str = "BLB_BE_STATS";
 pub const MAP_REASONS: &str = "BLB_REASONS";
 /// Global settings, one [`Globals`] at index 0.
 pub const MAP_GLOBALS: &str = "BLB_GLOBALS";
+/// Ring buffer of [`MirrorEvent`]s: every flow the program creates while
+/// [`Globals::mirror`] is 1 (for the standby of an HA pair).
+pub const MAP_MIRROR: &str = "BLB_MIRROR";
+/// Bytes of the [`MAP_MIRROR`] ring buffer (a power of two multiple of the page size).
+pub const MIRROR_RING_BYTES: u32 = 4 << 20;
+/// Per-CPU [`MirrorCounters`] at index 0.
+pub const MAP_MIRROR_STATS: &str = "BLB_MIRROR_STATS";
 /// All maps, for pinning and adoption.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
@@ -37,6 +44,8 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_BACKEND_STATS,
     MAP_REASONS,
     MAP_GLOBALS,
+    MAP_MIRROR,
+    MAP_MIRROR_STATS,
 ];
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "balancer";
@@ -221,7 +230,15 @@ pub struct Flow {
     /// hop's, or the trunk of a tagged flow); a reply from another interface is dropped.
     /// Zero in forward entries.
     pub peer_ifindex: u32,
+    /// Monotonic second the cached next hop was resolved (the FIB answer's time): a forward
+    /// entry's next hop is resolved again on its first packet [`NEXTHOP_TTL_SECS`] later, so
+    /// an established flow follows a changed route or MAC.
+    pub nh_time: u32,
 }
+
+/// Seconds a FIB answer is used: the per-backend cache of new flows, and a forward entry's
+/// cached next hop.
+pub const NEXTHOP_TTL_SECS: u32 = 5;
 
 /// Per-CPU traffic counters of a service or a backend.
 #[repr(C)]
@@ -259,6 +276,30 @@ pub struct Globals {
     pub tcp_idle_secs: u32,
     /// Idle seconds after which a UDP flow's SNAT port may be taken by a new flow.
     pub udp_idle_secs: u32,
+    /// 1: every flow the program creates is reported in [`MAP_MIRROR`] (its forward entry).
+    pub mirror: u32,
+}
+
+/// One record of the [`MAP_MIRROR`] ring buffer: a new flow's forward entry as inserted. The
+/// reply entry of a NAT flow follows from it (key: backend → SNAT address and port; value:
+/// back to the client from the VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorEvent {
+    /// The forward key (the client's 5-tuple as received).
+    pub key: FlowKey,
+    /// The forward entry.
+    pub flow: Flow,
+}
+
+/// Per-CPU mirror counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorCounters {
+    /// Events written to the ring buffer.
+    pub events: u64,
+    /// Events lost because the ring buffer was full.
+    pub dropped: u64,
 }
 
 /// Why a packet got its verdict; the index into the reasons map.
@@ -456,6 +497,8 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Globals {}
+    unsafe impl aya::Pod for MirrorEvent {}
+    unsafe impl aya::Pod for MirrorCounters {}
 }
 
 #[cfg(test)]
@@ -478,9 +521,11 @@ mod tests {
         assert_eq!(size_of::<Service>(), 44);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 76);
+        assert_eq!(size_of::<Flow>(), 80);
         assert_eq!(size_of::<Counters>(), 56);
-        assert_eq!(size_of::<Globals>(), 16);
+        assert_eq!(size_of::<Globals>(), 20);
+        assert_eq!(size_of::<MirrorEvent>(), 120);
+        assert_eq!(size_of::<MirrorCounters>(), 16);
     }
 
     #[test]

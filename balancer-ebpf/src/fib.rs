@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::bpf_fib_lookup as fib_lookup,
 };
-use balancer_common::{Backend, Flow};
+use balancer_common::{Backend, Flow, NEXTHOP_TTL_SECS};
 use balancer_ebpf::{
     error::Error,
     headers::{v4_of, words},
@@ -19,11 +19,11 @@ use crate::{maps::NEXTHOPS, xdp::Xdp};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// Seconds a backend's cached FIB answer is used for new flows.
-const NEXTHOP_TTL_SECS: u32 = 5;
 
-/// Fills the new flow's next hop (egress interface and MACs), from the backend's cached FIB
-/// answer when it is fresh and was made for the same ingress.
+/// Fills a flow's next hop (egress interface and MACs) and its time (`nh_time`: the answer's,
+/// so a flow revalidating it [`NEXTHOP_TTL_SECS`] later finds the cache stale too and asks
+/// the FIB), from the backend's cached FIB answer when it is fresh and was made for the same
+/// ingress. Nothing is written on failure.
 #[inline(always)]
 pub fn resolve(
     x: &Xdp,
@@ -47,9 +47,11 @@ pub fn resolve(
         flow.ifindex = cached.ifindex;
         flow.smac = cached.smac;
         flow.dmac = cached.dmac;
+        flow.nh_time = cached.time;
         return Ok(());
     }
     lookup(x, p, flow)?;
+    flow.nh_time = now;
     cached.generation = be.generation;
     cached.ingress = ingress;
     cached.time = now;
@@ -60,7 +62,7 @@ pub fn resolve(
 }
 
 /// Asks the FIB for the next hop towards `flow.new_dst`. No neighbour yet: dropped (the
-/// sender retries); no route: passed to the kernel untouched.
+/// sender retries); no route: passed to the kernel untouched. Nothing is written on failure.
 #[inline(always)]
 pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
     let src = words(&flow.new_src);

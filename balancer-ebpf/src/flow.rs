@@ -5,8 +5,8 @@
 use aya_ebpf::bindings::BPF_ANY;
 use balancer_common::{
     BE_DOWN, BE_UP, Backend, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
-    FLOW_F_NEXTHOP, Flow, NO_BACKEND, PROTO_TCP, RING_MAX, Reason, SVC_F_DOWN_DROP, SVC_F_DSR,
-    Service, flow_hash, reduce, ring_index,
+    FLOW_F_NEXTHOP, Flow, NEXTHOP_TTL_SECS, NO_BACKEND, PROTO_TCP, RING_MAX, Reason,
+    SVC_F_DOWN_DROP, SVC_F_DSR, Service, flow_hash, idle_secs, reduce, ring_index,
 };
 use balancer_ebpf::{
     error::{Error, Verdict},
@@ -18,6 +18,7 @@ use balancer_ebpf::{
 use crate::{
     fib,
     maps::{BACKEND_STATS, BACKENDS, FLOWS, RATES, RINGS, SCRATCH, SERVICE_STATS},
+    mirror,
     snat::{self, Pair},
     stats::account,
     tx::transmit,
@@ -49,6 +50,14 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
         if f.flags & FLOW_F_FORWARD != 0 {
             let now = now_secs();
             let live = backend_live(f.backend, f.generation);
+            // An entry installed by the controller (a mirrored flow of the other balancer)
+            // has no next hop yet: resolved on its first packet, like a new flow's. A cached
+            // one is revalidated once it is NEXTHOP_TTL_SECS old (a route or MAC changed).
+            if live
+                && (f.flags & FLOW_F_NEXTHOP == 0 || idle_secs(now, f.nh_time) >= NEXTHOP_TTL_SECS)
+            {
+                forward_nexthop(x, p, f, now)?;
+            }
             // A NAT flow's reply entry must be its own: restored when lost, and when another
             // flow holds the port this flow ends (never two clients on one backend tuple).
             let paired = !live
@@ -90,13 +99,27 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
 /// Backend → SNAT address: back to the client, from the VIP.
 #[inline(always)]
 pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> {
-    if flow.peer_ifindex != x.ingress() {
+    // Zero: installed by the controller; the first reply's interface is learnt below.
+    if flow.peer_ifindex != x.ingress() && flow.peer_ifindex != 0 {
         return Err(Error::WrongInterface);
     }
     if !backend_live(flow.backend, flow.generation) {
         // The client's side is reset by the forward path; the backend's packets stop here.
         account(&SERVICE_STATS, flow.service, |c| c.drops += 1);
         return Err(Error::BackendDown);
+    }
+    // Installed by the controller and no client packet seen yet: the way back to the client
+    // from the FIB.
+    if flow.flags & FLOW_F_NEXTHOP == 0 {
+        if let Err(e) = fib::lookup(x, p, flow) {
+            account(&SERVICE_STATS, flow.service, |c| c.drops += 1);
+            return Err(e);
+        }
+        flow.nh_time = now_secs();
+        flow.flags |= FLOW_F_NEXTHOP;
+    }
+    if flow.peer_ifindex == 0 {
+        flow.peer_ifindex = x.ingress();
     }
     // A backend's SYN-ACK retransmits do not keep a half-open flow alive.
     if flow.flags & FLOW_F_HALF_OPEN == 0 {
@@ -106,6 +129,33 @@ pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> 
         account(&BACKEND_STATS, flow.backend, |c| c.refused += 1);
     }
     transmit(x, p, flow)
+}
+
+/// Resolves a forward entry's next hop as for a new flow (the backend's cached FIB answer or
+/// a lookup): for an entry that has none (installed by the controller; no neighbour yet:
+/// dropped), or whose answer is [`NEXTHOP_TTL_SECS`] old. A revalidation that fails keeps
+/// the old next hop (the flow keeps working as before) and tries again a TTL later.
+#[inline(always)]
+fn forward_nexthop(x: &Xdp, p: &Pkt, f: &mut Flow, now: u32) -> Result<(), Error> {
+    let Some(be) = BACKENDS.get(f.backend) else {
+        return Err(Error::Map);
+    };
+    match fib::resolve(x, p, f.backend, be, f, now) {
+        Ok(()) => {
+            if f.flags & FLOW_F_NEXTHOP == 0 {
+                f.flags |= FLOW_F_NEXTHOP;
+            }
+            Ok(())
+        }
+        Err(e) if f.flags & FLOW_F_NEXTHOP == 0 => {
+            account(&SERVICE_STATS, f.service, |c| c.drops += 1);
+            Err(e)
+        }
+        Err(_) => {
+            f.nh_time = now;
+            Ok(())
+        }
+    }
 }
 
 /// The new-flow rate limit (per service and CPU, one-second windows): false past
@@ -239,6 +289,9 @@ fn new_flow(
     }
     account(&SERVICE_STATS, svc.id, |c| c.new_flows += 1);
     account(&BACKEND_STATS, be_idx, |c| c.new_flows += 1);
+    if mirror::enabled() {
+        mirror::report(&p.key, &scratch.flow);
+    }
     Ok(&scratch.flow)
 }
 

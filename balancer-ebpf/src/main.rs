@@ -4,7 +4,7 @@
 //!
 //! Modules by concern: `entry` (the XDP entry, the only place an outcome becomes an action
 //! and a reason counter), `flow` (the flow state machine), `snat` (port claims), `fib` (next
-//! hop), `tx` (rewrite and send), `related` (ICMP errors about a flow), `toobig` (packets
+//! hop), `mirror` (new flows reported to the standby), `tx` (rewrite and send), `related` (ICMP errors about a flow), `toobig` (packets
 //! too big for the egress link), `stats`, `maps`, `xdp` (the XDP buffer as a frame). Parse,
 //! NAT rewrite, RST builder and the `Error` enum live in the library (`src/lib.rs`), written
 //! over byte slices so they are tested on the host.
@@ -21,6 +21,8 @@ mod fib;
 mod flow;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod mirror;
 #[cfg(target_arch = "bpf")]
 mod related;
 #[cfg(target_arch = "bpf")]

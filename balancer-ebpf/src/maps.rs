@@ -3,11 +3,11 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use balancer_common::{
     Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, MAX_BACKENDS, MAX_SERVICES,
-    REASONS, RING_VALUES, Service, ServiceKey,
+    MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES, Service, ServiceKey,
 };
 use balancer_ebpf::ptb::TokenBucket;
 
@@ -85,3 +85,12 @@ pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
 /// Per-CPU token bucket of the too-big answers. Not part of the ABI.
 #[map(name = "BLB_PTB_BUCKETS")]
 pub static PTB_BUCKETS: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// New flows for the standby balancer ([`balancer_common::MirrorEvent`]), while
+/// `Globals::mirror` is 1.
+#[map(name = "BLB_MIRROR")]
+pub static MIRROR: RingBuf = RingBuf::with_byte_size(MIRROR_RING_BYTES, 0);
+
+/// Per-CPU counts of mirror events written and lost (ring buffer full).
+#[map(name = "BLB_MIRROR_STATS")]
+pub static MIRROR_STATS: PerCpuArray<MirrorCounters> = PerCpuArray::with_max_entries(1, 0);

@@ -1,7 +1,7 @@
 //! ICMP errors about balanced flows: the flow is found by the quoted packet, then the error
 //! is translated (NAT) or forwarded as it is (DSR) with that flow's next hop.
 
-use balancer_common::{FLOW_F_DSR, Reason};
+use balancer_common::{FLOW_F_DSR, FLOW_F_NEXTHOP, Reason};
 use balancer_ebpf::{
     error::{Error, Verdict},
     frame::Frame,
@@ -27,7 +27,9 @@ pub fn icmp(x: &mut Xdp, p: &Pkt) -> Result<Verdict, Error> {
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
     let f = unsafe { &*f };
-    if !backend_live(f.backend, f.generation) {
+    // A flow installed by the controller whose first packet has not resolved its next hop
+    // yet: passed (never sent with zero MACs).
+    if !backend_live(f.backend, f.generation) || f.flags & FLOW_F_NEXTHOP == 0 {
         return Err(Error::IcmpUnrelated);
     }
     let reason = if f.flags & FLOW_F_DSR != 0 {

@@ -59,6 +59,27 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
         if e.flags & FLOW_F_HALF_OPEN != 0 && p.tcp_flags & TCP_SYN == 0 {
             e.flags &= !FLOW_F_HALF_OPEN;
         }
+        // The way back is the way the client's packets come: taken from this packet when the
+        // entry has none (installed by the controller), or when the client's MAC or ingress
+        // changed (it moved, or its router did), as for a restored entry.
+        let ingress = x.ingress();
+        if e.flags & FLOW_F_NEXTHOP == 0
+            || e.ifindex != ingress
+            || e.dmac != p.src_mac
+            || e.smac != p.dst_mac
+        {
+            e.ifindex = ingress;
+            e.smac = p.dst_mac;
+            e.dmac = p.src_mac;
+            e.nh_time = now;
+            e.flags |= FLOW_F_NEXTHOP;
+        }
+        // Replies come in where the requests go out (that may have changed with the forward
+        // next hop).
+        let peer = peer_ifindex(x, p, f);
+        if e.peer_ifindex != peer {
+            e.peer_ifindex = peer;
+        }
         return Ok(Pair::Intact);
     }
     let reply = &mut scratch.reply;
@@ -81,6 +102,7 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
     reply.dmac = p.src_mac;
     reply.atime = now;
     reply.peer_ifindex = peer_ifindex(x, p, f);
+    reply.nh_time = now;
     if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
         return Ok(Pair::Restored);
     }
@@ -174,6 +196,7 @@ pub fn claim(
     reply.dmac = p.src_mac;
     reply.atime = now;
     reply.peer_ifindex = peer_ifindex;
+    reply.nh_time = now;
     rkey.src = be.addr;
     rkey.dst = svc.snat_addr;
     rkey.sport = be.port;
@@ -217,6 +240,7 @@ pub fn claim(
                 e.dmac = reply.dmac;
                 e.flags = reply.flags;
                 e.peer_ifindex = reply.peer_ifindex;
+                e.nh_time = now;
                 e.atime = now;
                 return Some(Claim {
                     port: rkey.dport,

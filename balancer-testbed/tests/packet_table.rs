@@ -19,6 +19,10 @@ use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 #[path = "packet_table/icmp.rs"]
 mod icmp;
+#[path = "packet_table/mirror.rs"]
+mod mirror;
+#[path = "packet_table/nexthop.rs"]
+mod nexthop;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -839,9 +843,23 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
         2,
         "the closed flow left with its reply entry"
     );
+    let key_of = |c: SocketAddr| FlowKey {
+        src: addr16(c.ip()),
+        dst: addr16(vip.ip()),
+        sport: c.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    assert_eq!(
+        s.removed_forward,
+        vec![key_of(closed)],
+        "the sweep names the forward key it removed (the mirror deletes it on the standby)"
+    );
     let s = tb.dp.sweep_flows(t, atime + 3600);
     assert_eq!((s.closed, s.idle), (0, 1));
     assert!(tb.dp.flows().is_empty());
+    assert_eq!(s.removed_forward, vec![key_of(idle)]);
     // A SYN whose handshake never completes goes after HALF_OPEN_SECS; a completed one stays.
     let half = sa("10.77.0.2:40022");
     let done = sa("10.77.0.2:40023");

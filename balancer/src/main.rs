@@ -7,7 +7,10 @@ use anyhow::Context as _;
 
 use balancer::{
     config,
-    control::{daemon, operator::Verb},
+    control::{
+        daemon,
+        operator::{BgpVerb, Verb},
+    },
     dataplane::Dataplane,
     host::net,
 };
@@ -110,6 +113,11 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Announce or withdraw this balancer's VIPs through BIRD (ECMP with BGP, `[bgp]`).
+    Bgp {
+        #[command(subcommand)]
+        cmd: BgpCmd,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -141,6 +149,77 @@ enum Cmd {
     User {
         #[command(subcommand)]
         cmd: UserCmd,
+    },
+    /// An active/standby pair (`[ha]`): keepalived's config, notify and health check.
+    Ha {
+        #[command(subcommand)]
+        cmd: HaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum HaCmd {
+    /// Print the keepalived.conf for this balancer (VRRPv3, unicast to the peer, every VIP
+    /// and SNAT address, tracking the controller).
+    KeepalivedConf {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+        config: PathBuf,
+        /// This program's path as keepalived should run it (default: this executable).
+        #[arg(long)]
+        balancer: Option<PathBuf>,
+    },
+    /// keepalived's notify script: tells the controller its VRRP role.
+    Notify {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// What keepalived appends: INSTANCE|GROUP <name> MASTER|BACKUP|FAULT|STOP [priority].
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// keepalived's track script: exits 1 when the controller does not answer.
+    Check {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BgpCmd {
+    /// Withdraw every VIP (maintenance): the routers stop sending this balancer traffic.
+    Withdraw {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Announce the VIPs again (each while its services have a backend up).
+    Announce {
+        /// Control socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Print the balancer side of BIRD's config: router id, the routes file, BGP sessions.
+    BirdConf {
+        /// Config file (its [bgp] section; the defaults without one).
+        #[arg(long, short, default_value = "/etc/balancer/balancer.toml")]
+        config: PathBuf,
+        /// BIRD router id (usually this balancer's own IPv4 address).
+        #[arg(long)]
+        router_id: std::net::Ipv4Addr,
+        /// This balancer's AS number.
+        #[arg(long)]
+        local_as: u32,
+        /// An upstream router's address (repeat for each router; IPv6 ones carry the IPv6 VIPs).
+        #[arg(long = "neighbor", required = true)]
+        neighbors: Vec<std::net::IpAddr>,
+        /// The upstream routers' AS number.
+        #[arg(long)]
+        neighbor_as: u32,
+        /// BGP hold time in seconds: how long a lost balancer stays in the routers' ECMP group.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(3..))]
+        hold_time: u16,
     },
 }
 
@@ -456,6 +535,50 @@ fn main() -> anyhow::Result<()> {
         Cmd::Reload { socket } => {
             std::process::exit(balancer::api::cli(&socket, &balancer::api::Command::Reload))
         }
+        Cmd::Bgp {
+            cmd: BgpCmd::Withdraw { socket },
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Bgp {
+                verb: BgpVerb::Withdraw,
+            },
+        )),
+        Cmd::Bgp {
+            cmd: BgpCmd::Announce { socket },
+        } => std::process::exit(balancer::api::cli(
+            &socket,
+            &balancer::api::Command::Bgp {
+                verb: BgpVerb::Announce,
+            },
+        )),
+        Cmd::Bgp {
+            cmd:
+                BgpCmd::BirdConf {
+                    config,
+                    router_id,
+                    local_as,
+                    neighbors,
+                    neighbor_as,
+                    hold_time,
+                },
+        } => {
+            let cfg = config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let bgp = cfg.bgp.unwrap_or_default();
+            print!(
+                "{}",
+                balancer::host::bird::bird_conf(
+                    &bgp,
+                    &balancer::host::bird::BirdConfOptions {
+                        router_id,
+                        local_as,
+                        neighbors,
+                        neighbor_as,
+                        hold_time,
+                    },
+                )
+            );
+            Ok(())
+        }
         Cmd::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(
@@ -478,5 +601,59 @@ fn main() -> anyhow::Result<()> {
             force,
         } => import(product, &file, output.as_deref(), force),
         Cmd::User { cmd } => user(cmd),
+        Cmd::Ha { cmd } => ha(cmd),
+    }
+}
+
+fn ha(cmd: HaCmd) -> anyhow::Result<()> {
+    match cmd {
+        HaCmd::KeepalivedConf {
+            config: path,
+            balancer,
+        } => {
+            let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let exe = match balancer {
+                Some(b) => b,
+                None => std::env::current_exe().context("finding this program's path")?,
+            };
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            match balancer::host::keepalived::render(&cfg, &exe, &path) {
+                Some(text) => {
+                    print!("{text}");
+                    Ok(())
+                }
+                None => anyhow::bail!("{}: no [ha] section", path.display()),
+            }
+        }
+        HaCmd::Notify { socket, args } => {
+            let role = balancer::host::keepalived::role_of_notify(&args)?;
+            std::process::exit(balancer::api::cli(
+                &socket,
+                &balancer::api::Command::HaRole(role),
+            ))
+        }
+        HaCmd::Check { socket } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_millis(900),
+                    balancer::api::call(&socket, http::Method::GET, "/v1/status"),
+                )
+                .await
+            });
+            match r {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => {
+                    eprintln!("balancer: {e:#}");
+                    std::process::exit(1)
+                }
+                Err(_) => {
+                    eprintln!("balancer: no status within 900 ms");
+                    std::process::exit(1)
+                }
+            }
+        }
     }
 }

@@ -58,6 +58,8 @@ fn status() -> Status {
         mllp: None,
         capacity: Default::default(),
         certificates: Vec::new(),
+        ha: None,
+        bgp: None,
         config: "/etc/balancer/balancer.toml".into(),
         interfaces: vec!["lb0".into()],
         uptime_secs: 42,
@@ -94,6 +96,12 @@ fn fake_daemon(seen: Arc<AtomicUsize>) -> mpsc::Sender<Message> {
                 Request::Reload => Err(
                     "config refused, nothing changed:\nbalancer.toml:4:9: unknown field `vipp`"
                         .into(),
+                ),
+                Request::HaRole { role } => {
+                    Ok(json!({ "ok": true, "message": format!("ha role: {role}") }))
+                }
+                Request::Bgp { verb } => Ok(
+                    json!({ "ok": true, "message": format!("bgp {}: no VIP announced", verb.name()) }),
                 ),
                 Request::Backend {
                     service, backend, ..
@@ -184,6 +192,12 @@ async fn cli_verbs_through_the_socket() {
     let out = balancer(&["drain", "nope", "10.0.0.1", "--socket", s]).await;
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stderr), "balancer: no service 'nope'\n");
+
+    for verb in ["withdraw", "announce"] {
+        let out = balancer(&["bgp", verb, "--socket", s]).await;
+        assert!(out.status.success(), "bgp {verb}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("bgp {verb}: no VIP announced\n"));
+    }
 
     let out = balancer(&["reload", "--socket", s]).await;
     assert_eq!(out.status.code(), Some(1));

@@ -41,6 +41,8 @@ pub enum Host {
     Switch,
     /// `<p>-lb`: the balancer (10.77.0.1, fd77::1; the VIPs are added by the balancer).
     Lb,
+    /// `<p>-lb2`: the second balancer of a pair, with [`LabConfig::peer`] (10.77.0.3, fd77::3).
+    Peer,
     /// `<p>-c`: the client (10.77.0.2, fd77::2).
     Client,
     /// `<p>-b<i>`, `i` from 1: backend `i` (10.77.0.1`i`, fd77::1`i`, name `be<i>`).
@@ -53,6 +55,7 @@ impl Host {
         match self {
             Host::Switch => "sw".into(),
             Host::Lb => "lb".into(),
+            Host::Peer => "lb2".into(),
             Host::Client => "c".into(),
             Host::Backend(i) => format!("b{i}"),
         }
@@ -62,6 +65,7 @@ impl Host {
         match self {
             Host::Switch => None,
             Host::Lb => Some(1),
+            Host::Peer => Some(3),
             Host::Client => Some(2),
             Host::Backend(i) => u8::try_from(10 + i).ok(),
         }
@@ -102,6 +106,8 @@ pub struct LabConfig {
     /// CHECKSUM_PARTIAL packets, and once XDP rewrites and re-transmits such a frame
     /// (XDP_TX) the receiver would see the unfinished checksum and drop it.
     pub tx_checksum_offload: bool,
+    /// A second balancer host, [`Host::Peer`] (an HA pair).
+    pub peer: bool,
 }
 
 impl Default for LabConfig {
@@ -109,6 +115,7 @@ impl Default for LabConfig {
         Self {
             backends: 3,
             tx_checksum_offload: false,
+            peer: false,
         }
     }
 }
@@ -119,6 +126,7 @@ impl Default for LabConfig {
 pub struct Lab {
     prefix: String,
     backends: usize,
+    peer: bool,
     dir: PathBuf,
     balancer_started: AtomicBool,
     next_file: AtomicU32,
@@ -141,18 +149,14 @@ impl Lab {
         if config.backends > 89 {
             bail!("at most 89 backends (10.77.0.11 ..= 10.77.0.99)");
         }
-        STALE_ONCE.call_once(|| {
-            if let Err(e) = Self::cleanup_stale() {
-                eprintln!("lab: cleaning up stale labs: {e:#}");
-            }
-        });
-        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("{PREFIX_BASE}{}x{n}", std::process::id());
+        cleanup_stale_once();
+        let prefix = next_prefix();
         let dir = std::env::temp_dir().join(&prefix);
         // The lab exists (and cleans up on drop) from here on, even if building it fails.
         let lab = Self {
             prefix,
             backends: config.backends,
+            peer: config.peer,
             dir,
             balancer_started: AtomicBool::new(false),
             next_file: AtomicU32::new(0),
@@ -209,30 +213,33 @@ impl Lab {
         // kernel; a pass-through XDP program on the peer is reliable. Its link is pinned in a
         // directory of its own (`<pin_path>-pass`): the balancer's pin directory is the
         // balancer's to replace.
-        let pass_pin = self.pass_pin_dir().join("link-lb");
         let bin = balancer_bin()?;
         let bin = bin.to_string_lossy();
-        let pin = pass_pin.to_string_lossy();
-        self.exec(
-            Host::Switch,
-            &[&bin, "xdp-pass", "--interface", "lb", "--pin", &pin],
-        )?;
-        self.exec(
-            Host::Lb,
-            &[
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.eth0.rp_filter=0",
-                // The lb forwards out the port it received on (nat hairpin, nftables bench):
-                // no ICMP redirects that would teach the client to bypass it.
-                "net.ipv4.conf.all.send_redirects=0",
-                "net.ipv4.conf.eth0.send_redirects=0",
-            ],
-        )?;
+        for lb in self.balancer_hosts() {
+            let port = lb.short();
+            let pass_pin = self.pass_pin_dir().join(format!("link-{port}"));
+            let pin = pass_pin.to_string_lossy();
+            self.exec(
+                Host::Switch,
+                &[&bin, "xdp-pass", "--interface", &port, "--pin", &pin],
+            )?;
+            self.exec(
+                lb,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.eth0.rp_filter=0",
+                    // The lb forwards out the port it received on (nat hairpin, nftables bench):
+                    // no ICMP redirects that would teach the client to bypass it.
+                    "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.eth0.send_redirects=0",
+                ],
+            )?;
+        }
         // Connection-rate runs close tens of thousands of connections from the client:
         // let it reuse TIME_WAIT ports instead of running out.
         self.exec(
@@ -265,9 +272,19 @@ impl Lab {
 
     /// All hosts with an `eth0` (everything but the switch): lb, client, backends.
     pub fn hosts(&self) -> Vec<Host> {
-        let mut v = vec![Host::Lb, Host::Client];
+        let mut v = self.balancer_hosts();
+        v.push(Host::Client);
         v.extend((1..=self.backends).map(Host::Backend));
         v
+    }
+
+    /// The balancer hosts: `Lb`, and `Peer` in a pair lab.
+    pub fn balancer_hosts(&self) -> Vec<Host> {
+        if self.peer {
+            vec![Host::Lb, Host::Peer]
+        } else {
+            vec![Host::Lb]
+        }
     }
 
     /// The backend hosts, `Backend(1)` … `Backend(N)`.
@@ -288,6 +305,15 @@ impl Lab {
     /// Where this lab's balancer pins its program, link and maps: `/sys/fs/bpf/<prefix>`.
     pub fn pin_path(&self) -> PathBuf {
         PathBuf::from("/sys/fs/bpf").join(&self.prefix)
+    }
+
+    /// The pin directory of the balancer on `host`: [`Lab::pin_path`] for `Lb`,
+    /// `/sys/fs/bpf/<prefix>-lb2` for `Peer`.
+    pub fn pin_path_of(&self, host: Host) -> PathBuf {
+        match host {
+            Host::Peer => PathBuf::from("/sys/fs/bpf").join(format!("{}-lb2", self.prefix)),
+            _ => self.pin_path(),
+        }
     }
 
     /// A `Command` running `program` inside `host`'s network namespace (through
@@ -493,10 +519,32 @@ impl Lab {
 
     /// Like [`Lab::start_balancer`], with extra arguments after the standard ones.
     pub fn start_balancer_with(&self, config_toml: &str, extra: &[&str]) -> Result<BalancerProc> {
-        let bin = balancer_bin()?;
+        self.start_balancer_on(Host::Lb, config_toml, extra)
+    }
+
+    /// Starts `balancer run` on balancer host `host` (`Lb` or `Peer`) with its own pins.
+    pub fn start_balancer_on(
+        &self,
+        host: Host,
+        config_toml: &str,
+        extra: &[&str],
+    ) -> Result<BalancerProc> {
         let config = self.write_file("balancer.toml", config_toml)?;
-        let pin = self.pin_path();
-        let mut cmd = self.command(Host::Lb, &bin);
+        self.start_balancer_file(host, &config, extra)
+    }
+
+    /// Starts `balancer run --config <config>` on `host` (a file written before, e.g. to run
+    /// the same file again after a kill).
+    pub fn start_balancer_file(
+        &self,
+        host: Host,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<BalancerProc> {
+        let bin = balancer_bin()?;
+        let config = config.to_path_buf();
+        let pin = self.pin_path_of(host);
+        let mut cmd = self.command(host, &bin);
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -504,17 +552,22 @@ impl Lab {
             .arg(&pin)
             .args(extra);
         self.balancer_started.store(true, Ordering::Relaxed);
-        let mut child = self.spawn_command(cmd, "[lb] balancer run")?;
+        let mut child = self.spawn_command(cmd, &format!("[{host}] balancer run"))?;
         child.wait_for_output("balancer ready", READY_TIMEOUT)?;
         Ok(BalancerProc { child, config })
     }
 
     /// Runs `balancer <args>` in the lb namespace and returns its stdout (fails on non-zero).
     pub fn balancer_cli(&self, args: &[&str]) -> Result<String> {
+        self.balancer_cli_on(Host::Lb, args)
+    }
+
+    /// Runs `balancer <args>` on balancer host `host` and returns its stdout.
+    pub fn balancer_cli_on(&self, host: Host, args: &[&str]) -> Result<String> {
         let bin = balancer_bin()?;
-        let mut cmd = self.command(Host::Lb, &bin);
+        let mut cmd = self.command(host, &bin);
         cmd.args(args);
-        let what = format!("[lb] balancer {}", args.join(" "));
+        let what = format!("[{host}] balancer {}", args.join(" "));
         let done = self.spawn_command(cmd, &what)?.wait_output(EXEC_TIMEOUT)?;
         if !done.status.success() {
             bail!("{what}: {}\n{}{}", done.status, done.stdout, done.stderr);
@@ -583,6 +636,7 @@ impl Lab {
         for prefix in &stale {
             remove_pins(&PathBuf::from("/sys/fs/bpf").join(prefix));
             remove_pins(&PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-pass")));
+            remove_pins(&PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-lb2")));
         }
         for ns in &namespaces {
             let _ = ip(&["netns", "del", ns]);
@@ -606,7 +660,18 @@ impl Drop for Lab {
         {
             eprintln!("lab {}: balancer teardown: {e:#}", self.prefix);
         }
+        if self.peer
+            && self.balancer_started.load(Ordering::Relaxed)
+            && self.pin_path_of(Host::Peer).exists()
+        {
+            let pin = self.pin_path_of(Host::Peer);
+            let pin = pin.to_string_lossy();
+            if let Err(e) = self.balancer_cli_on(Host::Peer, &["teardown", "--pin-path", &pin]) {
+                eprintln!("lab {}: peer balancer teardown: {e:#}", self.prefix);
+            }
+        }
         remove_pins(&self.pin_path());
+        remove_pins(&self.pin_path_of(Host::Peer));
         remove_pins(&self.pass_pin_dir());
         for ns in &namespaces {
             if netns_path(ns).exists()
@@ -723,17 +788,33 @@ pub fn vip6(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(VIP_V6), port)
 }
 
-fn is_root() -> bool {
+/// Removes the labs of dead processes, once per process (before its first lab).
+pub(crate) fn cleanup_stale_once() {
+    STALE_ONCE.call_once(|| {
+        if let Err(e) = Lab::cleanup_stale() {
+            eprintln!("lab: cleaning up stale labs: {e:#}");
+        }
+    });
+}
+
+/// A new lab prefix, `blb<pid>x<n>`, unique in this process (other topologies use it too,
+/// so [`Lab::cleanup_stale`] finds their namespaces, pins and scratch directories).
+pub(crate) fn next_prefix() -> String {
+    let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+    format!("{PREFIX_BASE}{}x{n}", std::process::id())
+}
+
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn netns_path(ns: &str) -> PathBuf {
+pub(crate) fn netns_path(ns: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(ns)
 }
 
 /// Runs `ip <args>` in the root namespace; fails with its stderr.
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -750,7 +831,7 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// SIGKILLs every process in `ns` and waits (2 s at most) until none is left.
-fn kill_netns_processes(ns: &str) {
+pub(crate) fn kill_netns_processes(ns: &str) {
     if !netns_path(ns).exists() {
         return;
     }
@@ -782,7 +863,7 @@ fn kill_netns_processes(ns: &str) {
 }
 
 /// Removes a pin directory (bpffs files unlink like any file).
-fn remove_pins(path: &Path) {
+pub(crate) fn remove_pins(path: &Path) {
     if path.exists()
         && let Err(e) = std::fs::remove_dir_all(path)
     {
@@ -804,7 +885,7 @@ fn stale_prefix(name: &str) -> Option<String> {
 }
 
 /// Mounts the BPF filesystem on /sys/fs/bpf when it is not (the balancer pins there).
-fn ensure_bpffs() -> Result<()> {
+pub(crate) fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounts
         .lines()

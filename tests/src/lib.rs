@@ -34,6 +34,9 @@
 //!   namespaces, runs `balancer teardown`, removes `/sys/fs/bpf/<p>` and deletes the namespaces.
 //!   [`Lab::cleanup_stale`] removes what a killed earlier run left behind.
 //!
+//! [`ecmp`] builds a second, routed topology: a client behind a router running BIRD with
+//! multipath, and several balancers each announcing the VIPs through its own BIRD.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -50,7 +53,9 @@
 //! ```
 
 mod bins;
+pub mod ecmp;
 mod lab;
+pub mod pair;
 mod process;
 pub mod report;
 pub mod wire;

@@ -32,6 +32,13 @@ pub struct StreamReport {
     /// What went wrong, when not `ok`.
     #[serde(default)]
     pub error: Option<String>,
+    /// The longest time one chunk took to come back (write to last echoed byte), in ms: the
+    /// stream's longest stall.
+    #[serde(default)]
+    pub max_stall_ms: u64,
+    /// When that chunk was written, in ms since the stream connected.
+    #[serde(default)]
+    pub max_stall_at_ms: u64,
 }
 
 /// `blb-client udp`: datagrams, each answered by header + datagram.

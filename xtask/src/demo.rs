@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a lab with a client, the balancer and three backends (two of them also
 //! run an HL7 Listener), real traffic through the VIP, who served what, a web backend failing
-//! under load, an HL7 listener failover with a real MLLP sender, and the counters.
+//! under load, an HL7 listener failover with a real MLLP sender, and the counters; then a
+//! second lab with an HA pair of balancers and a takeover ([`crate::demo_pair`]).
 //!
 //! The scenario is a list of steps over a [`Demo`]; add a step function and a line in
 //! [`scenario`] to show more (a web backend failing, an HL7 failover).
@@ -235,7 +236,9 @@ pub fn run(keep_console: bool) -> Result<()> {
     let prefix = demo.lab.prefix().to_string();
     drop(demo);
     println!("lab {prefix} removed (namespaces, processes, pins)");
-    result
+    result?;
+    banner("an HA pair: the active balancer killed (keepalived + mirrored flows)");
+    crate::demo_pair::run()
 }
 
 fn run_steps(demo: &mut Demo) -> Result<()> {

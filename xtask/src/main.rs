@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod deb;
 mod demo;
+mod demo_pair;
 mod install;
 mod setup;
 mod sigint;

@@ -36,6 +36,10 @@ const PACKAGES: &[&str] = &[
     // The console lab drives a headless browser over WebDriver.
     "chromium",
     "chromium-driver",
+    // The HA pair lab: VRRP between the two balancers.
+    "keepalived",
+    // The ECMP lab runs its own BIRD processes (router and balancers) in its namespaces.
+    "bird2",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -82,7 +86,30 @@ fn debian_packages() -> Result<()> {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }
     println!("ok: debian packages ({} installed)", missing.len());
+    if missing.iter().any(|p| p == "bird2") {
+        disable_distro_bird();
+    }
     Ok(())
+}
+
+/// The bird2 package enables and starts a system BIRD with the distro's config. No test
+/// uses it (the ECMP lab runs its own BIRD processes with their own configs and sockets),
+/// so a BIRD that setup itself just installed is stopped and disabled. A BIRD that was
+/// installed before is never touched.
+fn disable_distro_bird() {
+    if !std::path::Path::new("/run/systemd/system").exists() {
+        return;
+    }
+    match Command::new("systemctl")
+        .args(["disable", "--now", "bird.service"])
+        .status()
+    {
+        Ok(s) if s.success() => {
+            println!("ok: stopped and disabled the distro's bird.service (the labs run their own)")
+        }
+        Ok(s) => println!("note: systemctl disable --now bird.service: {s}"),
+        Err(e) => println!("note: systemctl disable --now bird.service: {e}"),
+    }
 }
 
 /// Packages whose dpkg status is not "install ok installed".

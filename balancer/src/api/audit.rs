@@ -58,6 +58,8 @@ pub fn describe(r: &Request) -> Option<(EventKind, String)> {
     match r {
         Request::Status => None,
         Request::Reload => Some((EventKind::Reload, "reload".to_string())),
+        Request::HaRole { role } => Some((EventKind::Action, format!("ha role {}", role.name()))),
+        Request::Bgp { verb } => Some((EventKind::Action, format!("bgp {}", verb.name()))),
         Request::Backend {
             verb,
             service,

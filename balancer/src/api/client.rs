@@ -12,7 +12,7 @@ use tokio::net::UnixStream;
 
 use crate::api::protocol::Status;
 use crate::api::table::status_table;
-use crate::control::operator::Verb;
+use crate::control::operator::{BgpVerb, Verb};
 
 /// The client's limit for one call (daemon timeout plus slack).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
@@ -147,6 +147,13 @@ pub enum Command {
     },
     /// `balancer reload`.
     Reload,
+    /// `balancer ha notify …` (keepalived's notify script).
+    HaRole(crate::control::ha::Role),
+    /// `balancer bgp withdraw|announce`.
+    Bgp {
+        /// What to do.
+        verb: BgpVerb,
+    },
 }
 
 impl Command {
@@ -160,6 +167,8 @@ impl Command {
                 backend,
             } => (Method::POST, backend_uri(service, backend, *verb)),
             Command::Reload => (Method::POST, "/v1/reload".into()),
+            Command::HaRole(role) => (Method::POST, format!("/v1/ha/role/{}", role.name())),
+            Command::Bgp { verb } => (Method::POST, format!("/v1/bgp/{}", verb.name())),
         }
     }
 }

@@ -29,6 +29,13 @@
 //! | `mllp_acks_total` | counter | service, listener, code |
 //! | `mllp_listener_{delivered,failures,garbage}_total` | counter | service, listener |
 //! | `mllp_active_listener` (1 for the listener messages go to) | gauge | service, listener |
+//! | `ha_role` (1 for this balancer's role) | gauge | node, role |
+//! | `ha_peer_heard_seconds` (since the peer's last valid message), `ha_config_matches` (1 same config as the peer) | gauge | |
+//! | `ha_mirror_{flows_sent,flows_applied,flows_unknown,deletes_sent,deletes_applied,resyncs_sent,resyncs_received,events_dropped}_total` | counter | |
+//! | `ha_mirror_lag_messages` (sent, not yet acknowledged by the peer) | gauge | |
+//! | `ha_sync_messages_{sent,accepted}_total`, `ha_sync_dropped_total` (reason: auth, replay, malformed, foreign), `ha_sync_lost_total` | counter | |
+//! | `bgp_announced` (1 while BIRD announces the VIP, 0 withdrawn) | gauge | vip |
+//! | `bgp_withdrawn_by_operator`, `bgp_birdc_failures_total` | gauge, counter | |
 
 use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
 
@@ -419,6 +426,12 @@ pub fn render(status: &Status) -> String {
     if let Some(m) = &status.mllp {
         register_mllp(&mut reg, m);
     }
+    if let Some(ha) = &status.ha {
+        register_ha(&mut reg, ha);
+    }
+    if let Some(b) = &status.bgp {
+        register_bgp(&mut reg, b);
+    }
     if !status.l7_backends.is_empty() {
         let up = Gauges::default();
         for b in &status.l7_backends {
@@ -450,6 +463,39 @@ pub fn render(status: &Status) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+/// The BGP announcements: one 0/1 sample per VIP of the config (and any still announced),
+/// the operator's withdraw and the failed `birdc` runs.
+fn register_bgp(reg: &mut Registry, b: &crate::host::bird::BgpStatus) {
+    let announced = Gauges::default();
+    let vips: std::collections::BTreeSet<_> = b.vips.iter().chain(&b.announced).collect();
+    for vip in vips {
+        gauge(
+            &announced,
+            &vec![("vip", vip.to_string())],
+            i64::from(b.announced.contains(vip)),
+        );
+    }
+    reg.register(
+        "bgp_announced",
+        "The VIP is announced to the routers through BIRD (1) or withdrawn (0)",
+        announced,
+    );
+    let withdrawn = Gauge::<i64>::default();
+    withdrawn.set(i64::from(b.withdrawn_by_operator));
+    reg.register(
+        "bgp_withdrawn_by_operator",
+        "The operator withdrew this balancer from BGP (balancer bgp withdraw)",
+        withdrawn,
+    );
+    let failures = Counter::<u64>::default();
+    failures.inc_by(b.failures);
+    reg.register(
+        "bgp_birdc_failures",
+        "Failed updates of BIRD (routes file or birdc configure)",
+        failures,
+    );
 }
 
 /// The L7 proxy's counters: requests by status class and latency buckets per (route, pool),
@@ -670,6 +716,124 @@ fn register_mllp(reg: &mut Registry, m: &balancer_mllp::Metrics) {
     );
 }
 
+fn register_ha(reg: &mut Registry, ha: &crate::api::protocol::HaStatus) {
+    use crate::control::ha::Role;
+    let roles = Gauges::default();
+    for r in [Role::Unknown, Role::Active, Role::Standby, Role::Fault] {
+        gauge(
+            &roles,
+            &vec![("node", esc(&ha.node)), ("role", r.name().to_string())],
+            i64::from(ha.role == r),
+        );
+    }
+    reg.register("ha_role", "1 for this balancer's role in the pair", roles);
+    if let Some(ms) = ha.peer_heard_ms {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(ms as f64 / 1e3);
+        reg.register_with_unit(
+            "ha_peer_heard",
+            "Seconds since the peer's last valid sync message",
+            Unit::Seconds,
+            g,
+        );
+    }
+    if let Some(same) = ha.config_matches {
+        let g = Gauge::<i64>::default();
+        g.set(i64::from(same));
+        reg.register(
+            "ha_config_matches",
+            "1 when the peer runs the same config (digest of all but [ha] and [console])",
+            g,
+        );
+    }
+    let m = &ha.mirror;
+    let counters: [(&str, &str, u64); 11] = [
+        (
+            "ha_mirror_flows_sent",
+            "New flows sent to the peer",
+            m.flows_sent,
+        ),
+        (
+            "ha_mirror_flows_applied",
+            "Flows of the peer installed here",
+            m.flows_applied,
+        ),
+        (
+            "ha_mirror_flows_unknown",
+            "Flows of the peer with no service or backend here",
+            m.flows_unknown,
+        ),
+        (
+            "ha_mirror_deletes_sent",
+            "Expired flows sent to the peer",
+            m.deletes_sent,
+        ),
+        (
+            "ha_mirror_deletes_applied",
+            "Expired flows of the peer removed here",
+            m.deletes_applied,
+        ),
+        (
+            "ha_mirror_resyncs_sent",
+            "Full resync passes sent",
+            m.resyncs_sent,
+        ),
+        (
+            "ha_mirror_resyncs_received",
+            "Full resync passes received",
+            m.resyncs_received,
+        ),
+        (
+            "ha_mirror_events_dropped",
+            "New-flow events the program could not queue (ring buffer full)",
+            m.events_dropped,
+        ),
+        (
+            "ha_sync_messages_sent",
+            "Sync messages sent",
+            m.messages_sent,
+        ),
+        (
+            "ha_sync_messages_accepted",
+            "Sync messages received and accepted",
+            m.messages_accepted,
+        ),
+        (
+            "ha_sync_lost",
+            "Sync messages of the peer that never arrived",
+            m.lost,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    }
+    let dropped = Counters::default();
+    for (reason, v) in [
+        ("auth", m.dropped_auth),
+        ("replay", m.dropped_replay),
+        ("malformed", m.dropped_malformed),
+        ("foreign", m.dropped_foreign),
+    ] {
+        dropped
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc_by(v);
+    }
+    reg.register(
+        "ha_sync_dropped",
+        "Sync datagrams dropped, by reason",
+        dropped,
+    );
+    let lag = Gauge::<i64>::default();
+    lag.set(i64::try_from(m.lag_messages).unwrap_or(i64::MAX));
+    reg.register(
+        "ha_mirror_lag_messages",
+        "Sync messages sent that the peer has not acknowledged yet",
+        lag,
+    );
+}
+
 /// How long a scrape may wait for the daemon.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -782,6 +946,53 @@ mod tests {
         text.lines()
             .find(|l| l.starts_with(prefix))
             .unwrap_or_else(|| panic!("no line {prefix} in\n{text}"))
+    }
+
+    #[test]
+    fn bgp_announcements_are_one_sample_per_vip_and_in_the_table() {
+        let mut st = sample_status();
+        assert!(
+            !render(&st).contains("balancer_bgp_"),
+            "no [bgp]: no bgp metrics"
+        );
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        st.bgp = Some(crate::host::bird::BgpStatus {
+            announced: vec![ip("10.77.0.100")],
+            desired: vec![ip("10.77.0.100")],
+            withdrawn_by_operator: false,
+            vips: vec![ip("10.77.0.100"), ip("10.77.0.101")],
+            routes_file: "/etc/bird/balancer-vips.conf".into(),
+            last_result: Some("ok".into()),
+            last_ok: Some(true),
+            last_at: Some(1_900_000_000),
+            failures: 2,
+        });
+        let t = render(&st);
+        assert!(
+            t.contains("balancer_bgp_announced{vip=\"10.77.0.100\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("balancer_bgp_announced{vip=\"10.77.0.101\"} 0\n"),
+            "{t}"
+        );
+        assert!(t.contains("balancer_bgp_withdrawn_by_operator 0\n"), "{t}");
+        assert!(t.contains("balancer_bgp_birdc_failures_total 2\n"), "{t}");
+        let table = crate::api::table::status_table(&st);
+        assert!(
+            table.contains("\nbgp announced 10.77.0.100  withdrawn by operator no  birdc ok\n"),
+            "{table}"
+        );
+        let b = st.bgp.as_mut().unwrap();
+        b.withdrawn_by_operator = true;
+        b.desired.clear();
+        b.last_ok = Some(false);
+        b.last_result = Some("Unable to connect to server control socket".into());
+        let table = crate::api::table::status_table(&st);
+        assert!(
+            table.contains("bgp announced 10.77.0.100  withdrawn by operator yes  pending none  birdc failed (2 failures): Unable to connect"),
+            "{table}"
+        );
     }
 
     #[test]

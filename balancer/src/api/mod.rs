@@ -5,6 +5,8 @@
 //! - `GET  /v1/status`: the daemon's [`Status`] as JSON.
 //! - `POST /v1/services/{service}/backends/{backend}/{drain|disable|enable}`
 //! - `POST /v1/reload`
+//! - `POST /v1/ha/role/{active|standby|fault}` (keepalived's notify script, through `balancer ha notify`)
+//! - `POST /v1/bgp/{withdraw|announce}` (with `[bgp]`; answered once BIRD took the change)
 //!
 //! Successful operations answer `{"ok": true, "message": "..."}`; every failure answers
 //! `{"error": "..."}` with 400 (a bad request or one the daemon refused), 403 (peer not root),

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::{AdminState, Forwarding, Protocol, Scheduler},
-    control::operator::Verb,
+    control::operator::{BgpVerb, Verb},
     control::state::{BackendHealth, SlotState},
     dataplane::counters::Traffic,
 };
@@ -30,6 +30,16 @@ pub enum Request {
     },
     /// Re-read the config file; a bad file is refused and the running config keeps serving.
     Reload,
+    /// keepalived's word on this balancer's VRRP role (`balancer ha notify`).
+    HaRole {
+        /// The role.
+        role: crate::control::ha::Role,
+    },
+    /// Withdraw or announce this balancer's VIPs (BGP, `[bgp]`).
+    Bgp {
+        /// What to do.
+        verb: BgpVerb,
+    },
 }
 
 /// The daemon's answer: a JSON value, or an error message for the operator.
@@ -129,6 +139,77 @@ pub struct Status {
     /// Expiry of the L7 listeners' certificate files.
     #[serde(default)]
     pub certificates: Vec<CertificateStatus>,
+    /// This balancer's part of a pair, when it has an `[ha]` section.
+    #[serde(default)]
+    pub ha: Option<HaStatus>,
+    /// The BGP announcements, when a `[bgp]` section runs.
+    #[serde(default)]
+    pub bgp: Option<crate::host::bird::BgpStatus>,
+}
+
+/// One balancer of a pair: its role, the peer as last heard, and the mirror's counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HaStatus {
+    /// This balancer's name.
+    pub node: String,
+    /// Its VRRP role, as keepalived told it.
+    pub role: crate::control::ha::Role,
+    /// The peer's sync address.
+    pub peer: String,
+    /// The peer's name, from its last heartbeat.
+    #[serde(default)]
+    pub peer_node: Option<String>,
+    /// The peer's role, from its last heartbeat.
+    #[serde(default)]
+    pub peer_role: Option<crate::control::ha::Role>,
+    /// Milliseconds since the last valid message from the peer.
+    #[serde(default)]
+    pub peer_heard_ms: Option<u64>,
+    /// Whether the peer runs the same config (digest of everything but `[ha]` and
+    /// `[console]`); `None` before its first heartbeat.
+    #[serde(default)]
+    pub config_matches: Option<bool>,
+    /// The flow mirror.
+    #[serde(default)]
+    pub mirror: MirrorStatus,
+}
+
+/// Counters of the flow mirror and its channel (since the controller started).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorStatus {
+    /// New flows sent to the peer (as active).
+    pub flows_sent: u64,
+    /// Flows of the peer installed here (as standby), resyncs included.
+    pub flows_applied: u64,
+    /// Flows of the peer this balancer has no service or backend for (not installed).
+    pub flows_unknown: u64,
+    /// Expired flows whose removal was sent to the peer.
+    pub deletes_sent: u64,
+    /// Removals of the peer applied here.
+    pub deletes_applied: u64,
+    /// Full resync passes sent.
+    pub resyncs_sent: u64,
+    /// Full resync passes received.
+    pub resyncs_received: u64,
+    /// New-flow events the XDP program could not queue (ring buffer full): repaired by the
+    /// next resync.
+    pub events_dropped: u64,
+    /// Messages sent that the peer has not acknowledged yet (its last heartbeat).
+    pub lag_messages: u64,
+    /// Sync messages sent.
+    pub messages_sent: u64,
+    /// Sync messages received and accepted.
+    pub messages_accepted: u64,
+    /// Dropped: bad MAC (forged, wrong key, corrupted).
+    pub dropped_auth: u64,
+    /// Dropped: replayed or older than the window.
+    pub dropped_replay: u64,
+    /// Dropped: undecodable.
+    pub dropped_malformed: u64,
+    /// Dropped: not from the peer's address.
+    pub dropped_foreign: u64,
+    /// Messages of the peer that never arrived (sequence gaps).
+    pub lost: u64,
 }
 
 /// Sizes from the config that usage is measured against.

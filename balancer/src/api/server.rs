@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::client::percent_decode;
 use crate::api::protocol::{AskError, Message, Request, ask};
-use crate::control::operator::Verb;
+use crate::control::operator::{BgpVerb, Verb};
 
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -182,6 +182,14 @@ pub(crate) fn route(method: &Method, path: &str) -> Result<Request, Box<Response
     let (allowed, request) = match segs.as_slice() {
         ["", "v1", "status"] => (Method::GET, Request::Status),
         ["", "v1", "reload"] => (Method::POST, Request::Reload),
+        ["", "v1", "ha", "role", role] => match crate::control::ha::Role::parse(role) {
+            Some(role) => (Method::POST, Request::HaRole { role }),
+            None => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
+        },
+        ["", "v1", "bgp", op] => match BgpVerb::parse(op) {
+            Some(verb) => (Method::POST, Request::Bgp { verb }),
+            None => return Err(Box::new(error(StatusCode::NOT_FOUND, "no such route"))),
+        },
         ["", "v1", "services", service, "backends", backend, op] => {
             let (Some(service), Some(backend)) = (percent_decode(service), percent_decode(backend))
             else {

@@ -23,9 +23,15 @@ pub fn status_table(s: &Status) -> String {
         "reloads {}  config errors {}  failovers {}  flows {}",
         s.reloads, s.config_errors, s.failovers, s.flows
     );
+    if let Some(ha) = &s.ha {
+        let _ = writeln!(out, "{}", ha_line(ha));
+    }
     if !s.reasons.is_empty() {
         let reasons: Vec<String> = s.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "verdicts {}", reasons.join("  "));
+    }
+    if let Some(b) = &s.bgp {
+        out.push_str(&bgp_line(b));
     }
     for svc in &s.services {
         out.push('\n');
@@ -148,6 +154,40 @@ pub fn status_table(s: &Status) -> String {
     out
 }
 
+/// The BGP line of `balancer status`: what BIRD announces, the operator's withdraw, a
+/// change not applied yet and the last `birdc` result.
+fn bgp_line(b: &crate::host::bird::BgpStatus) -> String {
+    let list = |v: &[std::net::IpAddr]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    let mut line = format!(
+        "bgp announced {}  withdrawn by operator {}",
+        list(&b.announced),
+        if b.withdrawn_by_operator { "yes" } else { "no" }
+    );
+    if b.desired != b.announced {
+        let _ = write!(line, "  pending {}", list(&b.desired));
+    }
+    let _ = write!(
+        line,
+        "  birdc {}",
+        match (&b.last_ok, &b.last_result) {
+            (Some(true), _) => "ok".to_string(),
+            (Some(false), Some(e)) => format!("failed ({} failures): {e}", b.failures),
+            _ => "-".to_string(),
+        }
+    );
+    line.push('\n');
+    line
+}
+
 /// The MLLP relay's services and listeners, for `balancer status`.
 fn mllp_text(m: &balancer_mllp::Metrics) -> String {
     let head = |h: &[&str]| h.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -265,4 +305,40 @@ pub(crate) fn uptime(secs: u64) -> String {
     } else {
         format!("{h}h{m:02}m{s:02}s")
     }
+}
+
+/// The pair's two lines: role and peer, then the mirror's counters.
+fn ha_line(ha: &crate::api::protocol::HaStatus) -> String {
+    let peer = match (&ha.peer_node, ha.peer_role, ha.peer_heard_ms) {
+        (Some(n), Some(r), Some(ms)) => format!("{n} ({r}, heard {ms} ms ago)"),
+        _ => "not heard".to_string(),
+    };
+    let config = match ha.config_matches {
+        Some(true) => "same config",
+        Some(false) => "CONFIG DIFFERS FROM THE PEER'S",
+        None => "config not compared yet",
+    };
+    let m = &ha.mirror;
+    format!(
+        "ha node {} role {}  peer {} {peer}  {config}\nmirror flows sent {} applied {} unknown {}  deletes sent {} applied {}  resyncs sent {} received {}  lag {} msgs  events dropped {}  sync msgs sent {} accepted {}  dropped auth {} replay {} malformed {} foreign {}  lost {}",
+        ha.node,
+        ha.role,
+        ha.peer,
+        m.flows_sent,
+        m.flows_applied,
+        m.flows_unknown,
+        m.deletes_sent,
+        m.deletes_applied,
+        m.resyncs_sent,
+        m.resyncs_received,
+        m.lag_messages,
+        m.events_dropped,
+        m.messages_sent,
+        m.messages_accepted,
+        m.dropped_auth,
+        m.dropped_replay,
+        m.dropped_malformed,
+        m.dropped_foreign,
+        m.lost
+    )
 }

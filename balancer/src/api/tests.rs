@@ -61,6 +61,7 @@ pub(crate) fn sample_status() -> Status {
             flow_table_entries: 262144,
             snat_ports: 22768,
         },
+        bgp: None,
         certificates: vec![
             crate::api::protocol::CertificateStatus {
                 listener: "https".into(),
@@ -73,6 +74,7 @@ pub(crate) fn sample_status() -> Status {
                 not_after: None,
             },
         ],
+        ha: None,
         interfaces: vec!["eth0".into()],
         uptime_secs: 3723,
         reloads: 2,
@@ -123,6 +125,38 @@ fn routes() {
     assert_eq!(
         route(&Method::POST, "/v1/reload").ok(),
         Some(Request::Reload)
+    );
+    assert_eq!(
+        route(&Method::POST, "/v1/ha/role/standby").ok(),
+        Some(Request::HaRole {
+            role: crate::control::ha::Role::Standby
+        })
+    );
+    assert!(route(&Method::POST, "/v1/ha/role/leader").is_err());
+    assert!(route(&Method::GET, "/v1/ha/role/active").is_err());
+    assert_eq!(
+        route(&Method::POST, "/v1/bgp/withdraw").ok(),
+        Some(Request::Bgp {
+            verb: crate::control::operator::BgpVerb::Withdraw
+        })
+    );
+    assert_eq!(
+        route(&Method::POST, "/v1/bgp/announce").ok(),
+        Some(Request::Bgp {
+            verb: crate::control::operator::BgpVerb::Announce
+        })
+    );
+    assert_eq!(
+        route(&Method::GET, "/v1/bgp/withdraw")
+            .err()
+            .map(|r| r.status()),
+        Some(StatusCode::METHOD_NOT_ALLOWED)
+    );
+    assert_eq!(
+        route(&Method::POST, "/v1/bgp/flap")
+            .err()
+            .map(|r| r.status()),
+        Some(StatusCode::NOT_FOUND)
     );
     assert_eq!(
         route(
@@ -319,6 +353,10 @@ fn fake_daemon() -> mpsc::Sender<Message> {
                     Ok(json!({ "ok": true, "message": format!("drain: {service} {backend}") }))
                 }
                 Request::Backend { service, .. } => Err(format!("no service '{service}'")),
+                Request::HaRole { role } => Ok(json!({ "ok": true, "message": role.name() })),
+                Request::Bgp { verb } => {
+                    Ok(json!({ "ok": true, "message": format!("bgp {}: 1 VIP", verb.name()) }))
+                }
             };
             let _ = m.reply.send(reply);
         }

@@ -1,17 +1,21 @@
 //! The configuration file: TOML, validated as a whole, every error reported as
 //! `file:line:column: message`. Nothing touches the system until a file validates.
 
+pub mod bgp;
 pub mod console;
 pub mod controller;
 pub mod dataplane;
+pub mod ha;
 pub mod health;
 pub mod mllp;
 pub mod passive;
 pub mod service;
 
+pub use bgp::{BgpConfig, BgpSection};
 pub use console::ConsoleSection;
 pub use controller::ControllerSection;
 pub use dataplane::{DataplaneSection, HostCheckError, SnatPorts, XdpMode};
+pub use ha::Ha;
 pub use mllp::Mode;
 pub(crate) use service::names;
 pub use service::{
@@ -54,6 +58,10 @@ pub struct Config {
     pub l7: Option<Spanned<balancer_l7::L7Config>>,
     /// The web console; absent: no console.
     pub console: Option<Spanned<ConsoleSection>>,
+    /// One balancer of an active/standby pair; absent: a single balancer.
+    pub ha: Option<Spanned<ha::HaSection>>,
+    /// VIP announcement through BIRD (ECMP scale-out); absent: nothing is announced.
+    pub bgp: Option<Spanned<BgpSection>>,
 }
 
 /// A validated file: everything callers read, typed.
@@ -89,6 +97,10 @@ pub struct Validated {
     pub l7: Option<balancer_l7::L7Config>,
     /// The `[console]` section, validated.
     pub console: Option<ConsoleSection>,
+    /// The `[ha]` section, validated: keepalived owns the addresses, flows are mirrored.
+    pub ha: Option<Ha>,
+    /// The `[bgp]` section, validated.
+    pub bgp: Option<BgpConfig>,
 }
 
 impl Validated {
@@ -473,6 +485,11 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         .console
         .as_ref()
         .and_then(|c| console::validate(c, &services, metrics, d));
+    let ha = raw
+        .ha
+        .as_ref()
+        .and_then(|h| ha::validate(h, &interfaces, (snat_ipv4, snat_ipv6), &services, d));
+    let bgp = raw.bgp.as_ref().and_then(|b| bgp::validate(b, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
             0..0,
@@ -498,6 +515,8 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         services,
         l7: raw.l7.map(Spanned::into_inner),
         console,
+        ha,
+        bgp,
     }
 }
 
@@ -639,6 +658,7 @@ backends = [
         for f in [
             "examples/patientsecure.toml",
             "examples/patientsecure-l7.toml",
+            "examples/patientsecure-ha.toml",
             "packaging/balancer.toml",
         ] {
             let v = load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));

@@ -27,7 +27,7 @@ use crate::{
         status::{Published, StatusBoard},
     },
     dataplane::{Dataplane, LoadOptions, counters::Traffic},
-    host::net,
+    host::{bird, net},
 };
 
 /// Options of `balancer run`.
@@ -57,12 +57,34 @@ pub struct Daemon {
     _flow_expiry: crate::control::flow_expiry::Collector,
     /// Reads the passive-health counters; told what to watch at every publish.
     passive: passive::Poller,
+    /// The VIP announcements through BIRD (`[bgp]`); told the wanted set at every publish.
+    bgp: Option<bird::Driver>,
+    /// The operator withdrew this balancer from BGP (`balancer bgp withdraw`).
+    bgp_withdrawn: bool,
     board: StatusBoard,
     /// The `[l7]` section in force, shared with status readers.
     l7_config: Option<std::sync::Arc<balancer_l7::L7Config>>,
     reloads: u64,
     config_errors: u64,
     failovers: u64,
+    /// One balancer of a pair (`[ha]`): its role and what keepalived tracks.
+    ha: Option<HaNode>,
+    /// The pair's sync runtime (with `[ha]`).
+    pair: Option<crate::control::pair::Pair>,
+    /// The active peer's control states (a standby follows them); taken by [`run`].
+    peer_control: Option<mpsc::UnboundedReceiver<Vec<balancer_sync::ServiceControl>>>,
+}
+
+/// This balancer's part of a pair.
+struct HaNode {
+    /// The section.
+    cfg: config::Ha,
+    /// The role keepalived told last.
+    role: crate::control::ha::Role,
+    /// Where the role is recorded for a restarted controller.
+    role_file: PathBuf,
+    /// The file keepalived tracks.
+    track_file: PathBuf,
 }
 
 /// Why a reload was refused or failed; the running config keeps serving.
@@ -74,7 +96,7 @@ pub enum ReloadError {
     /// This host cannot run it (SNAT ports in the ephemeral range).
     #[error("{0}; nothing changed")]
     Host(#[from] config::HostCheckError),
-    /// Interfaces, pin path or the presence of `[l7]` changed.
+    /// Interfaces, pin path, `[console]`, `[bgp]` or the presence of `[l7]` changed.
     #[error("{0} change only with a restart; nothing changed")]
     RestartNeeded(&'static str),
     /// The L7 proxy refused its part (certificate, listeners).
@@ -93,6 +115,22 @@ impl Daemon {
         bursts: mpsc::UnboundedSender<passive::Burst>,
     ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ha = cfg.ha.clone().map(|h| {
+            let role_file = crate::control::ha::role_file(&cfg.socket);
+            let role = crate::control::ha::load_role(&role_file);
+            let track_file = crate::host::keepalived::track_file(&cfg);
+            // Not serving until ready: keepalived keeps (or moves) the addresses elsewhere.
+            if let Err(e) = crate::control::ha::write_track(&track_file, false) {
+                warn!(path = %track_file.display(), error = %e, "cannot write the keepalived track file");
+            }
+            info!(node = %h.node, peer = %h.peer, role = %role, "one balancer of a pair: keepalived owns the addresses");
+            HaNode {
+                cfg: h,
+                role,
+                role_file,
+                track_file,
+            }
+        });
         let pin = opts
             .pin_path
             .clone()
@@ -130,11 +168,30 @@ impl Daemon {
                 .with_context(|| format!("attaching to {iface}"))?;
         }
         let gc_timeouts = std::sync::Arc::new(std::sync::Mutex::new(timeouts(&cfg)));
+        let (removed_tx, removed_rx) = mpsc::unbounded_channel();
         let gc = crate::control::flow_expiry::Collector::start(
             &pin,
             gc_timeouts.clone(),
             Duration::from_secs(5),
+            ha.as_ref().map(|_| removed_tx),
         )?;
+        let (peer_tx, peer_rx) = mpsc::unbounded_channel();
+        let pair = match &ha {
+            Some(h) => {
+                dp.set_mirror(h.role == crate::control::ha::Role::Active)?;
+                let reader = dp.mirror_reader()?;
+                let text = std::fs::read_to_string(&opts.config)
+                    .with_context(|| format!("reading {}", opts.config.display()))?;
+                Some(
+                    crate::control::pair::Pair::start(
+                        &h.cfg, &text, h.role, &pin, reader, peer_tx, removed_rx,
+                    )
+                    .await
+                    .context("starting the pair sync")?,
+                )
+            }
+            None => None,
+        };
         let l7 = match &cfg.l7 {
             Some(l7) => {
                 // Its addresses were put on the interface with the VIPs.
@@ -156,6 +213,10 @@ impl Daemon {
                 (Some(relay), Some(failures))
             }
         };
+        let ha_source = match &pair {
+            Some(p) => Some(p.status_source(&pin)?),
+            None => None,
+        };
         let board = StatusBoard::new(
             Published {
                 status: Status::default(),
@@ -169,6 +230,27 @@ impl Daemon {
             mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
             Instant::now(),
         );
+        let board = match ha_source {
+            Some(h) => board.with_ha(h),
+            None => board,
+        };
+        let bgp = d_bgp(&cfg);
+        let bgp_withdrawn = match &bgp {
+            Some(_) => operator::load_bgp_withdrawn(&bgp_file(&cfg)).unwrap_or_else(|e| {
+                warn!(path = %bgp_file(&cfg).display(), error = %e, "ignoring an unreadable bgp state; announcing");
+                false
+            }),
+            None => false,
+        };
+        if bgp_withdrawn {
+            info!(
+                "bgp: withdrawn by the operator before this start; nothing is announced until `balancer bgp announce`"
+            );
+        }
+        let board = match &bgp {
+            Some(b) => board.with_bgp(b.handle()),
+            None => board,
+        };
         let mut d = Daemon {
             opts,
             cfg,
@@ -184,10 +266,15 @@ impl Daemon {
             passive: passive::Poller::start(&pin, bursts)
                 .context("starting the passive health poller")?,
             board,
+            bgp,
+            bgp_withdrawn,
             l7_config: None,
             reloads: 0,
             config_errors: 0,
             failovers: 0,
+            ha,
+            pair,
+            peer_control: Some(peer_rx),
         };
         d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
@@ -488,6 +575,12 @@ impl Daemon {
         if new.console != self.cfg.console {
             return Err(ReloadError::RestartNeeded("the [console] settings"));
         }
+        if new.ha != self.cfg.ha {
+            return Err(ReloadError::RestartNeeded("the [ha] settings"));
+        }
+        if new.bgp != self.cfg.bgp {
+            return Err(ReloadError::RestartNeeded("the [bgp] settings"));
+        }
         let relayed = self
             .mllp
             .as_ref()
@@ -540,12 +633,27 @@ impl Daemon {
                     .await
                     .map(|m| serde_json::json!({ "ok": true, "message": m }));
             }
+            Request::HaRole { role } => return self.on_role(role).await,
+            Request::Bgp { verb } => {
+                let (wait, message) = self.on_bgp(verb)?;
+                wait.await?;
+                return Ok(serde_json::json!({ "ok": true, "message": message }));
+            }
             Request::Backend {
                 verb,
                 service,
                 backend,
             } => (verb, service, backend),
         };
+        if let (Some(ha), Some(pair)) = (&self.ha, &self.pair)
+            && ha.role != crate::control::ha::Role::Active
+            && let Some(peer) = pair.peer_alive()
+        {
+            return Err(format!(
+                "this balancer is the {} of the pair: act on the active balancer ({peer}); this one follows its operator states",
+                ha.role
+            ));
+        }
         let addr = self
             .state
             .find(&service, &backend)
@@ -574,6 +682,98 @@ impl Daemon {
         )
     }
 
+    /// keepalived's word on this balancer's role.
+    async fn on_role(
+        &mut self,
+        role: crate::control::ha::Role,
+    ) -> Result<serde_json::Value, String> {
+        let Some(ha) = self.ha.as_mut() else {
+            return Err("this balancer has no [ha] section".into());
+        };
+        let old = ha.role;
+        ha.role = role;
+        if let Err(e) = crate::control::ha::save_role(&ha.role_file, role) {
+            warn!(path = %ha.role_file.display(), error = %e, "cannot record the HA role");
+        }
+        let active = role == crate::control::ha::Role::Active;
+        // The mirror first: a flow made from now on reaches the peer.
+        if let Err(e) = self.dp.set_mirror(active) {
+            warn!(error = %e, "cannot switch the flow mirror");
+        }
+        if let Some(p) = &self.pair {
+            p.set_role(role).await;
+        }
+        if old != role {
+            info!(node = %ha.cfg.node, old = %old, new = %role, flows = self.dp.flow_count(), "ha role changed");
+        }
+        self.publish();
+        Ok(serde_json::json!({ "ok": true, "message": format!("ha role: {role}") }))
+    }
+
+    /// The active peer's failover choices and operator states: a standby takes them, so the
+    /// two balancers never send HL7 traffic to different listeners.
+    fn on_peer_control(&mut self, c: Vec<balancer_sync::ServiceControl>) {
+        if self
+            .ha
+            .as_ref()
+            .is_none_or(|h| h.role == crate::control::ha::Role::Active)
+        {
+            return;
+        }
+        let peer = crate::control::pair::peer_services(&c);
+        let todo = crate::control::ha::follow(&self.state, &peer);
+        if todo.is_empty() {
+            return;
+        }
+        let mut admin_changed = false;
+        for f in todo {
+            let (service, backend, change) = match &f {
+                crate::control::ha::Follow::Admin {
+                    service,
+                    backend,
+                    admin,
+                } => {
+                    admin_changed = true;
+                    (
+                        service.clone(),
+                        *backend,
+                        self.state.admin_change(service, *backend, *admin),
+                    )
+                }
+                crate::control::ha::Follow::Active { service, backend } => (
+                    service.clone(),
+                    *backend,
+                    self.state.active_change(service, *backend),
+                ),
+            };
+            match change
+                .map_err(|e| e.to_string())
+                .and_then(|c| self.state.set(&mut self.dp, c).map_err(|e| e.to_string()))
+            {
+                Ok(ev) => {
+                    self.note(ev);
+                    info!(service = %service, backend = %backend, change = ?f, "following the active peer");
+                }
+                Err(e) => {
+                    warn!(service = %service, backend = %backend, error = %e, "cannot follow the active peer")
+                }
+            }
+        }
+        if admin_changed {
+            self.save_admin();
+        }
+        self.publish();
+    }
+
+    /// Tells keepalived (through its track file) whether this controller serves.
+    fn track(&self, serving: bool) {
+        if let Some(ha) = &self.ha
+            && let Err(e) = crate::control::ha::write_track(&ha.track_file, serving)
+        {
+            warn!(path = %ha.track_file.display(), error = %e, "cannot write the keepalived track file");
+        }
+    }
+
     /// The status, counters read now (what `status` and the metrics endpoint answer).
     pub fn status(&self) -> Status {
         self.board.status()
@@ -582,9 +782,100 @@ impl Daemon {
     /// Publishes the daemon's part of the status for readers. Called after every change of
     /// the state, so it also tells the MLLP relay each service's active listener.
     fn publish(&self) {
+        if let Some(p) = &self.pair {
+            p.publish(&self.state);
+        }
         self.sync_mllp();
+        self.sync_bgp();
         self.board.publish(self.published());
         self.passive.watch(self.passive_watches());
+    }
+
+    /// Tells the BGP driver the VIPs to announce now (it acts only when the set changed).
+    fn sync_bgp(&self) {
+        if let Some(b) = &self.bgp {
+            b.want(self.desired_vips());
+        }
+    }
+
+    /// The VIPs this balancer should announce: see [`bird::announced`].
+    fn desired_vips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        let Some(b) = &self.bgp else {
+            return Default::default();
+        };
+        let serving = self
+            .state
+            .services
+            .iter()
+            .map(|(name, s)| {
+                let n = (0..s.backends.len())
+                    .filter(|i| s.slot_state(*i) == crate::control::state::SlotState::Up)
+                    .count();
+                (name.clone(), n)
+            })
+            .collect();
+        bird::announced(
+            &self.cfg.services,
+            &serving,
+            self.bgp_withdrawn,
+            b.config().withdraw_when_no_backend,
+        )
+    }
+
+    /// `balancer bgp withdraw|announce`: records the operator's choice (kept across
+    /// restarts), hands the new set to the driver and returns a future that resolves when
+    /// BIRD took it (at most 15 s), with the reply's message.
+    pub fn on_bgp(
+        &mut self,
+        verb: crate::control::operator::BgpVerb,
+    ) -> Result<
+        (
+            impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+            String,
+        ),
+        String,
+    > {
+        if self.bgp.is_none() {
+            return Err("bgp is off: the config has no [bgp] section".into());
+        }
+        let old = self.bgp_withdrawn;
+        self.bgp_withdrawn = verb.withdrawn();
+        let path = bgp_file(&self.cfg);
+        if let Err(e) = operator::save_bgp_withdrawn(&path, self.bgp_withdrawn) {
+            warn!(path = %path.display(), error = %e, "cannot save the bgp state; it will not survive a restart");
+        }
+        info!(
+            old_withdrawn = old,
+            withdrawn = self.bgp_withdrawn,
+            reason = "operator",
+            "bgp: {}",
+            verb.name()
+        );
+        let vips = self.desired_vips();
+        self.publish();
+        let Some(b) = &self.bgp else {
+            return Err("bgp is off: the config has no [bgp] section".into());
+        };
+        let generation = b.want(vips.clone());
+        let list: Vec<String> = vips.iter().map(ToString::to_string).collect();
+        let message = if vips.is_empty() {
+            format!("bgp {}: no VIP announced", verb.name())
+        } else {
+            format!("bgp {}: announcing {}", verb.name(), list.join(" "))
+        };
+        Ok((b.wait(generation, Duration::from_secs(15)), message))
+    }
+
+    /// The daemon's part of the BGP status (the driver's part is filled when read).
+    fn bgp_status(&self) -> Option<bird::BgpStatus> {
+        let b = self.bgp.as_ref()?;
+        Some(bird::BgpStatus {
+            desired: self.desired_vips().into_iter().collect(),
+            withdrawn_by_operator: self.bgp_withdrawn,
+            vips: bird::all_vips(&self.cfg.services).into_iter().collect(),
+            routes_file: b.config().routes_file.clone(),
+            ..Default::default()
+        })
     }
 
     /// Tells the relay each mllp service's active listener, as the failover scheduler chose.
@@ -698,6 +989,13 @@ impl Daemon {
                     .as_ref()
                     .map(crate::api::metrics::certificate_expiry)
                     .unwrap_or_default(),
+                ha: self.ha.as_ref().map(|h| crate::api::protocol::HaStatus {
+                    node: h.cfg.node.clone(),
+                    role: h.role,
+                    peer: h.cfg.peer.to_string(),
+                    ..Default::default()
+                }),
+                bgp: self.bgp_status(),
             },
             slots,
             l7: self.l7_config.clone(),
@@ -754,6 +1052,17 @@ fn admin_file(cfg: &Validated) -> PathBuf {
         .parent()
         .unwrap_or(std::path::Path::new("/run/balancer"))
         .join("admin-state.json")
+}
+
+/// Where the operator's BGP withdraw is kept for the next controller (beside the operator
+/// states).
+fn bgp_file(cfg: &Validated) -> PathBuf {
+    admin_file(cfg).with_file_name("bgp-state.json")
+}
+
+/// The BGP driver of a config with a `[bgp]` section.
+fn d_bgp(cfg: &Validated) -> Option<bird::Driver> {
+    cfg.bgp.clone().map(bird::Driver::start)
 }
 
 /// Where the last known health is kept for the next controller (beside the operator states).
@@ -841,6 +1150,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut d = Daemon::start(opts, ev_tx, burst_tx).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     let mut mllp_rx = d.mllp_failures.take();
+    let mut peer_rx = d.peer_control.take();
     let endpoints = start_endpoints(&d, &ctl_tx);
     let console = match &d.cfg.console {
         Some(c) => Some(
@@ -856,6 +1166,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "balancer ready"
     );
     crate::host::systemd::ready();
+    d.track(true);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -889,7 +1200,31 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             } => d.on_mllp_failure(f),
+            Some(c) = async {
+                match peer_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => d.on_peer_control(c),
             Some(msg) = ctl_rx.recv() => {
+                // A BGP verb is answered once BIRD took the change, off the loop.
+                if let Request::Bgp { verb } = msg.request {
+                    match d.on_bgp(verb) {
+                        Ok((wait, message)) => {
+                            let reply = msg.reply;
+                            tokio::spawn(async move {
+                                let r = wait
+                                    .await
+                                    .map(|()| serde_json::json!({ "ok": true, "message": message }));
+                                let _ = reply.send(r);
+                            });
+                        }
+                        Err(e) => {
+                            let _ = msg.reply.send(Err(e));
+                        }
+                    }
+                    continue;
+                }
                 let reload = msg.request == Request::Reload;
                 if reload {
                     crate::host::systemd::reloading();
@@ -903,6 +1238,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     crate::host::systemd::stopping();
+    // First of all: keepalived hands the addresses to the peer at once.
+    d.track(false);
+    // First out of the ECMP group: the routers move the traffic to the other balancers
+    // (the dataplane keeps forwarding whatever still arrives here).
+    if let Some(b) = &d.bgp {
+        let generation = b.want(Default::default());
+        match b.wait(generation, Duration::from_secs(3)).await {
+            Ok(()) => info!("bgp: every VIP withdrawn before stopping"),
+            Err(e) => warn!(error = %e, "bgp: could not withdraw the VIPs before stopping"),
+        }
+    }
     if let Some(c) = console {
         c.stop();
     }

@@ -75,6 +75,8 @@ pub struct Sweep {
     /// Established flows that stay (not closing, not half-open), by backend slot: what a
     /// drain leaves on a backend.
     pub kept: BTreeMap<u32, u64>,
+    /// Keys of the forward entries removed (the HA mirror deletes them on the standby too).
+    pub removed_forward: Vec<FlowKey>,
 }
 
 /// Why a flow leaves the table.
@@ -153,6 +155,9 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
         let Some(why) = why else { continue };
         let _ = flows.remove(&k);
         s.entries_removed += 1;
+        if f.flags & FLOW_F_FORWARD != 0 {
+            s.removed_forward.push(k);
+        }
         if let Some(rk) = pair {
             let _ = flows.remove(&rk);
             s.entries_removed += 1;
@@ -187,11 +192,13 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts sweeping the flow table pinned under `pin_dir` every `every`.
+    /// Starts sweeping the flow table pinned under `pin_dir` every `every`; the forward keys
+    /// of removed flows go to `removed` (the pair's mirror), when given.
     pub fn start(
         pin_dir: &Path,
         timeouts: Arc<std::sync::Mutex<Timeouts>>,
         every: Duration,
+        removed: Option<tokio::sync::mpsc::UnboundedSender<Vec<FlowKey>>>,
     ) -> anyhow::Result<Self> {
         let data =
             MapData::from_pin(pin_dir.join(MAP_FLOWS)).context("opening the pinned flow table")?;
@@ -215,6 +222,12 @@ impl Collector {
                         Ordering::Relaxed,
                     );
                     kp.store(Arc::new(std::mem::take(&mut s.kept)));
+                    // The pair's active balancer tells its standby what expired.
+                    if let Some(tx) = &removed
+                        && !s.removed_forward.is_empty()
+                    {
+                        let _ = tx.send(std::mem::take(&mut s.removed_forward));
+                    }
                     if s.closed + s.idle > 0 {
                         debug!(
                             seen = s.seen,

@@ -14,6 +14,9 @@
 //! | [`status`] | the status snapshot readers get without waiting for the loop |
 //! | [`daemon`] | `balancer run`: the loop, health events, the API, signals |
 //! | [`flow_expiry`] | idle flows leave the flow table |
+//! | [`ha`] | one balancer of a pair: its VRRP role, the track file, following the active peer |
+//! | [`pair`] | the pair's sync tasks: flows and control state mirrored over the authenticated channel |
+//! | [`mirror`] | flows of the HA pair's other balancer, translated to this one's numbering |
 
 pub mod apply;
 pub mod checks;
@@ -22,8 +25,11 @@ pub mod failover;
 #[cfg(test)]
 mod fake;
 pub mod flow_expiry;
+pub mod ha;
 pub mod maps;
+pub mod mirror;
 pub mod operator;
+pub mod pair;
 pub mod passive;
 pub mod plan;
 pub mod state;

@@ -47,6 +47,65 @@ impl Verb {
     }
 }
 
+/// An operator's action on this balancer's BGP announcements (maintenance of one member of
+/// an ECMP group): the one verb type the CLI, the client and the API share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BgpVerb {
+    /// Withdraw every VIP: the routers send this balancer no more traffic (flows already
+    /// here move to the other balancers; the dataplane still forwards what arrives).
+    Withdraw,
+    /// Announce again (each VIP subject to its services' backends).
+    Announce,
+}
+
+impl BgpVerb {
+    /// Every verb, in CLI order.
+    pub const ALL: [BgpVerb; 2] = [BgpVerb::Withdraw, BgpVerb::Announce];
+
+    /// The word used on the command line, in API paths and in replies.
+    pub fn name(self) -> &'static str {
+        match self {
+            BgpVerb::Withdraw => "withdraw",
+            BgpVerb::Announce => "announce",
+        }
+    }
+
+    /// The verb named `s`.
+    pub fn parse(s: &str) -> Option<BgpVerb> {
+        BgpVerb::ALL.into_iter().find(|v| v.name() == s)
+    }
+
+    /// Whether the verb leaves the balancer withdrawn by the operator.
+    pub fn withdrawn(self) -> bool {
+        self == BgpVerb::Withdraw
+    }
+}
+
+/// Where the operator's BGP withdraw is kept across controller restarts (beside the
+/// operator states; a reboot starts announced again).
+pub fn load_bgp_withdrawn(path: &Path) -> Result<bool, OperatorFileError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(serde_json::from_str::<BgpFile>(&t)?.withdrawn),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Saves the operator's BGP withdraw (see [`load_bgp_withdrawn`]).
+pub fn save_bgp_withdrawn(path: &Path, withdrawn: bool) -> Result<(), OperatorFileError> {
+    crate::host::write_private(
+        path,
+        serde_json::to_string_pretty(&BgpFile { withdrawn })?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+#[derive(Serialize, Deserialize)]
+struct BgpFile {
+    withdrawn: bool,
+}
+
 /// One backend's operator override.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OperatorState {

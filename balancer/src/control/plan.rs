@@ -217,6 +217,10 @@ pub struct Plan {
 
 /// The addresses a config needs on the interface: service VIPs and L7 addresses.
 fn wanted_vips(cfg: &Validated) -> Vec<IpAddr> {
+    // In a pair keepalived owns the addresses: they are on the active balancer only.
+    if cfg.ha.is_some() {
+        return Vec::new();
+    }
     let mut out: BTreeSet<IpAddr> = cfg.services.iter().map(|s| s.vip.ip()).collect();
     if let Some(l7) = &cfg.l7 {
         for a in l7
@@ -269,6 +273,8 @@ pub fn plan(
         snat_port_hi: desired.snat_ports.last,
         tcp_idle_secs: u32::try_from(desired.tcp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
         udp_idle_secs: u32::try_from(desired.udp_idle_timeout.as_secs()).unwrap_or(u32::MAX),
+        // Mirroring is switched by the HA pair's state, not by the file: a reload keeps it.
+        mirror: maps.globals().map_or(0, |g| g.mirror),
     };
     let existing = maps.services();
     let slots = maps.backends();
@@ -533,6 +539,18 @@ mod tests {
     use crate::control::fake::Rig;
 
     use crate::control::fake::WEB3 as WEB;
+
+    #[test]
+    fn a_reload_keeps_mirroring_as_it_is() {
+        let mut rig = Rig::new();
+        rig.reload(WEB).unwrap();
+        assert_eq!(rig.maps.globals.mirror, 0);
+        // The HA pair turned it on; the file does not know about it.
+        rig.maps.globals.mirror = 1;
+        rig.reload(&WEB.replace("500ms", "100ms")).unwrap();
+        assert_eq!(rig.maps.globals.mirror, 1, "still on after the reload");
+        assert_eq!(rig.maps.globals.abi_version, ABI_VERSION);
+    }
 
     #[test]
     fn a_surviving_backend_keeps_its_health_when_its_check_changes() {

@@ -366,6 +366,29 @@ impl State {
         })
     }
 
+    /// The change that makes `address` the active backend of failover service `service`
+    /// (a standby following its peer's choice); `None` when it is active already. The
+    /// failover rule still applies: a backend that cannot take flows is not made active.
+    pub fn active_change(
+        &self,
+        service: &str,
+        address: SocketAddr,
+    ) -> Result<Option<Change>, ControlError> {
+        let mut next = self.service(service)?.clone();
+        let i = next
+            .position(address)
+            .ok_or_else(|| ControlError::NoBackend {
+                service: service.to_string(),
+                backend: address.to_string(),
+            })?;
+        if next.active == Some(i) {
+            return Ok(None);
+        }
+        next.active = Some(i);
+        let (write, event) = next.write(&self.globals);
+        Ok(Some(Change { next, write, event }))
+    }
+
     fn change(
         &self,
         service: &str,
@@ -407,5 +430,103 @@ impl State {
     pub fn commit(&mut self, change: Change) {
         self.services
             .insert(change.next.spec.name.clone(), change.next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::control::fake::Rig;
+    use crate::control::state::BackendHealth;
+
+    /// One DSR service of four backends at full ring size, as every balancer of an ECMP
+    /// group would run it.
+    const WEB: &str = r#"
+[[service]]
+name = "web"
+vip = "10.88.0.100:7002"
+forwarding = "dsr"
+health = { kind = "tcp", interval = "500ms" }
+backends = [ { address = "10.77.0.11:7002" }, { address = "10.77.0.12:7002", weight = 2 }, { address = "10.77.0.13:7002" }, { address = "10.77.0.14:7002" } ]
+"#;
+
+    /// Another service whose backends take slots first on one of the balancers.
+    const OTHER: &str = r#"
+[[service]]
+name = "other"
+vip = "10.88.0.101:80"
+backends = [ { address = "10.77.0.21:80" }, { address = "10.77.0.22:80" }, { address = "10.77.0.23:80" } ]
+"#;
+
+    /// The live ring of `svc` by backend address (what a flow hashed to each position
+    /// reaches), and the service's flow-hash seed.
+    fn ring(rig: &Rig, svc: &str) -> (Vec<Option<String>>, u32) {
+        let s = rig.service(svc);
+        let f = rig.maps.forwarding();
+        let by_slot = |slot: &u32| {
+            s.backends
+                .iter()
+                .find(|b| b.slot == *slot)
+                .map(|b| b.address.to_string())
+        };
+        let positions = f.live_rings[&s.id].iter().map(by_slot).collect();
+        (positions, f.services[&s.id].1.seed)
+    }
+
+    fn slots(rig: &Rig, svc: &str) -> Vec<u32> {
+        rig.service(svc).backends.iter().map(|b| b.slot).collect()
+    }
+
+    #[test]
+    fn balancers_with_other_slots_and_histories_build_the_same_rings() {
+        // Balancer A: the config from the start.
+        let mut a = Rig::new();
+        a.reload(WEB).expect("a");
+        // Balancer B: another service came first (its backends hold the low slots and
+        // service id 0), then the same file; its backends are listed in another order.
+        let mut b = Rig::new();
+        b.reload(OTHER).expect("b other");
+        b.reload(&format!("{OTHER}{WEB}")).expect("b both");
+        b.reload(WEB).expect("b web");
+        assert_ne!(slots(&a, "web"), slots(&b, "web"), "slots differ");
+        assert_ne!(a.service("web").id, b.service("web").id, "ids differ");
+        let (ra, sa) = ring(&a, "web");
+        let (rb, sb) = ring(&b, "web");
+        assert_eq!(ra.len(), 65537);
+        assert!(ra.iter().all(Option::is_some));
+        assert_eq!(sa, sb, "the flow hash seed is the service name's");
+        assert!(ra == rb, "same backend at every ring position");
+        // The same file with the backends in another order: the same ring.
+        let mut c = Rig::new();
+        let reordered = WEB.replace(
+            "{ address = \"10.77.0.11:7002\" }, { address = \"10.77.0.12:7002\", weight = 2 }",
+            "{ address = \"10.77.0.12:7002\", weight = 2 }, { address = \"10.77.0.11:7002\" }",
+        );
+        assert_ne!(reordered, WEB);
+        c.reload(&reordered).expect("c");
+        assert!(
+            ring(&c, "web").0 == ra,
+            "backend order in the file does not matter"
+        );
+
+        // Health events in another order on each balancer end in the same rings.
+        let down = BackendHealth::Down;
+        let up = BackendHealth::Up;
+        a.set_health("web", "10.77.0.11:7002", down);
+        a.set_health("web", "10.77.0.13:7002", down);
+        a.set_health("web", "10.77.0.11:7002", up);
+        b.set_health("web", "10.77.0.13:7002", down);
+        b.set_health("web", "10.77.0.11:7002", down);
+        b.set_health("web", "10.77.0.11:7002", up);
+        let (ra2, _) = ring(&a, "web");
+        assert!(
+            ra2 == ring(&b, "web").0,
+            "same rings after the health events"
+        );
+        assert!(!ra2.contains(&Some("10.77.0.13:7002".to_string())));
+        assert!(ra2 != ra);
+        // Back to all up: the very first ring again, on both.
+        a.set_health("web", "10.77.0.13:7002", up);
+        b.set_health("web", "10.77.0.13:7002", up);
+        assert!(ring(&a, "web").0 == ra && ring(&b, "web").0 == ra);
     }
 }

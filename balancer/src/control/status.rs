@@ -40,8 +40,13 @@ pub struct StatusBoard {
     backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
     l7: Option<balancer_l7::MetricsHandle>,
     mllp: Option<balancer_mllp::MetricsHandle>,
+    ha: Option<HaSource>,
+    bgp: Option<crate::host::bird::ReportHandle>,
     started: Instant,
 }
+
+/// Reads the pair's part of the status (role, peer, mirror counters) when asked.
+pub type HaSource = Arc<dyn Fn() -> crate::api::protocol::HaStatus + Send + Sync>;
 
 impl std::fmt::Debug for StatusBoard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,8 +72,22 @@ impl StatusBoard {
             backend_flows,
             l7,
             mllp,
+            ha: None,
+            bgp: None,
             started,
         }
+    }
+
+    /// The same board, also reading the pair's role, peer and mirror counters.
+    pub fn with_ha(mut self, ha: HaSource) -> Self {
+        self.ha = Some(ha);
+        self
+    }
+
+    /// The same board, also reading the BGP driver's results.
+    pub fn with_bgp(mut self, bgp: crate::host::bird::ReportHandle) -> Self {
+        self.bgp = Some(bgp);
+        self
     }
 
     /// Replaces the daemon's part (readers in flight keep the one they loaded).
@@ -119,10 +138,16 @@ impl StatusBoard {
             }
             s.l7 = Some(m);
         }
+        if let (Some(h), Some(b)) = (&self.bgp, s.bgp.as_mut()) {
+            h.fill(b);
+        }
         s.mllp = self
             .mllp
             .as_ref()
             .map(balancer_mllp::MetricsHandle::snapshot);
+        if let Some(ha) = &self.ha {
+            s.ha = Some(ha());
+        }
         s
     }
 }

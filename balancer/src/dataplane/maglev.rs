@@ -3,6 +3,11 @@
 //! Each backend walks its own permutation of the table (offset and skip from two hashes of
 //! its name); in each round a backend claims its next free slot when its weight credit allows,
 //! so slots end up in proportion to the weights, and a backend set change moves few slots.
+//!
+//! The table depends only on the backends' names (addresses) and weights, never on their
+//! slot numbers, the order they are given in or the order health changes arrived in: every
+//! balancer of an ECMP group builds the same ring from the same config, so a DSR flow the
+//! routers rehash to another balancer reaches the same backend.
 
 use balancer_common::NO_BACKEND;
 
@@ -236,6 +241,35 @@ mod tests {
         let mut r = e.clone();
         r.reverse();
         assert_eq!(build(&e, 65537), build(&r, 65537));
+    }
+
+    #[test]
+    fn other_slot_numbers_give_the_same_backend_at_every_position() {
+        // Two balancers of an ECMP group: same backends and weights, other slot values
+        // (their own backend arrays) and another input order.
+        let a = entries(7, |i| 1 + i % 2);
+        let mut b: Vec<Entry> = a
+            .iter()
+            .map(|e| Entry {
+                value: 1000 - e.value * 3,
+                ..e.clone()
+            })
+            .collect();
+        b.rotate_left(3);
+        let name_of = |es: &[Entry], t: Vec<u32>| -> Vec<String> {
+            t.into_iter()
+                .map(|v| {
+                    es.iter()
+                        .find(|e| e.value == v)
+                        .map(|e| e.name.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        let ta = name_of(&a, build(&a, 65537));
+        let tb = name_of(&b, build(&b, 65537));
+        assert!(ta.iter().all(|n| !n.is_empty()));
+        assert!(ta == tb, "the same backend at every ring position");
     }
 
     #[test]

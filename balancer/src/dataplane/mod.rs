@@ -24,9 +24,9 @@ use aya::{
 };
 use balancer_common::{
     ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service,
-    ServiceKey, ring_index,
+    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_REASONS, MAP_RINGS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MirrorCounters, PROGRAM_NAME,
+    REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey, ring_index,
 };
 use tracing::{info, warn};
 
@@ -34,6 +34,7 @@ use crate::config;
 
 pub mod counters;
 pub mod maglev;
+pub mod mirror;
 
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
@@ -101,6 +102,9 @@ pub struct Dataplane {
     be_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
     globals: Array<MapData, Globals>,
+    /// The mirror ring buffer, until [`Dataplane::mirror_reader`] takes it.
+    mirror: Option<Map>,
+    mirror_stats: PerCpuArray<MapData, MirrorCounters>,
     rings: Rings,
     pin_path: Option<PathBuf>,
     /// True when the maps were adopted from a previous controller.
@@ -262,6 +266,11 @@ impl Dataplane {
             be_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             reasons: take(&mut ebpf, MAP_REASONS)?,
             globals: take(&mut ebpf, MAP_GLOBALS)?,
+            mirror: Some(
+                ebpf.take_map(MAP_MIRROR)
+                    .ok_or_else(|| anyhow!("map {MAP_MIRROR} missing from the object"))?,
+            ),
+            mirror_stats: take(&mut ebpf, MAP_MIRROR_STATS)?,
             ebpf: Some(ebpf),
             rings,
             pin_path: opts.pin_path.clone(),
@@ -298,7 +307,10 @@ impl Dataplane {
             Ok(match n {
                 MAP_SERVICES => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
-                MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS => Map::PerCpuArray(data),
+                MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS | MAP_MIRROR_STATS => {
+                    Map::PerCpuArray(data)
+                }
+                MAP_MIRROR => Map::RingBuf(data),
                 _ => Map::Array(data),
             })
         };
@@ -315,6 +327,8 @@ impl Dataplane {
             be_stats: PerCpuArray::try_from(open(MAP_BACKEND_STATS)?)?,
             reasons: PerCpuArray::try_from(open(MAP_REASONS)?)?,
             globals: Array::try_from(open(MAP_GLOBALS)?)?,
+            mirror: Some(open(MAP_MIRROR)?),
+            mirror_stats: PerCpuArray::try_from(open(MAP_MIRROR_STATS)?)?,
             ebpf: None,
             rings,
             pin_path: Some(dir.to_path_buf()),
@@ -549,7 +563,12 @@ impl Dataplane {
         self.flows.iter().filter_map(Result::ok).collect()
     }
 
-    /// Removes one flow-table entry (tests: one half of a flow lost).
+    /// One flow-table entry, if present.
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// Removes one flow-table entry (a mirrored delete; tests: one half of a flow lost).
     pub fn remove_flow(&mut self, key: &FlowKey) -> anyhow::Result<()> {
         self.flows.remove(key)?;
         Ok(())

@@ -1,5 +1,8 @@
-//! The host around the balancer: interface addresses, VIPs and sysctls, and systemd.
+//! The host around the balancer: interface addresses, VIPs and sysctls, systemd, and BIRD
+//! (the VIP announcements of `[bgp]`).
 
+pub mod bird;
+pub mod keepalived;
 pub mod net;
 pub mod systemd;
 

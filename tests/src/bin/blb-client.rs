@@ -299,12 +299,14 @@ fn stream_inner(
     report.backend = parse_id(&header);
     // Tests wait for this line before they disturb the balancer.
     eprintln!("stream connected to {}", report.backend);
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let connected = Instant::now();
+    let deadline = connected + Duration::from_secs_f64(seconds);
     let mut payloads = Payload::new(0x5157);
     let mut sent = vec![0u8; chunk];
     let mut got = vec![0u8; chunk];
     while Instant::now() < deadline {
         payloads.fill(&mut sent);
+        let started = Instant::now();
         s.write_all(&sent)
             .with_context(|| format!("sending chunk {}", report.chunks))?;
         read_exact(
@@ -314,6 +316,12 @@ fn stream_inner(
         )?;
         if got != sent {
             bail!("echo of chunk {} differs", report.chunks);
+        }
+        let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if took > report.max_stall_ms {
+            report.max_stall_ms = took;
+            report.max_stall_at_ms =
+                u64::try_from(started.duration_since(connected).as_millis()).unwrap_or(u64::MAX);
         }
         report.chunks += 1;
         report.bytes += chunk as u64;
