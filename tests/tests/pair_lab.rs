@@ -468,3 +468,29 @@ fn forged_and_replayed_sync_messages_are_dropped_and_counted() {
         "drops are logged without content\n{logs}"
     );
 }
+
+#[test]
+fn a_detached_dataplane_hands_the_addresses_to_the_peer() {
+    let lab = Lab::with_config(LabConfig {
+        backends: 1,
+        peer: true,
+        ..LabConfig::default()
+    })
+    .expect("lab");
+    let key = key_file(&lab).expect("key");
+    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
+    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
+    start_pair(&lab, &mut a, &mut b).expect("pair");
+    // Unpinning the active's XDP link detaches its program (the controller keeps no handle).
+    let link = lab.pin_path_of(Host::Lb).join("link-eth0");
+    std::fs::remove_file(&link).expect("unpin the link");
+    let took = wait_active(&lab, &b, &a, true, Duration::from_secs(5)).expect("takeover");
+    eprintln!("takeover after the dataplane was detached: {took:?}");
+    assert!(
+        a.logs()
+            .contains("the XDP program is no longer attached to every interface"),
+        "{}",
+        a.logs()
+    );
+    assert_eq!(a.role(&lab), "fault");
+}
