@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -34,8 +34,13 @@ pub const MAP_MIRROR: &str = "BLB_MIRROR";
 pub const MIRROR_RING_BYTES: u32 = 4 << 20;
 /// Per-CPU [`MirrorCounters`] at index 0.
 pub const MAP_MIRROR_STATS: &str = "BLB_MIRROR_STATS";
+/// Ingress ifindex (`u32`) → [`IfMac`]: the MAC of each interface the program is attached to.
+/// A unicast frame to another MAC is passed untouched; no entry, no check.
+pub const MAP_IFMACS: &str = "BLB_IFMACS";
+/// Entries of [`MAP_IFMACS`] (interfaces the program may be attached to).
+pub const MAX_IFMACS: u32 = 64;
 /// All maps, for pinning and adoption.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
@@ -46,6 +51,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_GLOBALS,
     MAP_MIRROR,
     MAP_MIRROR_STATS,
+    MAP_IFMACS,
 ];
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "balancer";
@@ -302,6 +308,16 @@ pub struct MirrorCounters {
     pub dropped: u64,
 }
 
+/// Value of [`MAP_IFMACS`]: an interface's own MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IfMac {
+    /// The MAC.
+    pub mac: [u8; 6],
+    /// Always zero.
+    pub pad: [u8; 2],
+}
+
 /// Why a packet got its verdict; the index into the reasons map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,10 +373,13 @@ pub enum Reason {
     /// A packet too big for its egress link, dropped: IPv4 without DF, or the answer was
     /// rate-limited.
     DropTooBig = 22,
+    /// A unicast frame to another MAC than the ingress interface's (a switch flooded it):
+    /// passed untouched, as the kernel would drop it (`PACKET_OTHERHOST`).
+    PassNotForUs = 23,
 }
 
 /// Number of [`Reason`] values.
-pub const REASONS: u32 = 23;
+pub const REASONS: u32 = 24;
 
 impl Reason {
     /// Every reason, in index order.
@@ -388,6 +407,7 @@ impl Reason {
         Reason::IcmpDsr,
         Reason::TooBig,
         Reason::DropTooBig,
+        Reason::PassNotForUs,
     ];
 
     /// A stable snake_case name for metrics and the CLI.
@@ -416,6 +436,7 @@ impl Reason {
             Reason::IcmpDsr => "icmp_dsr",
             Reason::TooBig => "too_big",
             Reason::DropTooBig => "drop_too_big",
+            Reason::PassNotForUs => "pass_not_for_us",
         }
     }
 }
@@ -499,6 +520,7 @@ mod pod {
     unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for MirrorEvent {}
     unsafe impl aya::Pod for MirrorCounters {}
+    unsafe impl aya::Pod for IfMac {}
 }
 
 #[cfg(test)]
@@ -526,6 +548,7 @@ mod tests {
         assert_eq!(size_of::<Globals>(), 20);
         assert_eq!(size_of::<MirrorEvent>(), 120);
         assert_eq!(size_of::<MirrorCounters>(), 16);
+        assert_eq!(size_of::<IfMac>(), 8);
     }
 
     #[test]

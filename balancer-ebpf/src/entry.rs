@@ -17,7 +17,7 @@ use balancer_ebpf::{
 
 use crate::{
     flow,
-    maps::{FLOWS, GLOBALS, SERVICES},
+    maps::{FLOWS, GLOBALS, IFMACS, SERVICES},
     related,
     stats::count,
     toobig,
@@ -28,7 +28,9 @@ use crate::{
 pub fn balancer(ctx: XdpContext) -> u32 {
     // Two paths, each its own BPF function, so their stack frames do not add up (the
     // verifier limits the frames of a call chain to 512 bytes together).
-    let r = if is_icmp(&ctx) {
+    let r = if not_for_us(&ctx) {
+        Err(Error::NotForUs)
+    } else if is_icmp(&ctx) {
         icmp_path(&ctx)
     } else {
         match flow_path(&ctx) {
@@ -55,6 +57,30 @@ pub fn balancer(ctx: XdpContext) -> u32 {
             }
             e.action()
         }
+    }
+}
+
+/// Is the frame unicast to another MAC than the ingress interface's (a switch flooded it to
+/// every port)? The kernel would drop it (`PACKET_OTHERHOST`), so it must not be forwarded
+/// either. Broadcast and multicast frames (I/G bit set) are not refused here, and nor is
+/// anything on an interface the controller recorded no MAC for.
+#[inline(never)]
+fn not_for_us(ctx: &XdpContext) -> bool {
+    let x = Xdp::new(ctx);
+    let Ok(eth) = x.ptr_at::<EthHdr>(0) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let dst = unsafe { (*eth).dst };
+    if dst[0] & 1 != 0 {
+        return false;
+    }
+    let ifindex = x.ingress();
+    // SAFETY: map values stay valid for the whole program run (RCU); an entry is replaced
+    // whole.
+    match unsafe { IFMACS.get(&ifindex) } {
+        Some(m) => m.mac != dst,
+        None => false,
     }
 }
 

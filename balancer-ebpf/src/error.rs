@@ -14,6 +14,8 @@ pub const XDP_TX: u32 = 3;
 /// Why a packet is not forwarded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
+    /// A unicast frame to another MAC than the ingress interface's (flooded by a switch).
+    NotForUs,
     /// Not IPv4/IPv6.
     NotIp,
     /// IPv4 fragment, IPv4 with options, bad IP version.
@@ -61,7 +63,8 @@ impl Error {
     /// The XDP action for a packet that failed with this error.
     pub const fn action(self) -> u32 {
         match self {
-            Error::NotIp
+            Error::NotForUs
+            | Error::NotIp
             | Error::UnsupportedIp
             | Error::NotTcpUdp
             | Error::Truncated
@@ -86,6 +89,7 @@ impl Error {
     /// The reason counter it bumps.
     pub const fn reason(self) -> Option<Reason> {
         Some(match self {
+            Error::NotForUs => Reason::PassNotForUs,
             Error::NotIp => Reason::PassNotIp,
             Error::UnsupportedIp => Reason::PassUnsupportedIp,
             Error::NotTcpUdp => Reason::PassNotTcpUdp,
@@ -146,6 +150,7 @@ mod tests {
     #[test]
     fn passes_are_passed_and_drops_dropped() {
         for e in [
+            Error::NotForUs,
             Error::NotIp,
             Error::UnsupportedIp,
             Error::NotTcpUdp,

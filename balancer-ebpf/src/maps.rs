@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use balancer_common::{
-    Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, MAX_BACKENDS, MAX_SERVICES,
-    MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES, Service, ServiceKey,
+    Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, IfMac, MAX_BACKENDS,
+    MAX_IFMACS, MAX_SERVICES, MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES, Service,
+    ServiceKey,
 };
 use balancer_ebpf::ptb::TokenBucket;
 
@@ -94,3 +95,8 @@ pub static MIRROR: RingBuf = RingBuf::with_byte_size(MIRROR_RING_BYTES, 0);
 /// Per-CPU counts of mirror events written and lost (ring buffer full).
 #[map(name = "BLB_MIRROR_STATS")]
 pub static MIRROR_STATS: PerCpuArray<MirrorCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// The MAC of each interface the controller attached the program to (ingress ifindex →
+/// [`IfMac`]): a unicast frame to another MAC is not ours.
+#[map(name = "BLB_IFMACS")]
+pub static IFMACS: HashMap<u32, IfMac> = HashMap::with_max_entries(MAX_IFMACS, 0);

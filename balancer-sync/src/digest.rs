@@ -4,10 +4,16 @@ use ring::digest;
 
 use crate::error::SyncError;
 
-/// Top-level tables that are per node and left out of the digest.
-const PER_NODE: [&str; 2] = ["ha", "console"];
+/// Top-level tables that are per node and left out of the digest: the pair's own addresses,
+/// the console and the control socket / metrics address.
+const PER_NODE: [&str; 3] = ["ha", "console", "controller"];
 
-/// SHA-256 of the configuration with its per-node tables (`[ha]`, `[console]`) removed.
+/// Keys of `[dataplane]` that may differ between two machines without changing what they
+/// do with traffic (interface names, attach mode, pin directory).
+const PER_NODE_DATAPLANE: [&str; 4] = ["interface", "interfaces", "xdp_mode", "pin_path"];
+
+/// SHA-256 of the configuration with its per-node parts (`[ha]`, `[console]`,
+/// `[controller]`, and `[dataplane]`'s interfaces, attach mode and pin path) removed.
 ///
 /// The text is parsed as TOML and re-serialized with every table's keys sorted, so
 /// comments, whitespace, key order and inline-vs-standard table syntax do not change the
@@ -19,6 +25,11 @@ pub fn config_digest(toml_text: &str) -> Result<[u8; 32], SyncError> {
         .map_err(|e: toml::de::Error| SyncError::Config(e.message().to_string()))?;
     for name in PER_NODE {
         table.remove(name);
+    }
+    if let Some(toml::Value::Table(dp)) = table.get_mut("dataplane") {
+        for key in PER_NODE_DATAPLANE {
+            dp.remove(key);
+        }
     }
     let canonical = toml::to_string(&sorted(table))
         .map_err(|e| SyncError::Config(format!("cannot re-serialize: {e}")))?;
@@ -124,14 +135,38 @@ interfaces = ["eth0", "eth1"]
     }
 
     #[test]
+    fn per_node_sockets_interfaces_and_pins_do_not_count() {
+        let a = config_digest(A).unwrap();
+        let other = A
+            .replace(
+                "interfaces = [\"eth0\", \"eth1\"]",
+                "interfaces = [\"ens3\"]\npin_path = \"/sys/fs/bpf/lb2\"\nxdp_mode = \"skb\"",
+            )
+            .replace(
+                "[ha]",
+                "[controller]\nsocket = \"/run/lb2/control.sock\"\nmetrics = \"10.0.0.2:9550\"\n\n[ha]",
+            );
+        assert_eq!(a, config_digest(&other).unwrap());
+        // What the dataplane does with traffic counts.
+        let snat = A.replace(
+            "mode = \"native\"",
+            "mode = \"native\"\nsnat_ipv4 = \"10.0.0.200\"",
+        );
+        assert_ne!(a, config_digest(&snat).unwrap());
+    }
+
+    #[test]
     fn changed_backend_changes_digest() {
         let a = config_digest(A).unwrap();
         let changed = A.replace("10.0.0.12:80", "10.0.0.13:80");
         assert_ne!(a, config_digest(&changed).unwrap());
         let weight = A.replace("weight = 2", "weight = 3");
         assert_ne!(a, config_digest(&weight).unwrap());
-        let swapped = A.replace("\"eth0\", \"eth1\"", "\"eth1\", \"eth0\"");
-        assert_ne!(a, config_digest(&swapped).unwrap());
+        let failback = A.replace(
+            "scheduler = \"failover\"",
+            "scheduler = \"failover\"\nfailback = true",
+        );
+        assert_ne!(a, config_digest(&failback).unwrap());
     }
 
     #[test]

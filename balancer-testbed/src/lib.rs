@@ -5,7 +5,8 @@
 //!
 //! The namespace has a veth `t0` (MAC 02:00:00:00:00:01, 10.77.0.1/24, fd77::1/64) with
 //! permanent neighbours for the client (…::2 / .2) and backends (.11–.74), so the
-//! program's FIB lookups answer exactly as on a real segment, and forwarding is on.
+//! program's FIB lookups answer exactly as on a real segment, and forwarding is on. `t0`'s
+//! MAC is in `BLB_IFMACS`, so frames must be addressed to [`LB_MAC`] (or be multicast).
 
 use std::{
     fs::File,
@@ -129,9 +130,17 @@ impl Testbed {
                 return Err(e);
             }
         };
+        // The program is run, not attached: record t0's MAC as `Dataplane::attach` does, so
+        // every row runs with the destination-MAC check on.
         let dp = match Dataplane::load(&LoadOptions {
             pin_path: None,
             flow_entries,
+        })
+        .and_then(|mut dp| {
+            let mac = balancer::host::net::interface_mac("t0")?;
+            anyhow::ensure!(mac == LB_MAC, "t0 has MAC {mac:02x?}");
+            dp.set_interface_mac(ifindex, Some(mac))?;
+            Ok(dp)
         }) {
             Ok(dp) => dp,
             Err(e) => {

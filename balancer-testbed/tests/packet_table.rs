@@ -19,6 +19,8 @@ use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 #[path = "packet_table/icmp.rs"]
 mod icmp;
+#[path = "packet_table/mac.rs"]
+mod mac;
 #[path = "packet_table/mirror.rs"]
 mod mirror;
 #[path = "packet_table/nexthop.rs"]

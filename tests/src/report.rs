@@ -70,6 +70,50 @@ pub struct RateReport {
     pub errors: Vec<String>,
 }
 
+/// `blb-client hold`: connections opened at a rate and held open, then one check round (a
+/// few bytes on every one, byte-exact echo) when the test says so.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HoldReport {
+    /// Connections opened (connected and the backend's id header read).
+    pub opened: u64,
+    /// Connections that could not be opened (connect, header or timeout).
+    pub failed_to_open: u64,
+    /// Seconds the opening took (first connect to the last one's end).
+    pub open_seconds: f64,
+    /// Opened connections whose check came back byte-exact.
+    pub checked_ok: u64,
+    /// Opened connections whose check failed (reset, timeout, mismatch).
+    pub checked_failed: u64,
+    /// Connections opened before the cutoff (by default one second before the check
+    /// started; the check file can name another one).
+    pub old: HoldClass,
+    /// Connections opened at or after the cutoff.
+    pub young: HoldClass,
+    /// How long before the check's start the cutoff was, in ms.
+    pub cutoff_before_check_ms: i64,
+    /// How long the check round took, in ms.
+    pub check_ms: u64,
+    /// Opened connections per backend name (from the id header).
+    pub by_backend: BTreeMap<String, u64>,
+    /// The first few open failures.
+    #[serde(default)]
+    pub open_errors: Vec<String>,
+    /// The first few check failures (old ones first).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// One age class of a [`HoldReport`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HoldClass {
+    /// Connections of this class that were open when the check started.
+    pub opened: u64,
+    /// Checked byte-exact.
+    pub ok: u64,
+    /// Check failed.
+    pub failed: u64,
+}
+
 impl ConnsReport {
     /// True when the per-backend counts are all within `tolerance` (e.g. 0.3 = ±30%) of an even
     /// spread over `backends` backends, and every backend got some.

@@ -5,11 +5,16 @@
 //! (and up again), and a clean stop (SIGTERM) and start. Each time the other takes over and
 //! the old one comes back as standby (no preemption). Every stream must stay byte-exact
 //! without a reset, the HL7 sender must get every ACK from one listener, and new connections
-//! must succeed.
+//! must succeed. Under load: 5,000 new flows/s through the active balancer, held open; after a
+//! `kill -9` takeover every flow that existed a second before the fault still echoes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, thread::sleep, time::Duration};
+use std::{
+    net::SocketAddr,
+    thread::sleep,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use balancer_tests::{
     Host, Lab, LabChild, LabConfig,
@@ -17,6 +22,7 @@ use balancer_tests::{
         DSR_VIP, HL7_PORT, Node, key_file, prepare_backends, start_pair, wait_active,
         wait_mirrored, wait_role,
     },
+    report::HoldReport,
     stream_report, tool_bin, vip4,
 };
 
@@ -165,6 +171,187 @@ fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
     assert!(!logs.contains("DOE^JANE"), "a patient name is in a log");
 }
 
+/// New connections per second through each VIP (NAT and DSR: 5,000/s in all), and for how
+/// long: 10,000 connections held open, a thread each in the backends' `blb-echo`.
+const HOLD_RATE: u64 = 2500;
+const HOLD_SECONDS: f64 = 2.0;
+
+/// Starts `blb-client hold` towards `to`; its check round starts once `check` exists.
+fn spawn_hold(lab: &Lab, to: SocketAddr, check: &std::path::Path) -> LabChild {
+    let bin = tool_bin("blb-client").expect("blb-client");
+    let mut cmd = lab.command(Host::Client, bin);
+    cmd.args([
+        "hold",
+        "--to",
+        &to.to_string(),
+        "--rate",
+        &HOLD_RATE.to_string(),
+        "--seconds",
+        &HOLD_SECONDS.to_string(),
+        "--check-file",
+        &check.to_string_lossy(),
+        "--wait-seconds",
+        "60",
+    ]);
+    lab.spawn_command(cmd, &format!("[c] blb-client hold --to {to}"))
+        .expect("hold client")
+}
+
+fn hold_report(child: LabChild) -> HoldReport {
+    let done = child
+        .wait_output(Duration::from_secs(90))
+        .expect("hold client ends");
+    serde_json::from_str(done.stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("hold report: {e}: {:?} {:?}", done.stdout, done.stderr))
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The mirror counters of a node's status, for the test's output.
+fn mirror_line(lab: &Lab, n: &Node) -> String {
+    match n.status(lab) {
+        Some(s) => {
+            let m = &s["ha"]["mirror"];
+            format!(
+                "{}: flows sent {} applied {} unknown {}, ring-buffer events dropped {}, sync messages lost {}, resyncs sent {} received {}",
+                n.name,
+                m["flows_sent"],
+                m["flows_applied"],
+                m["flows_unknown"],
+                m["events_dropped"],
+                m["lost"],
+                m["resyncs_sent"],
+                m["resyncs_received"]
+            )
+        }
+        None => format!("{}: no answer", n.name),
+    }
+}
+
+#[test]
+fn flows_opened_at_5000_per_second_survive_a_takeover() {
+    let lab = Lab::with_config(LabConfig {
+        backends: 3,
+        peer: true,
+        ..LabConfig::default()
+    })
+    .expect("lab");
+    let _servers = prepare_backends(&lab).expect("backends");
+    let key = key_file(&lab).expect("key");
+    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
+    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
+    start_pair(&lab, &mut a, &mut b).expect("pair");
+    lab.resolve_neighbours(Host::Client).expect("neighbours");
+
+    let check = lab.dir().join("hold-check");
+    let mut nat = spawn_hold(&lab, vip4(7002), &check);
+    let mut dsr = spawn_hold(&lab, SocketAddr::new(DSR_VIP.into(), 7002), &check);
+    for c in [&mut nat, &mut dsr] {
+        c.wait_for_output("hold: opening", Duration::from_secs(10))
+            .expect("hold client starts");
+    }
+    let t0 = Instant::now();
+    // Part way through the opening: be1 and be2 drained on the active balancer (the standby
+    // follows), so both rings send new flows to be3 only. The flows opened so far on be1 and
+    // be2 (about two thirds of them) then keep their backend after the takeover only through
+    // their mirrored entries: a balancer without them would hash them to be3, which resets
+    // them.
+    sleep(Duration::from_millis(700));
+    for service in ["web", "web-dsr"] {
+        for backend in ["10.77.0.11:7002", "10.77.0.12:7002"] {
+            lab.balancer_cli_on(
+                a.host,
+                &[
+                    "drain",
+                    service,
+                    backend,
+                    "--socket",
+                    &a.socket.to_string_lossy(),
+                ],
+            )
+            .expect("drain");
+        }
+    }
+    for service in ["web", "web-dsr"] {
+        for backend in ["10.77.0.11:7002", "10.77.0.12:7002"] {
+            wait_admin(&lab, &b, service, backend, "drain");
+        }
+    }
+    let drained = t0.elapsed();
+    // The fault while the clients are still opening (or, on a slow machine, right after the
+    // drain reached the standby).
+    let fault_at = Duration::from_millis(1800).max(drained + Duration::from_millis(200));
+    if let Some(d) = fault_at.checked_sub(t0.elapsed()) {
+        sleep(d);
+    }
+    let before = mirror_line(&lab, &a);
+    let fault_ms = unix_ms();
+    let fault_after = t0.elapsed();
+    a.balancer.as_mut().expect("a").kill9();
+    a.kill_keepalived(&lab);
+    let takeover = wait_active(&lab, &b, &a, false, Duration::from_secs(5)).expect("takeover");
+    for c in [&mut nat, &mut dsr] {
+        c.wait_for_output("hold: opened", Duration::from_secs(30))
+            .expect("hold client opened");
+    }
+    // The check round on every connection; "old" ones were opened at least a second before
+    // the fault.
+    sleep(Duration::from_millis(500));
+    std::fs::write(&check, format!("{}\n", fault_ms - 1000)).expect("check file");
+    let nat = hold_report(nat);
+    let dsr = hold_report(dsr);
+    let after = mirror_line(&lab, &b);
+
+    eprintln!(
+        "drained after {:.2} s, fault after {:.2} s, takeover {takeover:?}",
+        drained.as_secs_f64(),
+        fault_after.as_secs_f64()
+    );
+    for (name, r) in [("nat", &nat), ("dsr", &dsr)] {
+        eprintln!(
+            "{name}: opened {} (failed to open {}) in {:.2} s ({:.0}/s), by backend {:?}; \
+             old (>= 1 s before the fault) {} ok {} failed {}; younger {} ok {} failed {}; check {} ms",
+            r.opened,
+            r.failed_to_open,
+            r.open_seconds,
+            r.opened as f64 / r.open_seconds.max(0.001),
+            r.by_backend,
+            r.old.opened,
+            r.old.ok,
+            r.old.failed,
+            r.young.opened,
+            r.young.ok,
+            r.young.failed,
+            r.check_ms
+        );
+        for e in r.open_errors.iter().chain(&r.errors).take(5) {
+            eprintln!("  {name}: {e}");
+        }
+    }
+    eprintln!("active before the fault: {before}");
+    eprintln!("new active after the check: {after}");
+    let logs = format!("{}\n{}", a.logs(), b.logs());
+    for (name, r) in [("nat", &nat), ("dsr", &dsr)] {
+        // Most of the connections are old ones (the test means something), and on the
+        // drained backends too.
+        assert!(
+            r.old.opened as f64 >= 0.25 * HOLD_RATE as f64 * HOLD_SECONDS,
+            "{name}: only {} connections opened a second before the fault: {r:?}",
+            r.old.opened
+        );
+        assert_eq!(
+            r.old.failed, 0,
+            "{name}: connections opened a second before the fault broke: {:?}\n{logs}",
+            r.errors
+        );
+    }
+}
+
 /// The backend a stream connected to (`be<i>`), from its first line.
 fn stream_backend(stream: &mut LabChild) -> String {
     stream
@@ -280,4 +467,30 @@ fn forged_and_replayed_sync_messages_are_dropped_and_counted() {
         logs.contains("pair sync") && !logs.contains("BLBS"),
         "drops are logged without content\n{logs}"
     );
+}
+
+#[test]
+fn a_detached_dataplane_hands_the_addresses_to_the_peer() {
+    let lab = Lab::with_config(LabConfig {
+        backends: 1,
+        peer: true,
+        ..LabConfig::default()
+    })
+    .expect("lab");
+    let key = key_file(&lab).expect("key");
+    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
+    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
+    start_pair(&lab, &mut a, &mut b).expect("pair");
+    // Unpinning the active's XDP link detaches its program (the controller keeps no handle).
+    let link = lab.pin_path_of(Host::Lb).join("link-eth0");
+    std::fs::remove_file(&link).expect("unpin the link");
+    let took = wait_active(&lab, &b, &a, true, Duration::from_secs(5)).expect("takeover");
+    eprintln!("takeover after the dataplane was detached: {took:?}");
+    assert!(
+        a.logs()
+            .contains("the XDP program is no longer attached to every interface"),
+        "{}",
+        a.logs()
+    );
+    assert_eq!(a.role(&lab), "fault");
 }

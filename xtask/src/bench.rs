@@ -3,7 +3,8 @@
 //! DNAT balancer; the balancer's own XDP ns/packet bench; HL7 failover time and health change
 //! → map update latency; the MLLP relay (`mode = "mllp"`) beside the L4 path and a direct
 //! connection (latency added per message, messages/s through one relay core); the L7 proxy
-//! beside HAProxy (wrk).
+//! beside HAProxy (wrk); the HA pair's takeovers (keepalived) under a NAT stream and an HL7
+//! sender.
 //!
 //! Every path gets a fresh lab of its own. Numbers are printed, never asserted.
 
@@ -11,7 +12,11 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use balancer_tests::{ECHO_PORT, Host, Lab, LabChild, VIP_V4, balancer_bin, vip4};
+use balancer_tests::{
+    ECHO_PORT, Host, Lab, LabChild, LabConfig, VIP_V4, balancer_bin,
+    pair::{self, Node},
+    stream_report, vip4,
+};
 
 use crate::sigint;
 
@@ -37,6 +42,9 @@ pub struct Options {
     /// Run only the MLLP relay measurement.
     #[arg(long)]
     pub mllp_only: bool,
+    /// Run only the HA pair takeover measurement.
+    #[arg(long)]
+    pub pair_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +76,9 @@ struct Row {
 pub fn run(opts: &Options) -> Result<()> {
     if opts.mllp_only {
         return bench_mllp();
+    }
+    if opts.pair_only {
+        return bench_pair();
     }
     let paths = [Path::Direct, Path::Balancer, Path::Nftables];
     let mut rows = Vec::new();
@@ -102,6 +113,10 @@ pub fn run(opts: &Options) -> Result<()> {
     sigint::check()?;
     if let Err(e) = bench_status_during_reload() {
         println!("  status bench failed: {e:#}");
+    }
+    sigint::check()?;
+    if let Err(e) = bench_pair() {
+        println!("  pair bench failed: {e:#}");
     }
     sigint::check()?;
     bench_l7(opts);
@@ -418,6 +433,200 @@ backends = [ {{ address = "10.77.0.11:6661" }} ]
     );
     drop(b);
     Ok(())
+}
+
+/// A fault of the active balancer of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PairFault {
+    /// `kill -9` of its controller and keepalived, both restarted afterwards (as systemd
+    /// would).
+    Kill,
+    /// `ip link set eth0 down`, up again afterwards.
+    LinkDown,
+    /// SIGTERM to its controller (the track file hands the addresses over), started again.
+    Stop,
+}
+
+impl PairFault {
+    fn label(self) -> &'static str {
+        match self {
+            PairFault::Kill => "kill -9 (controller + keepalived)",
+            PairFault::LinkDown => "link down",
+            PairFault::Stop => "clean stop (SIGTERM)",
+        }
+    }
+}
+
+/// One takeover as the bench saw it.
+#[derive(Debug, Clone)]
+struct PairRound {
+    takeover_ms: u64,
+    stall_ms: u64,
+    stream_error: Option<String>,
+    gap_ms: u64,
+    resets: u64,
+    listeners: Vec<String>,
+}
+
+/// The HA pair's takeovers: the pair lab (two balancers with keepalived, 100 ms adverts), a
+/// NAT stream (a chunk every 20 ms) and an HL7 sender (a message every 20 ms) through the
+/// VIP, three rounds of each fault of the active balancer; the old active comes back as
+/// standby each time, so the two take turns. Measured: the takeover (fault to the new
+/// active holding the VIP, polled every 20 ms as the pair lab does), the stream's longest
+/// round trip, the sender's longest gap between two ACKs, its resets and the listeners that
+/// answered it.
+fn bench_pair() -> Result<()> {
+    println!(
+        "\n== HA pair takeover (keepalived, 100 ms adverts): NAT stream and HL7 sender, every 20 ms =="
+    );
+    let lab = Lab::with_config(LabConfig {
+        backends: 3,
+        peer: true,
+        ..LabConfig::default()
+    })?;
+    let _servers = pair::prepare_backends(&lab)?;
+    let key = pair::key_file(&lab)?;
+    let mut nodes = [
+        Node::new(&lab, Host::Lb, "lb1", &key)?,
+        Node::new(&lab, Host::Peer, "lb2", &key)?,
+    ];
+    {
+        let [a, b] = &mut nodes;
+        pair::start_pair(&lab, a, b)?;
+    }
+    lab.resolve_neighbours(Host::Client)?;
+    let mut active = 0;
+    let mut results = Vec::new();
+    for fault in [PairFault::Kill, PairFault::LinkDown, PairFault::Stop] {
+        let mut rounds = Vec::new();
+        for round in 0..3 {
+            sigint::check()?;
+            let [a, b] = &mut nodes;
+            let (x, y) = if active == 0 { (a, b) } else { (b, a) };
+            let r = pair_round(&lab, x, y, fault)
+                .with_context(|| format!("{} round {}", fault.label(), round + 1))?;
+            println!(
+                "  {:<34} round {}: {} -> {} in {} ms; stream stall {} ms{}; HL7 ACK gap {} ms, resets {}, listeners {}",
+                fault.label(),
+                round + 1,
+                x.name,
+                y.name,
+                r.takeover_ms,
+                r.stall_ms,
+                r.stream_error
+                    .as_ref()
+                    .map(|e| format!(" (BROKE: {})", first_line(e)))
+                    .unwrap_or_default(),
+                r.gap_ms,
+                r.resets,
+                r.listeners.join(",")
+            );
+            rounds.push(r);
+            active = 1 - active;
+        }
+        results.push((fault, rounds));
+    }
+    let med_max = |mut v: Vec<u64>| -> String {
+        v.sort_unstable();
+        format!("{} / {}", v[v.len() / 2], v[v.len() - 1])
+    };
+    println!(
+        "\n  {:<34} {:>15} {:>17} {:>16} {:>7} {:>9} {:>7}",
+        "fault (3 rounds, median / max)",
+        "takeover ms",
+        "stream stall ms",
+        "HL7 ACK gap ms",
+        "resets",
+        "listeners",
+        "broken"
+    );
+    for (fault, rounds) in &results {
+        println!(
+            "  {:<34} {:>15} {:>17} {:>16} {:>7} {:>9} {:>7}",
+            fault.label(),
+            med_max(rounds.iter().map(|r| r.takeover_ms).collect()),
+            med_max(rounds.iter().map(|r| r.stall_ms).collect()),
+            med_max(rounds.iter().map(|r| r.gap_ms).collect()),
+            rounds.iter().map(|r| r.resets).sum::<u64>(),
+            rounds.iter().map(|r| r.listeners.len()).max().unwrap_or(0),
+            rounds.iter().filter(|r| r.stream_error.is_some()).count(),
+        );
+    }
+    println!(
+        "  (takeover: the fault to the new active holding the VIP; stall: the stream's longest chunk round trip, \
+         20 ms apart; ACK gap: the longest time between two ACKs, an upper bound incl. the 20 ms send interval; \
+         listeners: most HL7 listeners that answered one sender)"
+    );
+    Ok(())
+}
+
+/// One round: a stream and a sender through the VIP, `fault` on `x` (active), `y` takes over,
+/// `x` comes back as standby.
+fn pair_round(lab: &Lab, x: &mut Node, y: &mut Node, fault: PairFault) -> Result<PairRound> {
+    use std::time::Duration;
+    let seconds = 7.0;
+    let stream = lab.spawn_stream(vip4(ECHO_PORT), seconds, 20)?;
+    let mut cmd = lab.command(Host::Client, balancer_tests::tool_bin("blb-mllp")?);
+    cmd.args([
+        "send",
+        "--to",
+        &vip4(pair::HL7_PORT).to_string(),
+        "--seconds",
+        &seconds.to_string(),
+        "--interval-ms",
+        "20",
+        "--ack-timeout",
+        "5",
+    ]);
+    let sender = lab.spawn_command(cmd, "[c] blb-mllp send")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    // The standby has the flows before the fault.
+    pair::wait_mirrored(lab, y, 2, Duration::from_secs(5))?;
+    let limit = Duration::from_secs(10);
+    let takeover = match fault {
+        PairFault::Kill => {
+            x.balancer.as_mut().context("no balancer")?.kill9();
+            x.kill_keepalived(lab);
+            // Its addresses stay on its interface until keepalived runs again.
+            let t = pair::wait_active(lab, y, x, false, limit)?;
+            x.start_balancer(lab)?;
+            x.start_keepalived(lab)?;
+            t
+        }
+        PairFault::LinkDown => {
+            lab.exec(x.host, &["ip", "link", "set", "eth0", "down"])?;
+            let t = pair::wait_active(lab, y, x, true, limit)?;
+            lab.exec(x.host, &["ip", "link", "set", "eth0", "up"])?;
+            t
+        }
+        PairFault::Stop => {
+            x.balancer.as_mut().context("no balancer")?.stop()?;
+            let t = pair::wait_active(lab, y, x, true, limit)?;
+            x.start_balancer(lab)?;
+            t
+        }
+    };
+    pair::wait_role(lab, x, "standby", Duration::from_secs(15))?;
+    let s = stream_report(stream, Duration::from_secs(60))?;
+    let done = sender.wait_output(Duration::from_secs(60))?;
+    let h: serde_json::Value = serde_json::from_str(done.stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("HL7 sender report {:?}", done.stdout))?;
+    let listeners = h["by_listener"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    Ok(PairRound {
+        takeover_ms: u64::try_from(takeover.as_millis()).unwrap_or(u64::MAX),
+        stall_ms: s.max_stall_ms,
+        stream_error: if s.ok {
+            None
+        } else {
+            s.error.or(Some("failed".into()))
+        },
+        gap_ms: h["max_gap_ms"].as_u64().unwrap_or(0),
+        resets: h["resets"].as_u64().unwrap_or(0),
+        listeners,
+    })
 }
 
 /// The L7 proxy beside HAProxy: `l7-bench` from balancer-l7 (wrk, same certificate and

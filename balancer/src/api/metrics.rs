@@ -742,7 +742,7 @@ fn register_ha(reg: &mut Registry, ha: &crate::api::protocol::HaStatus) {
         g.set(i64::from(same));
         reg.register(
             "ha_config_matches",
-            "1 when the peer runs the same config (digest of all but [ha] and [console])",
+            "1 when the peer runs the same config (digest of all but the per-node parts)",
             g,
         );
     }

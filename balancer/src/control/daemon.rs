@@ -57,6 +57,8 @@ pub struct Daemon {
     _flow_expiry: crate::control::flow_expiry::Collector,
     /// Reads the passive-health counters; told what to watch at every publish.
     passive: passive::Poller,
+    /// The pin directory in use (maps, program, links).
+    pin_dir: PathBuf,
     /// The VIP announcements through BIRD (`[bgp]`); told the wanted set at every publish.
     bgp: Option<bird::Driver>,
     /// The operator withdrew this balancer from BGP (`balancer bgp withdraw`).
@@ -85,6 +87,9 @@ struct HaNode {
     role_file: PathBuf,
     /// The file keepalived tracks.
     track_file: PathBuf,
+    /// What the track file says now (it turns to "not serving" when the program is no
+    /// longer attached to an interface).
+    serving: bool,
 }
 
 /// Why a reload was refused or failed; the running config keeps serving.
@@ -129,6 +134,7 @@ impl Daemon {
                 role,
                 role_file,
                 track_file,
+                serving: false,
             }
         });
         let pin = opts
@@ -263,6 +269,7 @@ impl Daemon {
             mllp_failures,
             gc_timeouts,
             _flow_expiry: gc,
+            pin_dir: pin.clone(),
             passive: passive::Poller::start(&pin, bursts)
                 .context("starting the passive health poller")?,
             board,
@@ -766,11 +773,36 @@ impl Daemon {
     }
 
     /// Tells keepalived (through its track file) whether this controller serves.
-    fn track(&self, serving: bool) {
-        if let Some(ha) = &self.ha
-            && let Err(e) = crate::control::ha::write_track(&ha.track_file, serving)
-        {
-            warn!(path = %ha.track_file.display(), error = %e, "cannot write the keepalived track file");
+    fn track(&mut self, serving: bool) {
+        if let Some(ha) = self.ha.as_mut() {
+            ha.serving = serving;
+            if let Err(e) = crate::control::ha::write_track(&ha.track_file, serving) {
+                warn!(path = %ha.track_file.display(), error = %e, "cannot write the keepalived track file");
+            }
+        }
+    }
+
+    /// Every second in a pair: the dataplane still serves when the program's link is still
+    /// pinned for every interface (`balancer teardown`, or someone detaching it, ends that);
+    /// keepalived hears of a change through the track file at once.
+    fn check_dataplane(&mut self) {
+        let Some(serving) = self.ha.as_ref().map(|h| h.serving) else {
+            return;
+        };
+        let attached = self
+            .cfg
+            .interfaces
+            .iter()
+            .all(|i| self.pin_dir.join(format!("link-{i}")).exists());
+        if attached != serving {
+            if attached {
+                info!("the XDP program is attached again: serving");
+            } else {
+                error!(
+                    "the XDP program is no longer attached to every interface: keepalived hands the addresses to the peer"
+                );
+            }
+            self.track(attached);
         }
     }
 
@@ -1183,7 +1215,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = dog.tick() => crate::host::systemd::watchdog(),
             _ = neigh.tick() => d.prime_neighbours(false),
-            _ = refresh.tick() => d.publish(),
+            _ = refresh.tick() => {
+                d.check_dataplane();
+                d.publish();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {

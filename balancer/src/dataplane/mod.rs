@@ -23,10 +23,10 @@ use aya::{
     },
 };
 use balancer_common::{
-    ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_REASONS, MAP_RINGS,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MirrorCounters, PROGRAM_NAME,
-    REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey, ring_index,
+    ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, IfMac, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_REASONS,
+    MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MirrorCounters,
+    PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey, ring_index,
 };
 use tracing::{info, warn};
 
@@ -105,6 +105,7 @@ pub struct Dataplane {
     /// The mirror ring buffer, until [`Dataplane::mirror_reader`] takes it.
     mirror: Option<Map>,
     mirror_stats: PerCpuArray<MapData, MirrorCounters>,
+    ifmacs: HashMap<MapData, u32, IfMac>,
     rings: Rings,
     pin_path: Option<PathBuf>,
     /// True when the maps were adopted from a previous controller.
@@ -271,6 +272,7 @@ impl Dataplane {
                     .ok_or_else(|| anyhow!("map {MAP_MIRROR} missing from the object"))?,
             ),
             mirror_stats: take(&mut ebpf, MAP_MIRROR_STATS)?,
+            ifmacs: take(&mut ebpf, MAP_IFMACS)?,
             ebpf: Some(ebpf),
             rings,
             pin_path: opts.pin_path.clone(),
@@ -305,7 +307,7 @@ impl Dataplane {
             let data = MapData::from_pin(dir.join(n))
                 .with_context(|| format!("opening pinned map {n}"))?;
             Ok(match n {
-                MAP_SERVICES => Map::HashMap(data),
+                MAP_SERVICES | MAP_IFMACS => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
                 MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS | MAP_MIRROR_STATS => {
                     Map::PerCpuArray(data)
@@ -329,6 +331,7 @@ impl Dataplane {
             globals: Array::try_from(open(MAP_GLOBALS)?)?,
             mirror: Some(open(MAP_MIRROR)?),
             mirror_stats: PerCpuArray::try_from(open(MAP_MIRROR_STATS)?)?,
+            ifmacs: HashMap::try_from(open(MAP_IFMACS)?)?,
             ebpf: None,
             rings,
             pin_path: Some(dir.to_path_buf()),
@@ -375,7 +378,23 @@ impl Dataplane {
 
     /// Attaches to `interface`: through the pinned link when there is one (atomic program
     /// swap), else a new link (driver mode, or skb mode as configured or as a fallback).
+    ///
+    /// First records the interface's MAC in `BLB_IFMACS`, so the program passes unicast
+    /// frames addressed to another MAC (a switch flooding them) instead of forwarding them.
+    /// A MAC that cannot be read is logged and that interface goes unchecked (its entry is
+    /// removed): the check guards against flooded frames, it is no reason to refuse a start.
     pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> anyhow::Result<()> {
+        let ifindex = crate::host::net::ifindex(interface)?;
+        match crate::host::net::interface_mac(interface) {
+            Ok(mac) => {
+                self.set_interface_mac(ifindex, Some(mac))?;
+                info!(interface, mac = %fmt_mac(&mac), "frames to other unicast MACs are passed");
+            }
+            Err(e) => {
+                self.set_interface_mac(ifindex, None)?;
+                warn!(interface, error = %e, "interface MAC unknown: its frames' destination MAC is not checked");
+            }
+        }
         let link_pin = self
             .pin_path
             .as_ref()
@@ -435,6 +454,31 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Records (`Some`) or forgets (`None`) the MAC of interface `ifindex`: the program
+    /// passes a unicast frame that came in on it addressed to another MAC. Without an entry
+    /// it does not look at the destination MAC.
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> anyhow::Result<()> {
+        match mac {
+            Some(mac) => self
+                .ifmacs
+                .insert(ifindex, IfMac { mac, pad: [0; 2] }, 0)
+                .context("writing the interface MAC"),
+            None => match self.ifmacs.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).context("removing the interface MAC"),
+            },
+        }
+    }
+
+    /// The recorded interface MACs (ifindex → MAC).
+    pub fn interface_macs(&self) -> StdHashMap<u32, [u8; 6]> {
+        self.ifmacs
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.mac))
+            .collect()
     }
 
     /// Writes the globals.
@@ -588,6 +632,14 @@ impl Dataplane {
     ) -> crate::control::flow_expiry::Sweep {
         crate::control::flow_expiry::sweep(&mut self.flows, t, now)
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 fn map_rings(fd: i32) -> anyhow::Result<Rings> {

@@ -163,6 +163,75 @@ pub fn prime_neighbour(ip: IpAddr) {
     }
 }
 
+/// Why an interface's MAC could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MacError {
+    /// The name does not fit an `ifreq` (15 bytes at most, no NUL).
+    #[error("'{0}' is not a valid interface name")]
+    BadName(String),
+    /// The `SIOCGIFHWADDR` request failed (no such interface, …).
+    #[error("reading the MAC of '{interface}': {source}")]
+    Io {
+        /// The interface.
+        interface: String,
+        /// The error of `socket` or `ioctl`.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The interface has no Ethernet address (hardware type `ARPHRD_*` other than Ethernet).
+    #[error("'{interface}' is not an Ethernet interface (hardware type {hw_type})")]
+    NotEthernet {
+        /// The interface.
+        interface: String,
+        /// Its `ARPHRD_*` type.
+        hw_type: u16,
+    },
+}
+
+/// The MAC of `interface`, by `SIOCGIFHWADDR` on a socket of this thread's network namespace
+/// (`/sys/class/net` would show the namespace sysfs was mounted in, which is not this one
+/// under `nsenter --net`).
+pub fn interface_mac(interface: &str) -> Result<[u8; 6], MacError> {
+    let bytes = interface.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(MacError::BadName(interface.to_string()));
+    }
+    let io = |source| MacError::Io {
+        interface: interface.to_string(),
+        source,
+    };
+    // SAFETY: plain syscalls on a socket owned here and an ifreq initialised to zero with a
+    // NUL-terminated name; the kernel writes only within the ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let r = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r < 0 {
+            return Err(io(err));
+        }
+        let sa = req.ifr_ifru.ifru_hwaddr;
+        if sa.sa_family != libc::ARPHRD_ETHER {
+            return Err(MacError::NotEthernet {
+                interface: interface.to_string(),
+                hw_type: sa.sa_family,
+            });
+        }
+        let mut mac = [0u8; 6];
+        for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+            *d = *s as u8;
+        }
+        Ok(mac)
+    }
+}
+
 /// Interface index by name (in this network namespace).
 pub fn ifindex(interface: &str) -> anyhow::Result<u32> {
     nix::net::if_::if_nametoindex(interface).with_context(|| format!("no interface '{interface}'"))
@@ -181,6 +250,24 @@ mod tests {
         let a = addr16("1.2.3.4".parse().unwrap());
         assert_eq!(&a[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
         assert_eq!(&a[12..], &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn interface_macs_are_read_or_refused() {
+        assert!(matches!(
+            interface_mac("no-such-if0"),
+            Err(MacError::Io { .. })
+        ));
+        assert!(matches!(
+            interface_mac("a-name-too-long-for-ifreq"),
+            Err(MacError::BadName(_))
+        ));
+        assert!(matches!(interface_mac(""), Err(MacError::BadName(_))));
+        // Loopback's hardware type is ARPHRD_LOOPBACK: no Ethernet MAC to check against.
+        assert!(matches!(
+            interface_mac("lo"),
+            Err(MacError::NotEthernet { hw_type: 772, .. })
+        ));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use balancer_tests::report::{ConnsReport, RateReport, StreamReport, UdpReport};
+use balancer_tests::report::{ConnsReport, HoldReport, RateReport, StreamReport, UdpReport};
 use balancer_tests::wire::{ID_LEN, Payload, parse_id};
 use clap::{Parser, Subcommand};
 
@@ -21,6 +21,9 @@ const MAX_COUNT: usize = 1_000_000;
 const MAX_SECONDS: f64 = 600.0;
 const MAX_CONCURRENCY: usize = 256;
 const MAX_ERRORS_KEPT: usize = 10;
+/// At most this many connections held open at once, and this rate.
+const MAX_HOLD: usize = 50_000;
+const MAX_RATE: u64 = 20_000;
 
 /// Echo traffic generator for the balancer lab.
 #[derive(Debug, Parser)]
@@ -79,6 +82,36 @@ enum Mode {
         seconds: f64,
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// New connections at a rate for T seconds, each held open (its id header read); then,
+    /// once the check file exists (or after `--wait-seconds`), a few bytes on every one and
+    /// a byte-exact echo. The file may hold a cutoff (unix time in ms): connections opened
+    /// before it are reported as `old`, later ones as `young`; without one the cutoff is one
+    /// second before the check starts.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        /// New connections per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// How long to open connections.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// The check starts once this file exists.
+        #[arg(long)]
+        check_file: std::path::PathBuf,
+        /// The check starts after this long at the latest (counted from the start).
+        #[arg(long, default_value_t = 60.0)]
+        wait_seconds: f64,
+        /// Threads opening connections.
+        #[arg(long, default_value_t = 32)]
+        workers: usize,
+        /// Bytes sent on each connection in the check.
+        #[arg(long, default_value_t = 16)]
+        size: usize,
+        /// Connect and header timeout, and how long one check echo may take, in ms.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
@@ -144,7 +177,66 @@ fn run(mode: Mode) -> Result<bool> {
             print_json(&r)?;
             Ok(r.ok > 0)
         }
+        Mode::Hold {
+            to,
+            rate,
+            seconds,
+            check_file,
+            wait_seconds,
+            workers,
+            size,
+            timeout_ms,
+        } => {
+            check_bounds(1, seconds, workers)?;
+            check_bounds(1, wait_seconds, 1)?;
+            if rate == 0 || rate > MAX_RATE {
+                bail!("rate must be 1..={MAX_RATE}");
+            }
+            let count = (rate as f64 * seconds).round() as usize;
+            if count == 0 || count > MAX_HOLD {
+                bail!("rate x seconds must be 1..={MAX_HOLD} connections");
+            }
+            raise_nofile(count as u64 + 64)?;
+            let r = hold(
+                to,
+                count,
+                rate,
+                &check_file,
+                Duration::from_secs_f64(wait_seconds),
+                workers,
+                size.clamp(1, 4096),
+                ms(timeout_ms),
+            );
+            print_json(&r)?;
+            Ok(r.old.failed == 0 && r.opened > 0)
+        }
     }
+}
+
+/// Raises the open-file limit to at least `n` (the hard limit too, which root may).
+fn raise_nofile(n: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= n {
+            return Ok(());
+        }
+        lim.rlim_cur = n;
+        lim.rlim_max = lim.rlim_max.max(n);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            bail!(
+                "cannot raise the open-file limit to {n}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn ms(v: u64) -> Duration {
@@ -428,4 +520,215 @@ fn short_conn(to: SocketAddr, timeout: Duration) -> Result<String> {
         bail!("wrong echo");
     }
     Ok(parse_id(&got[..ID_LEN]))
+}
+
+/// One connection `hold` keeps open.
+struct Held {
+    index: usize,
+    stream: TcpStream,
+    /// When its header arrived, in unix ms.
+    opened_ms: i64,
+    backend: String,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Opens one connection and reads its id header.
+fn open_held(to: SocketAddr, index: usize, timeout: Duration) -> Result<Held> {
+    let mut s = connect(to, timeout)?;
+    let mut header = [0u8; ID_LEN];
+    read_exact(&mut s, &mut header, "header")?;
+    Ok(Held {
+        index,
+        stream: s,
+        opened_ms: unix_ms(),
+        backend: parse_id(&header),
+    })
+}
+
+/// Waits until `file` exists (at most until `limit`); returns the cutoff it names, if any.
+fn wait_check_file(file: &std::path::Path, limit: Instant) -> Option<i64> {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            return text.trim().parse().ok();
+        }
+        if Instant::now() >= limit {
+            eprintln!("hold: no check file within the wait; checking now");
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn hold(
+    to: SocketAddr,
+    count: usize,
+    rate: u64,
+    check_file: &std::path::Path,
+    wait: Duration,
+    workers: usize,
+    size: usize,
+    timeout: Duration,
+) -> HoldReport {
+    let start = Instant::now();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicU64::new(0);
+    let held = Mutex::new(Vec::<Held>::with_capacity(count));
+    let open_errors = Mutex::new(Vec::<String>::new());
+    // Tests wait for this line before they disturb the balancer.
+    eprintln!("hold: opening {count} connections at {rate}/s");
+    thread::scope(|sc| {
+        for _ in 0..workers.min(count) {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    // Connection i starts at i / rate seconds; a late worker starts at once.
+                    let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                    if let Some(d) = due.checked_duration_since(Instant::now()) {
+                        thread::sleep(d);
+                    }
+                    match open_held(to, i, timeout) {
+                        Ok(h) => {
+                            if let Ok(mut v) = held.lock() {
+                                v.push(h);
+                            }
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut v) = open_errors.lock()
+                                && v.len() < MAX_ERRORS_KEPT
+                            {
+                                v.push(format!(
+                                    "conn {i} at {:.3}s: {e:#}",
+                                    start.elapsed().as_secs_f64()
+                                ));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let open_seconds = start.elapsed().as_secs_f64();
+    let mut held = held.into_inner().unwrap_or_default();
+    held.sort_by_key(|h| h.index);
+    let mut report = HoldReport {
+        opened: held.len() as u64,
+        failed_to_open: failed.into_inner(),
+        open_seconds,
+        open_errors: open_errors.into_inner().unwrap_or_default(),
+        ..HoldReport::default()
+    };
+    for h in &held {
+        *report.by_backend.entry(h.backend.clone()).or_default() += 1;
+    }
+    eprintln!(
+        "hold: opened {} (failed {}) in {open_seconds:.2}s",
+        report.opened, report.failed_to_open
+    );
+    let cutoff = wait_check_file(check_file, start + wait);
+    eprintln!("hold: checking");
+    let check_start = Instant::now();
+    let check_start_ms = unix_ms();
+    let cutoff = cutoff.unwrap_or(check_start_ms - 1000);
+    report.cutoff_before_check_ms = check_start_ms - cutoff;
+    check_held(&mut held, size, timeout, cutoff, &mut report);
+    report.check_ms = u64::try_from(check_start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report
+}
+
+/// The check round: a few bytes on every connection first, then every echo read back
+/// (within one overall deadline, so a round of dead connections stays bounded).
+fn check_held(
+    held: &mut [Held],
+    size: usize,
+    timeout: Duration,
+    cutoff_ms: i64,
+    report: &mut HoldReport,
+) {
+    let mut payloads = Payload::new(0x401D);
+    let mut sent: Vec<Option<Vec<u8>>> = Vec::with_capacity(held.len());
+    let mut failures: Vec<(bool, String)> = Vec::new();
+    let mut outcome: Vec<Result<(), String>> = Vec::with_capacity(held.len());
+    for h in held.iter_mut() {
+        let p = payloads.bytes(size);
+        match h.stream.write_all(&p) {
+            Ok(()) => {
+                sent.push(Some(p));
+                outcome.push(Ok(()));
+            }
+            Err(e) => {
+                sent.push(None);
+                outcome.push(Err(format!("sending: {e}")));
+            }
+        }
+    }
+    let deadline = Instant::now() + timeout * 2;
+    let mut got = vec![0u8; size];
+    for ((h, p), out) in held.iter_mut().zip(&sent).zip(outcome.iter_mut()) {
+        let Some(p) = p else { continue };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let res = h
+            .stream
+            .set_read_timeout(Some(left.min(timeout)))
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                read_exact(&mut h.stream, &mut got, "echo").map_err(|e| format!("{e:#}"))
+            })
+            .and_then(|()| {
+                if got == *p {
+                    Ok(())
+                } else {
+                    Err("echo differs from what was sent".to_string())
+                }
+            });
+        *out = res;
+    }
+    for (h, out) in held.iter().zip(outcome) {
+        let old = h.opened_ms < cutoff_ms;
+        let class = if old {
+            &mut report.old
+        } else {
+            &mut report.young
+        };
+        class.opened += 1;
+        match out {
+            Ok(()) => {
+                class.ok += 1;
+                report.checked_ok += 1;
+            }
+            Err(e) => {
+                class.failed += 1;
+                report.checked_failed += 1;
+                failures.push((
+                    old,
+                    format!(
+                        "{} conn {} ({}, opened {} ms before the cutoff): {e}",
+                        if old { "old" } else { "young" },
+                        h.index,
+                        h.backend,
+                        cutoff_ms - h.opened_ms
+                    ),
+                ));
+            }
+        }
+    }
+    // Old failures first: they are the ones a test asserts on.
+    failures.sort_by_key(|(old, _)| !*old);
+    report.errors = failures
+        .into_iter()
+        .take(MAX_ERRORS_KEPT)
+        .map(|(_, e)| e)
+        .collect();
 }

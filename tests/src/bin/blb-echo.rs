@@ -37,6 +37,8 @@ fn main() -> Result<()> {
         anyhow::bail!("nothing to serve: give --tcp, --udp or --http");
     }
     let header = id_header(&args.name);
+    // A thread and a socket per connection: tests hold thousands open at once.
+    raise_nofile();
     let mut threads = Vec::new();
     for addr in &args.tcp {
         let l = tcp_listener(*addr)?;
@@ -81,18 +83,61 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
     Ok(socket(addr, Type::DGRAM, Protocol::UDP)?.into())
 }
 
+/// The open-file limit raised to the hard limit (at least 65536, which root may set).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = lim.rlim_max.max(65536);
+        if lim.rlim_cur >= want {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Stack of a connection's thread: `echo` needs little, and thousands may run at once.
+const CONN_STACK: usize = 256 * 1024;
+
 fn serve_tcp(l: TcpListener, header: [u8; ID_LEN]) {
-    for conn in l.incoming().flatten() {
-        thread::spawn(move || {
-            let _ = echo(conn, header);
-        });
+    for conn in l.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors or threads: back off instead of spinning.
+                eprintln!("blb-echo: accept: {e}");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let spawned = thread::Builder::new()
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                let _ = echo(conn, header);
+            });
+        if let Err(e) = spawned {
+            eprintln!("blb-echo: cannot start a connection thread: {e}");
+        }
     }
 }
 
 fn echo(mut conn: TcpStream, header: [u8; ID_LEN]) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
     conn.write_all(&header)?;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = conn.read(&mut buf)?;
         if n == 0 {
