@@ -357,6 +357,34 @@ fn random_hex(n: usize) -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// A pair lab, up: three backends with their servers, lb1 active and lb2 standby.
+pub struct PairLab {
+    /// The lab (dropped last: it removes the namespaces).
+    pub lab: Lab,
+    /// The backends' echo servers and HL7 listeners.
+    pub servers: Vec<LabChild>,
+    /// lb1 (`Host::Lb`), active.
+    pub a: Node,
+    /// lb2 (`Host::Peer`), standby.
+    pub b: Node,
+}
+
+/// Builds a pair lab and starts everything in it (see [`PairLab`]).
+pub fn pair_lab() -> Result<PairLab> {
+    let lab = Lab::with_config(crate::LabConfig {
+        backends: 3,
+        peer: true,
+        ..crate::LabConfig::default()
+    })?;
+    let servers = prepare_backends(&lab)?;
+    let key = key_file(&lab)?;
+    let mut a = Node::new(&lab, Host::Lb, "lb1", &key)?;
+    let mut b = Node::new(&lab, Host::Peer, "lb2", &key)?;
+    start_pair(&lab, &mut a, &mut b)?;
+    lab.resolve_neighbours(Host::Client)?;
+    Ok(PairLab { lab, servers, a, b })
+}
+
 /// Starts both balancers and both keepalived, `a` first (so `a` is active), and waits until
 /// `a` is active and `b` standby.
 pub fn start_pair(lab: &Lab, a: &mut Node, b: &mut Node) -> Result<()> {

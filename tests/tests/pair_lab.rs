@@ -17,11 +17,8 @@ use std::{
 };
 
 use balancer_tests::{
-    Host, Lab, LabChild, LabConfig,
-    pair::{
-        DSR_VIP, HL7_PORT, Node, key_file, prepare_backends, start_pair, wait_active,
-        wait_mirrored, wait_role,
-    },
+    Host, Lab, LabChild,
+    pair::{DSR_VIP, HL7_PORT, Node, PairLab, pair_lab, wait_active, wait_mirrored, wait_role},
     report::HoldReport,
     stream_report, tool_bin, vip4,
 };
@@ -37,18 +34,12 @@ fn hl7_report(child: LabChild) -> serde_json::Value {
 
 #[test]
 fn the_pair_survives_kill_link_down_and_stop_of_the_active_balancer() {
-    let lab = Lab::with_config(LabConfig {
-        backends: 3,
-        peer: true,
-        ..LabConfig::default()
-    })
-    .expect("lab");
-    let _servers = prepare_backends(&lab).expect("backends");
-    let key = key_file(&lab).expect("key");
-    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
-    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
-    start_pair(&lab, &mut a, &mut b).expect("pair");
-    lab.resolve_neighbours(Host::Client).expect("neighbours");
+    let PairLab {
+        lab,
+        servers: _servers,
+        mut a,
+        b,
+    } = pair_lab().expect("pair lab");
 
     // Long-lived flows through the VIPs for the whole test.
     let seconds = 45.0;
@@ -235,18 +226,12 @@ fn mirror_line(lab: &Lab, n: &Node) -> String {
 
 #[test]
 fn flows_opened_at_5000_per_second_survive_a_takeover() {
-    let lab = Lab::with_config(LabConfig {
-        backends: 3,
-        peer: true,
-        ..LabConfig::default()
-    })
-    .expect("lab");
-    let _servers = prepare_backends(&lab).expect("backends");
-    let key = key_file(&lab).expect("key");
-    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
-    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
-    start_pair(&lab, &mut a, &mut b).expect("pair");
-    lab.resolve_neighbours(Host::Client).expect("neighbours");
+    let PairLab {
+        lab,
+        servers: _servers,
+        mut a,
+        b,
+    } = pair_lab().expect("pair lab");
 
     let check = lab.dir().join("hold-check");
     let mut nat = spawn_hold(&lab, vip4(7002), &check);
@@ -404,17 +389,12 @@ fn mirror_counter(lab: &Lab, n: &Node, field: &str) -> u64 {
 
 #[test]
 fn forged_and_replayed_sync_messages_are_dropped_and_counted() {
-    let lab = Lab::with_config(LabConfig {
-        backends: 3,
-        peer: true,
-        ..LabConfig::default()
-    })
-    .expect("lab");
-    let _servers = prepare_backends(&lab).expect("backends");
-    let key = key_file(&lab).expect("key");
-    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
-    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
-    start_pair(&lab, &mut a, &mut b).expect("pair");
+    let PairLab {
+        lab,
+        servers: _servers,
+        a: _a,
+        b,
+    } = pair_lab().expect("pair lab");
     let role_b = b.role(&lab);
     let applied = mirror_counter(&lab, &b, "flows_applied");
     // A forged datagram with the peer's source address (the sync header, a body, a tag that
@@ -471,16 +451,12 @@ fn forged_and_replayed_sync_messages_are_dropped_and_counted() {
 
 #[test]
 fn a_detached_dataplane_hands_the_addresses_to_the_peer() {
-    let lab = Lab::with_config(LabConfig {
-        backends: 1,
-        peer: true,
-        ..LabConfig::default()
-    })
-    .expect("lab");
-    let key = key_file(&lab).expect("key");
-    let mut a = Node::new(&lab, Host::Lb, "lb1", &key).expect("lb1");
-    let mut b = Node::new(&lab, Host::Peer, "lb2", &key).expect("lb2");
-    start_pair(&lab, &mut a, &mut b).expect("pair");
+    let PairLab {
+        lab,
+        servers: _servers,
+        a,
+        b,
+    } = pair_lab().expect("pair lab");
     // Unpinning the active's XDP link detaches its program (the controller keeps no handle).
     let link = lab.pin_path_of(Host::Lb).join("link-eth0");
     std::fs::remove_file(&link).expect("unpin the link");

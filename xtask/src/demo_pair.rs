@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use balancer_tests::{
-    Host, Lab, LabConfig,
+    Host, Lab,
     pair::{self, Node},
     stream_report, tool_bin, vip4,
 };
@@ -43,24 +43,18 @@ fn ha_line(lab: &Lab, n: &Node) -> String {
 
 /// Builds the pair lab, shows a takeover, removes the lab.
 pub fn run() -> Result<()> {
-    let lab = Lab::with_config(LabConfig {
-        backends: 3,
-        peer: true,
-        ..LabConfig::default()
-    })
-    .context("building the pair lab")?;
     println!(
-        "lab {}: balancers lb1 10.77.0.1 and lb2 10.77.0.3, each with keepalived (VRRPv3, unicast, 100 ms adverts); \
+        "balancers lb1 10.77.0.1 and lb2 10.77.0.3, each with keepalived (VRRPv3, unicast, 100 ms adverts); \
          VIP 10.77.0.100 and SNAT address {} move with the active one; flows mirrored over UDP 7946 (HMAC-SHA256)",
-        lab.prefix(),
         pair::SNAT
     );
-    let _servers = pair::prepare_backends(&lab)?;
-    let key = pair::key_file(&lab)?;
-    let mut a = Node::new(&lab, Host::Lb, "lb1", &key)?;
-    let mut b = Node::new(&lab, Host::Peer, "lb2", &key)?;
-    pair::start_pair(&lab, &mut a, &mut b)?;
-    lab.resolve_neighbours(Host::Client)?;
+    let pair::PairLab {
+        lab,
+        servers: _servers,
+        mut a,
+        b,
+    } = pair::pair_lab().context("building the pair lab")?;
+    println!("lab {} is up", lab.prefix());
     println!("{}\n{}", ha_line(&lab, &a), ha_line(&lab, &b));
     sigint::check()?;
     let seconds = 8.0;

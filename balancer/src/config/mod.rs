@@ -111,6 +111,24 @@ impl Validated {
         self.snat_ports.check_against(eph)
     }
 
+    /// The addresses the services answer on: every VIP and every L7 listener and redirect
+    /// address (unspecified and loopback ones left out). A single balancer puts them on its
+    /// interface; in a pair keepalived moves them (with the SNAT addresses).
+    pub fn service_addresses(&self) -> std::collections::BTreeSet<IpAddr> {
+        let mut out: std::collections::BTreeSet<IpAddr> =
+            self.services.iter().map(|s| s.vip.ip()).collect();
+        if let Some(l7) = &self.l7 {
+            out.extend(
+                l7.listeners
+                    .iter()
+                    .map(|l| l.address.ip())
+                    .chain(l7.redirects.iter().map(|r| r.address.ip())),
+            );
+        }
+        out.retain(|ip| !ip.is_unspecified() && !ip.is_loopback());
+        out
+    }
+
     /// Services whose NAT flows are capped below the flow table's size by their SNAT ports:
     /// a NAT flow needs a distinct (SNAT port, backend) pair, so a service holds at most
     /// ports × backends concurrent flows, and past that new flows are dropped (`check` prints

@@ -18,33 +18,10 @@ pub const MIRRORED_FLAGS: u32 = FLOW_F_FORWARD | FLOW_F_DSR | FLOW_F_CLOSING | F
 /// address and port (network order), as [`entries`] asks for it.
 pub type BackendLookup<'a> = dyn Fn(u32, &[u8; 16], u16) -> Option<(u32, u32)> + 'a;
 
-/// One flow as the active balancer sees it: the forward key and the forward entry's rewrite.
-/// Addresses in 16-byte form, ports in network order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MirroredFlow {
-    /// Client address.
-    pub src: [u8; 16],
-    /// VIP.
-    pub dst: [u8; 16],
-    /// Client port.
-    pub sport: u16,
-    /// VIP port.
-    pub dport: u16,
-    /// IP protocol.
-    pub proto: u8,
-    /// New source (NAT: the SNAT address; DSR: the client).
-    pub new_src: [u8; 16],
-    /// New destination: the backend.
-    pub new_dst: [u8; 16],
-    /// New source port (NAT: the SNAT port; DSR: the client's).
-    pub new_sport: u16,
-    /// New destination port (NAT: the backend's; DSR: the VIP's).
-    pub new_dport: u16,
-    /// `FLOW_F_*`, only [`MIRRORED_FLAGS`].
-    pub flags: u32,
-    /// Seconds since the flow's last packet.
-    pub idle_secs: u32,
-}
+/// One flow as the active balancer sees it: the forward key and the forward entry's rewrite
+/// (addresses in 16-byte form, ports in network order, flags only [`MIRRORED_FLAGS`]). It is
+/// the sync channel's record itself, so nothing is copied field by field on the way.
+pub use balancer_sync::FlowRecord as MirroredFlow;
 
 /// A forward entry as a mirrored flow (`None` for a reply entry). `now` is the flow clock
 /// ([`super::flow_expiry::now_secs`]).

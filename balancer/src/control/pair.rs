@@ -39,7 +39,7 @@ use crate::{
     config::{AdminState, Ha},
     control::{
         ha::{PeerService, Role},
-        mirror::{self, MirroredFlow},
+        mirror,
         state::State,
     },
     dataplane::Dataplane,
@@ -172,39 +172,6 @@ fn our_admin(a: balancer_sync::Admin) -> AdminState {
         balancer_sync::Admin::Enabled => AdminState::Up,
         balancer_sync::Admin::Draining => AdminState::Drain,
         balancer_sync::Admin::Disabled => AdminState::Disabled,
-    }
-}
-
-/// A mirrored flow on the wire.
-pub fn record_of(m: &MirroredFlow) -> FlowRecord {
-    FlowRecord {
-        src: m.src,
-        dst: m.dst,
-        sport: m.sport,
-        dport: m.dport,
-        proto: m.proto,
-        new_src: m.new_src,
-        new_dst: m.new_dst,
-        new_sport: m.new_sport,
-        new_dport: m.new_dport,
-        flags: m.flags,
-        idle_secs: m.idle_secs,
-    }
-}
-
-fn mirrored_of(r: &FlowRecord) -> MirroredFlow {
-    MirroredFlow {
-        src: r.src,
-        dst: r.dst,
-        sport: r.sport,
-        dport: r.dport,
-        proto: r.proto,
-        new_src: r.new_src,
-        new_dst: r.new_dst,
-        new_sport: r.new_sport,
-        new_dport: r.new_dport,
-        flags: r.flags,
-        idle_secs: r.idle_secs,
     }
 }
 
@@ -474,7 +441,6 @@ async fn events(
         let records: Vec<FlowRecord> = out
             .iter()
             .filter_map(|(k, f)| mirror::to_mirrored(k, f, now))
-            .map(|m| record_of(&m))
             .collect();
         let n = records.len() as u64;
         send_all(&link, balancer_sync::flow_batches(None, &records)).await;
@@ -526,7 +492,6 @@ async fn resyncs(link: Arc<Link>, shared: Arc<Shared>, pin: std::path::PathBuf, 
                 .flows()
                 .iter()
                 .filter_map(|(k, f)| mirror::to_mirrored(k, f, now))
-                .map(|m| record_of(&m))
                 .collect())
         })
         .await;
@@ -627,14 +592,13 @@ async fn receive(
                 let mut entries = Vec::new();
                 let mut unknown = 0u64;
                 for r in &records {
-                    let m = mirrored_of(r);
                     let svc = |k: &ServiceKey| t.services.get(k).copied();
                     let be = |id: u32, addr: &[u8; 16], port: u16| {
                         t.backends
                             .get(&id)
                             .and_then(|b| b.get(&(*addr, port)).copied())
                     };
-                    match mirror::entries(&m, &svc, &be, now) {
+                    match mirror::entries(r, &svc, &be, now) {
                         Some(e) => entries.extend(e),
                         None => unknown += 1,
                     }
@@ -778,7 +742,7 @@ backends = [ { address = "10.77.0.11:7002" } ]
 
     #[test]
     fn records_round_trip() {
-        let m = MirroredFlow {
+        let r = FlowRecord {
             src: [1; 16],
             dst: [2; 16],
             sport: 1,
@@ -791,8 +755,6 @@ backends = [ { address = "10.77.0.11:7002" } ]
             flags: 5,
             idle_secs: 6,
         };
-        let r = record_of(&m);
-        assert_eq!(mirrored_of(&r), m);
         assert_eq!(
             key_of(&r.id()),
             FlowKey {

@@ -8,7 +8,7 @@
 //! old ring may still point at it until the flip), so a failed apply can be undone exactly.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
@@ -221,21 +221,7 @@ fn wanted_vips(cfg: &Validated) -> Vec<IpAddr> {
     if cfg.ha.is_some() {
         return Vec::new();
     }
-    let mut out: BTreeSet<IpAddr> = cfg.services.iter().map(|s| s.vip.ip()).collect();
-    if let Some(l7) = &cfg.l7 {
-        for a in l7
-            .listeners
-            .iter()
-            .map(|l| l.address)
-            .chain(l7.redirects.iter().map(|r| r.address))
-        {
-            let ip = a.ip();
-            if !ip.is_unspecified() && !ip.is_loopback() {
-                out.insert(ip);
-            }
-        }
-    }
-    out.into_iter().collect()
+    cfg.service_addresses().into_iter().collect()
 }
 
 /// The health a backend starts a plan with.

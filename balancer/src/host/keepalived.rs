@@ -22,17 +22,7 @@ pub fn track_file(cfg: &Validated) -> std::path::PathBuf {
 
 /// Every address keepalived moves: VIPs, L7 listener and redirect addresses, SNAT addresses.
 pub fn virtual_addresses(cfg: &Validated) -> BTreeSet<IpAddr> {
-    let mut out: BTreeSet<IpAddr> = cfg.services.iter().map(|s| s.vip.ip()).collect();
-    if let Some(l7) = &cfg.l7 {
-        for a in l7
-            .listeners
-            .iter()
-            .map(|l| l.address)
-            .chain(l7.redirects.iter().map(|r| r.address))
-        {
-            out.insert(a.ip());
-        }
-    }
+    let mut out = cfg.service_addresses();
     out.extend(cfg.snat_ipv4);
     out.extend(cfg.snat_ipv6);
     out.retain(|ip| !ip.is_unspecified() && !ip.is_loopback());
