@@ -123,7 +123,6 @@ fn dsr_streams_survive_losing_a_balancer_and_adding_one() {
         .wait_next_hops(ECMP_VIP, &hops(&[kept]), Duration::from_secs(15))
         .unwrap();
     eprintln!("router: lb{lost} lost silently; 1 next hop (lb{kept}) after {t:?}");
-    assert!(lost_at.elapsed() < Duration::from_secs(10));
     new_connections_work(&lab, "one balancer");
 
     // (b) A new balancer is added and announced.
@@ -157,7 +156,6 @@ fn dsr_streams_survive_losing_a_balancer_and_adding_one() {
         .wait_next_hops(ECMP_VIP, &hops(&[3]), Duration::from_secs(10))
         .unwrap();
     eprintln!("router: lb{kept} killed (bird and balancer); 1 next hop (lb3) after {t:?}");
-    assert!(killed_at.elapsed() < Duration::from_secs(5));
     new_connections_work(&lab, "lb3 alone");
 
     let mut longest = 0u64;
