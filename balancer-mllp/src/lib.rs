@@ -50,8 +50,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 pub use config::MllpConfig;
 pub use metrics::{ACK_CODES, ACK_LATENCY_BUCKETS, ListenerMetrics, Metrics, ServiceMetrics};
@@ -146,9 +147,11 @@ pub struct ListenerFailure {
 
 /// A running relay.
 pub struct Relay {
-    services: Arc<[Arc<Svc>]>,
-    addrs: Vec<SocketAddr>,
-    stop: watch::Sender<bool>,
+    /// The services in force, shared with every [`MetricsHandle`].
+    services: Arc<ArcSwap<Vec<Arc<Svc>>>>,
+    failures: mpsc::Sender<ListenerFailure>,
+    /// The relay thread's runtime: accept loops of services added by a reload start there.
+    rt: tokio::runtime::Handle,
     /// Dropped (by [`Relay::shutdown`] or with the relay): the relay thread ends.
     _exit: tokio::sync::oneshot::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -156,7 +159,40 @@ pub struct Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        for s in self.services.load().iter() {
+            let _ = s.stop.send(true);
+        }
+    }
+}
+
+/// A checked change of the relay's services, made by [`Relay::prepare`]: every limit
+/// validated and every new VIP bound. Applied by [`Relay::commit`]; dropped, it changes
+/// nothing (the new sockets close).
+#[must_use = "an update does nothing until committed"]
+pub struct Update {
+    /// The services in the new order: kept ones with their new limits, or new ones with
+    /// the socket to serve.
+    next: Vec<(Arc<Svc>, Option<MllpConfig>, Option<std::net::TcpListener>)>,
+    /// Services that go away: they stop accepting; held messages finish.
+    removed: Vec<Arc<Svc>>,
+}
+
+impl Update {
+    /// Names of the services added, kept and removed, for the reload's log line.
+    pub fn summary(&self) -> (usize, usize, usize) {
+        let added = self.next.iter().filter(|(_, _, s)| s.is_some()).count();
+        (added, self.next.len() - added, self.removed.len())
+    }
+}
+
+impl fmt::Debug for Update {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (added, kept, removed) = self.summary();
+        f.debug_struct("Update")
+            .field("added", &added)
+            .field("kept", &kept)
+            .field("removed", &removed)
+            .finish()
     }
 }
 
@@ -164,19 +200,52 @@ impl Relay {
     /// Validates the services, binds every VIP:port and starts serving. Returns the relay
     /// and the stream of listener failures, which the caller's scheduler answers with
     /// [`Relay::set_active`]. Until then no listener is active and messages are held.
+    /// An empty list is fine: services may come with a later [`Relay::prepare`].
     pub async fn start(
         services: Vec<ServiceConfig>,
     ) -> Result<(Relay, mpsc::Receiver<ListenerFailure>), RelayError> {
         let (tx, rx) = mpsc::channel(64);
-        let (stop, stop_rx) = watch::channel(false);
-        let mut out = Vec::new();
-        let mut bound = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RelayError::Thread)?;
+        let handle = rt.handle().clone();
+        let (exit, exit_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("mllp-relay".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let _ = exit_rx.await;
+                });
+                // Dropping the runtime closes whatever connection is still open.
+            })
+            .map_err(RelayError::Thread)?;
+        let relay = Relay {
+            services: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            failures: tx,
+            rt: handle,
+            _exit: exit,
+            thread: Some(thread),
+        };
+        let update = relay.prepare(services)?;
+        relay.commit(update);
+        Ok((relay, rx))
+    }
+
+    /// Checks a new list of services against the running ones, without changing anything:
+    /// limits validated, names unique, every new VIP:port bound (a VIP not yet on an
+    /// interface is fine: the socket is bound with `IP_FREEBIND`). A service keeps running
+    /// (its senders' connections stay open) when its name and VIP are unchanged, whatever
+    /// its limits; a renamed service on the same VIP takes the old socket over.
+    pub fn prepare(&self, services: Vec<ServiceConfig>) -> Result<Update, RelayError> {
+        let old = self.services.load_full();
+        let mut next = Vec::new();
         for s in &services {
             s.limits.validate().map_err(|p| RelayError::Invalid {
                 service: s.name.clone(),
                 problems: p.join("; "),
             })?;
-            if out.iter().any(|o: &Arc<Svc>| *o.name == *s.name) {
+            if services.iter().filter(|o| o.name == s.name).count() > 1 {
                 return Err(RelayError::Duplicate(s.name.clone()));
             }
             let bind_err = |source| RelayError::Bind {
@@ -184,62 +253,78 @@ impl Relay {
                 address: s.vip,
                 source,
             };
-            // Bound here, served by the relay thread's runtime.
-            let tcp = bind(s.vip).map_err(bind_err)?;
-            let addr = tcp.local_addr().map_err(bind_err)?;
-            out.push(Arc::new(Svc::new(
+            if let Some(kept) = old
+                .iter()
+                .find(|o| *o.name == *s.name && o.configured == s.vip)
+            {
+                next.push((kept.clone(), Some(s.limits.clone()), None));
+                continue;
+            }
+            // A VIP the relay already holds for a service that goes (or is renamed).
+            let socket = match old
+                .iter()
+                .find(|o| s.vip.port() != 0 && o.configured == s.vip)
+            {
+                Some(o) => o.socket.try_clone().map_err(bind_err)?,
+                None => bind(s.vip).map_err(bind_err)?,
+            };
+            let handover = socket.try_clone().map_err(bind_err)?;
+            let svc = Svc::new(
                 &s.name,
-                addr,
+                s.vip,
+                socket,
                 s.limits.clone(),
-                tx.clone(),
-                stop_rx.clone(),
-            )));
-            bound.push(tcp);
+                self.failures.clone(),
+            )
+            .map_err(bind_err)?;
+            next.push((Arc::new(svc), None, Some(handover)));
         }
-        let addrs: Vec<SocketAddr> = out.iter().map(|s| s.vip).collect();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(RelayError::Thread)?;
-        let (exit, exit_rx) = tokio::sync::oneshot::channel::<()>();
-        let svcs = out.clone();
-        let thread = std::thread::Builder::new()
-            .name("mllp-relay".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    for (svc, tcp) in svcs.into_iter().zip(bound) {
-                        match TcpListener::from_std(tcp) {
-                            Ok(tcp) => {
-                                tracing::info!(service = %svc.name, address = %svc.vip, "mllp relay listening");
-                                tokio::spawn(relay::accept_loop(svc, tcp));
-                            }
-                            Err(e) => {
-                                tracing::error!(service = %svc.name, address = %svc.vip, error = %e, "mllp relay: cannot serve the socket");
-                            }
+        let removed = old
+            .iter()
+            .filter(|o| !next.iter().any(|(n, _, _)| Arc::ptr_eq(n, o)))
+            .cloned()
+            .collect();
+        Ok(Update { next, removed })
+    }
+
+    /// Applies a prepared update: new services start accepting, kept ones take their new
+    /// limits, removed ones stop accepting (their senders between messages are closed, the
+    /// held messages finish). Cannot fail.
+    pub fn commit(&self, update: Update) {
+        let Update { next, removed } = update;
+        let mut list = Vec::with_capacity(next.len());
+        for (svc, limits, socket) in next {
+            if let Some(limits) = limits {
+                svc.set_limits(limits, &self.rt);
+            }
+            if let Some(socket) = socket {
+                let s = svc.clone();
+                self.rt.spawn(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(tcp) => {
+                            tracing::info!(service = %s.name, address = %s.vip, "mllp relay listening");
+                            relay::accept_loop(s, tcp).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(service = %s.name, address = %s.vip, error = %e, "mllp relay: cannot serve the socket");
                         }
                     }
-                    let _ = exit_rx.await;
                 });
-                // Dropping the runtime closes whatever connection is still open.
-            })
-            .map_err(RelayError::Thread)?;
-        Ok((
-            Relay {
-                services: out.into(),
-                addrs,
-                stop,
-                _exit: exit,
-                thread: Some(thread),
-            },
-            rx,
-        ))
+            }
+            list.push(svc);
+        }
+        for s in removed {
+            tracing::info!(service = %s.name, address = %s.vip, "mllp relay: service removed; held messages finish");
+            let _ = s.stop.send(true);
+        }
+        self.services.store(Arc::new(list));
     }
 
     /// Sets the listener a service's messages go to (`None`: none usable, messages wait up
     /// to `hold_timeout`). A message waiting on another listener is replayed to this one.
     /// Unknown services are ignored.
     pub fn set_active(&self, service: &str, listener: Option<SocketAddr>) {
-        if let Some(s) = self.services.iter().find(|s| &*s.name == service) {
+        if let Some(s) = self.services.load().iter().find(|s| &*s.name == service) {
             s.set_active(listener);
         }
     }
@@ -247,20 +332,21 @@ impl Relay {
     /// The bound address of a service (useful when configured with port 0).
     pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
         self.services
+            .load()
             .iter()
-            .zip(&self.addrs)
-            .find(|(s, _)| &*s.name == service)
-            .map(|(_, a)| *a)
+            .find(|s| &*s.name == service)
+            .map(|s| s.vip)
     }
 
-    /// The services' names, VIPs and limits, to compare with a new configuration.
+    /// The services' names, VIPs (as configured) and limits.
     pub fn services(&self) -> Vec<ServiceConfig> {
         self.services
+            .load()
             .iter()
             .map(|s| ServiceConfig {
                 name: s.name.to_string(),
-                vip: s.vip,
-                limits: s.cfg.clone(),
+                vip: s.configured,
+                limits: MllpConfig::clone(&s.cfg()),
             })
             .collect()
     }
@@ -279,11 +365,13 @@ impl Relay {
     /// (their senders get no ACK and resend).
     pub async fn shutdown(mut self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
+        let services = self.services.load_full();
         // Senders between messages close at once; the ones with a message in flight finish it.
-        let _ = self.stop.send(true);
+        for s in services.iter() {
+            let _ = s.stop.send(true);
+        }
         while tokio::time::Instant::now() < deadline
-            && self
-                .services
+            && services
                 .iter()
                 .any(|s| s.counters.in_flight.load(Relaxed) > 0)
         {
@@ -297,17 +385,28 @@ impl Relay {
     }
 }
 
-/// A non-blocking listening socket on `addr` (std sets SO_REUSEADDR, as a restarted
-/// controller needs).
+/// A non-blocking listening socket on `addr` with SO_REUSEADDR (as a restarted controller
+/// needs) and IP_FREEBIND (a VIP a reload adds is bound before the controller puts it on
+/// the interface, or while keepalived holds it on the other balancer of a pair).
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+        s.set_freebind_v6(true)?;
+    } else {
+        s.set_freebind_v4(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 /// Reads the relay's counters without the [`Relay`] itself.
 #[derive(Clone)]
-pub struct MetricsHandle(Arc<[Arc<Svc>]>);
+pub struct MetricsHandle(Arc<ArcSwap<Vec<Arc<Svc>>>>);
 
 impl MetricsHandle {
     /// A snapshot of the counters.
@@ -315,6 +414,7 @@ impl MetricsHandle {
         Metrics {
             services: self
                 .0
+                .load()
                 .iter()
                 .map(|s| s.counters.snapshot(&s.name, s.vip, *s.active.borrow()))
                 .collect(),

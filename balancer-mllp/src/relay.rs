@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use balancer_health::mllp::{self, FrameError, FrameLimits, Header};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,7 +23,10 @@ use crate::{FailReason, ListenerFailure, MllpConfig};
 pub(crate) struct Svc {
     pub(crate) name: Arc<str>,
     pub(crate) vip: SocketAddr,
-    pub(crate) cfg: MllpConfig,
+    /// The address as configured (`vip` is the bound one: they differ for port 0).
+    pub(crate) configured: SocketAddr,
+    /// Limits and timeouts; a reload swaps them in place (sessions read them per message).
+    cfg: ArcSwap<MllpConfig>,
     pub(crate) counters: ServiceCounters,
     /// The listener chosen by the failover scheduler; `None`: no usable one.
     pub(crate) active: watch::Sender<Option<SocketAddr>>,
@@ -33,24 +38,30 @@ pub(crate) struct Svc {
     reported: Mutex<HashSet<SocketAddr>>,
     /// Recent ACKs per listener, `true` for AE/AR, for the NACK-rate rule.
     recent: Mutex<std::collections::HashMap<SocketAddr, VecDeque<bool>>>,
-    pub(crate) stop: watch::Receiver<bool>,
+    /// True: stop accepting; senders between messages are closed, held messages finish.
+    pub(crate) stop: watch::Sender<bool>,
+    /// A duplicate of the listening socket, handed to the service that takes this VIP over
+    /// in a reload (a renamed service), so the address is never unbound in between.
+    pub(crate) socket: std::net::TcpListener,
 }
 
 impl Svc {
     pub(crate) fn new(
         name: &str,
-        vip: SocketAddr,
+        configured: SocketAddr,
+        socket: std::net::TcpListener,
         cfg: MllpConfig,
         failures: mpsc::Sender<ListenerFailure>,
-        stop: watch::Receiver<bool>,
-    ) -> Svc {
+    ) -> std::io::Result<Svc> {
+        let vip = socket.local_addr()?;
         // Validated: max_in_flight_bytes fits in u32, and semaphores take up to usize::MAX >> 3.
         let budget = Arc::new(Semaphore::new(cfg.max_in_flight_bytes));
         let senders = Arc::new(Semaphore::new(cfg.max_senders));
-        Svc {
+        Ok(Svc {
             name: Arc::from(name),
             vip,
-            cfg,
+            configured,
+            cfg: ArcSwap::from_pointee(cfg),
             counters: ServiceCounters::default(),
             active: watch::Sender::new(None),
             budget,
@@ -58,8 +69,28 @@ impl Svc {
             failures,
             reported: Mutex::new(HashSet::new()),
             recent: Mutex::new(std::collections::HashMap::new()),
-            stop,
-        }
+            stop: watch::Sender::new(false),
+            socket,
+        })
+    }
+
+    /// The limits in force.
+    pub(crate) fn cfg(&self) -> arc_swap::Guard<Arc<MllpConfig>> {
+        self.cfg.load()
+    }
+
+    /// A reload's new limits: timeouts and frame limits apply from each sender's next
+    /// message; `max_in_flight_bytes` and `max_senders` grow at once and shrink as held
+    /// bytes and senders leave (nothing in flight is cut; the wait runs on `rt`).
+    pub(crate) fn set_limits(&self, new: MllpConfig, rt: &tokio::runtime::Handle) {
+        let old = self.cfg.swap(Arc::new(new.clone()));
+        resize(
+            &self.budget,
+            old.max_in_flight_bytes,
+            new.max_in_flight_bytes,
+            rt,
+        );
+        resize(&self.senders, old.max_senders, new.max_senders, rt);
     }
 
     /// The scheduler's choice; a change re-arms failure reports and the NACK windows.
@@ -83,9 +114,10 @@ impl Svc {
     }
 
     fn limits(&self) -> FrameLimits {
+        let cfg = self.cfg();
         FrameLimits {
-            max_message: self.cfg.max_message_bytes,
-            max_before_start: self.cfg.max_bytes_before_start,
+            max_message: cfg.max_message_bytes,
+            max_before_start: cfg.max_bytes_before_start,
         }
     }
 
@@ -119,15 +151,16 @@ impl Svc {
         let nack = matches!(code, "AE" | "AR");
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let w = recent.entry(listener).or_default();
+        let cfg = self.cfg();
         w.push_back(nack);
-        while w.len() > self.cfg.nack_window {
+        while w.len() > cfg.nack_window {
             w.pop_front();
         }
-        if w.len() < self.cfg.nack_window {
+        if w.len() < cfg.nack_window {
             return None;
         }
         let rate = w.iter().filter(|n| **n).count() as f64 / w.len() as f64;
-        if rate > self.cfg.nack_threshold {
+        if rate > cfg.nack_threshold {
             w.clear();
             Some(rate)
         } else {
@@ -136,9 +169,36 @@ impl Svc {
     }
 }
 
+/// Grows a semaphore at once, or shrinks it by taking the difference as permits are
+/// given back.
+fn resize(sem: &Arc<Semaphore>, old: usize, new: usize, rt: &tokio::runtime::Handle) {
+    if new > old {
+        sem.add_permits(new - old);
+    } else if new < old {
+        let want = old - new;
+        let gone = sem.forget_permits(want);
+        if gone < want {
+            let sem = sem.clone();
+            // Validated limits fit in u32.
+            let rest = u32::try_from(want - gone).unwrap_or(u32::MAX);
+            rt.spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(rest).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+}
+
+/// Resolves once the service is stopped (at once when it already is).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard is dropped here, not held across an await of the caller.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
 /// Accepts sender connections until stopped.
 pub(crate) async fn accept_loop(svc: Arc<Svc>, tcp: TcpListener) {
-    let mut stop = svc.stop.clone();
+    let mut stop = svc.stop.subscribe();
     loop {
         let (stream, peer) = tokio::select! {
             r = tcp.accept() => match r {
@@ -149,11 +209,11 @@ pub(crate) async fn accept_loop(svc: Arc<Svc>, tcp: TcpListener) {
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            _ = stopped(&mut stop) => return,
         };
         let Ok(permit) = svc.senders.clone().try_acquire_owned() else {
             svc.counters.senders_refused.fetch_add(1, Relaxed);
-            warn!(service = %svc.name, sender = %peer, max_senders = svc.cfg.max_senders, "mllp relay: sender refused: max_senders reached");
+            warn!(service = %svc.name, sender = %peer, max_senders = svc.cfg().max_senders, "mllp relay: sender refused: max_senders reached");
             drop(stream);
             continue;
         };
@@ -194,17 +254,18 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
     let mut rd = BufReader::with_capacity(16 * 1024, rd);
     let mut active = svc.active.subscribe();
     let mut up: Option<Upstream> = None;
-    let mut stop = svc.stop.clone();
-    let limits = svc.limits();
+    let mut stop = svc.stop.subscribe();
     loop {
+        let cfg = svc.cfg.load_full();
+        let limits = svc.limits();
         // Between messages: wait (bounded) for the next one's first byte.
         let first = tokio::select! {
-            r = timeout(svc.cfg.idle_timeout, rd.fill_buf()) => r,
-            _ = stop.changed() => return "relay stopping",
+            r = timeout(cfg.idle_timeout, rd.fill_buf()) => r,
+            _ = stopped(&mut stop) => return "relay stopping",
         };
         match first {
             Err(_) => {
-                info!(service = %svc.name, sender = %peer, idle = ?svc.cfg.idle_timeout, "mllp relay: idle sender closed");
+                info!(service = %svc.name, sender = %peer, idle = ?cfg.idle_timeout, "mllp relay: idle sender closed");
                 return "idle";
             }
             Ok(Err(_)) => return "read error",
@@ -213,7 +274,7 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
         }
         let started = Instant::now();
         let msg = match timeout(
-            svc.cfg.frame_timeout,
+            cfg.frame_timeout,
             mllp::read_frame_bounded(&mut rd, &limits),
         )
         .await
@@ -228,7 +289,7 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
             }
             Err(_) => {
                 svc.counters.frame_errors.fetch_add(1, Relaxed);
-                warn!(service = %svc.name, sender = %peer, frame_timeout = ?svc.cfg.frame_timeout, "mllp relay: sender stopped mid-frame; connection closed");
+                warn!(service = %svc.name, sender = %peer, frame_timeout = ?cfg.frame_timeout, "mllp relay: sender stopped mid-frame; connection closed");
                 return "mid-frame timeout";
             }
         };
@@ -249,7 +310,7 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
             Ok(a) => a,
             Err(GiveUp::HoldTimeout) => {
                 svc.counters.unacked.fetch_add(1, Relaxed);
-                warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = len, hold_timeout = ?svc.cfg.hold_timeout, "mllp relay: no listener ACKed in time; sender connection closed without an ACK so that it resends");
+                warn!(service = %svc.name, sender = %peer, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = len, hold_timeout = ?cfg.hold_timeout, "mllp relay: no listener ACKed in time; sender connection closed without an ACK so that it resends");
                 return "no listener";
             }
             Err(GiveUp::Attempts(n)) => {
@@ -293,7 +354,8 @@ async fn deliver(
     msg: &[u8],
     hdr: &Header,
 ) -> Result<(Vec<u8>, String, SocketAddr), GiveUp> {
-    let deadline = Instant::now() + svc.cfg.hold_timeout;
+    let cfg = svc.cfg.load_full();
+    let deadline = Instant::now() + cfg.hold_timeout;
     let mut failed_after_send = 0u32;
     let mut failed: Option<SocketAddr> = None;
     let mut sent_before = false;
@@ -327,7 +389,7 @@ async fn deliver(
                 failed = Some(target);
                 if sent {
                     failed_after_send += 1;
-                    if failed_after_send >= svc.cfg.max_attempts {
+                    if failed_after_send >= cfg.max_attempts {
                         return Err(GiveUp::Attempts(failed_after_send));
                     }
                 }
@@ -356,15 +418,16 @@ async fn try_listener(
     {
         *up = None;
     }
+    let cfg = svc.cfg.load_full();
     let conn = match up {
         Some(u) => u,
         None => {
-            let s = match timeout(svc.cfg.connect_timeout, TcpStream::connect(target)).await {
+            let s = match timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return Err(Attempt::Failed(FailReason::Connect(e.kind()), false)),
                 Err(_) => {
                     return Err(Attempt::Failed(
-                        FailReason::ConnectTimeout(svc.cfg.connect_timeout),
+                        FailReason::ConnectTimeout(cfg.connect_timeout),
                         false,
                     ));
                 }
@@ -408,7 +471,7 @@ async fn try_listener(
         }
     };
     let ack = tokio::select! {
-        r = timeout(svc.cfg.ack_timeout, exchange) => match r {
+        r = timeout(cfg.ack_timeout, exchange) => match r {
             Ok(Ok(a)) => a,
             Ok(Err(reason)) => {
                 if matches!(reason, FailReason::Garbage(_)) {
@@ -416,7 +479,7 @@ async fn try_listener(
                 }
                 return Err(Attempt::Failed(reason, true));
             }
-            Err(_) => return Err(Attempt::Failed(FailReason::AckTimeout(svc.cfg.ack_timeout), true)),
+            Err(_) => return Err(Attempt::Failed(FailReason::AckTimeout(cfg.ack_timeout), true)),
         },
         _ = switched => {
             info!(service = %svc.name, listener = %target, control_id = %hdr.control_id, "mllp relay: active listener changed before the ACK; the message goes to the new one");

@@ -481,3 +481,125 @@ async fn loopback_rate() {
     );
     a.seen.lock().unwrap().clear();
 }
+
+/// A loopback address with a port free a moment ago (for a service whose VIP must be
+/// configured, not picked by the kernel).
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn service(name: &str, vip: SocketAddr, limits: MllpConfig) -> ServiceConfig {
+    ServiceConfig {
+        name: name.into(),
+        vip,
+        limits,
+    }
+}
+
+#[tokio::test]
+async fn a_reload_adds_changes_renames_and_removes_services_without_closing_kept_senders() {
+    let l = listener(Behaviour::Ack("AA", "L1")).await;
+    let a_vip = free_addr();
+    let (r, _rx) = Relay::start(vec![service("a", a_vip, MllpConfig::default())])
+        .await
+        .unwrap();
+    r.set_active("a", Some(l.addr));
+    let mut sa = Sender::connect(a_vip).await;
+    assert_eq!(sa.send("m1").await.1, "AA");
+
+    // A refused update changes nothing: the running service, its limits and its sender.
+    let before = r.services();
+    let bad = MllpConfig {
+        max_senders: 0,
+        ..MllpConfig::default()
+    };
+    let e = r
+        .prepare(vec![
+            service("a", a_vip, MllpConfig::default()),
+            service("b", "127.0.0.1:0".parse().unwrap(), bad),
+        ])
+        .unwrap_err();
+    assert!(e.to_string().contains("max_senders"), "{e}");
+    let taken = r.local_addr("a").unwrap();
+    let e = r
+        .prepare(vec![service("x", l.addr, MllpConfig::default())])
+        .unwrap_err();
+    assert!(matches!(e, RelayError::Bind { .. }), "{e}");
+    assert_eq!(r.services(), before);
+    assert_eq!(r.local_addr("a"), Some(taken));
+    assert_eq!(sa.send("m2").await.1, "AA");
+
+    // a kept with new limits, b added.
+    let changed = MllpConfig {
+        ack_timeout: Duration::from_secs(7),
+        max_senders: 3,
+        ..MllpConfig::default()
+    };
+    let u = r
+        .prepare(vec![
+            service("a", a_vip, changed.clone()),
+            service("b", "127.0.0.1:0".parse().unwrap(), MllpConfig::default()),
+        ])
+        .unwrap();
+    assert_eq!(u.summary(), (1, 1, 0));
+    r.commit(u);
+    assert_eq!(r.services()[0].limits, changed);
+    r.set_active("b", Some(l.addr));
+    let mut sb = Sender::connect(r.local_addr("b").unwrap()).await;
+    assert_eq!(sb.send("b1").await.1, "AA");
+    // The sender of the kept service was not disconnected.
+    assert_eq!(sa.send("m3").await.1, "AA");
+    assert_eq!(
+        svc(&r).relayed,
+        3,
+        "a's counters (m1, m2, m3) survive the reload"
+    );
+
+    // a renamed to c on the same VIP: the socket is handed over, never unbound; a's idle
+    // sender is closed (it reconnects to c), b is removed.
+    let u = r
+        .prepare(vec![service("c", a_vip, MllpConfig::default())])
+        .unwrap();
+    assert_eq!(u.summary(), (1, 0, 2));
+    r.commit(u);
+    assert!(
+        sa.closed().await,
+        "the removed service's idle sender is closed"
+    );
+    assert!(
+        sb.closed().await,
+        "the removed service's idle sender is closed"
+    );
+    r.set_active("c", Some(l.addr));
+    let mut sc = Sender::connect(a_vip).await;
+    assert_eq!(sc.send("c1").await.1, "AA");
+    assert_eq!(r.services().len(), 1);
+    assert_eq!(svc(&r).name, "c");
+    assert_eq!(svc(&r).relayed, 1);
+}
+
+#[tokio::test]
+async fn a_removed_service_finishes_its_held_message() {
+    let release = Arc::new(Notify::new());
+    let l = listener(Behaviour::Hold("L1", release.clone())).await;
+    let (r, _rx, vip) = relay(MllpConfig::default()).await;
+    r.set_active("hl7", Some(l.addr));
+    let mut s = Sender::connect(vip).await;
+    let held = tokio::spawn(async move { s.send("h1").await });
+    // Bounded: the message reaches the listener before the service goes.
+    for _ in 0..1000 {
+        if !l.seen.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(*l.seen.lock().unwrap(), vec!["h1".to_string()]);
+    let u = r.prepare(Vec::new()).unwrap();
+    assert_eq!(u.summary(), (0, 0, 1));
+    r.commit(u);
+    release.notify_one();
+    let (_, code, id) = tokio::time::timeout(WAIT, held).await.unwrap().unwrap();
+    assert_eq!((code.as_str(), id.as_str()), ("AA", "h1"));
+    assert!(r.metrics().services.is_empty());
+}

@@ -333,33 +333,72 @@ fn mllp_send_gets_its_ack_through_the_relay() {
     }
     let st = status(&lab);
     assert_eq!(st["mllp"]["services"][0]["relayed"], 2, "{st}");
-    // Changing a message-mode service's limits needs a restart: the reload is refused and
-    // the relay keeps serving with the running config.
+    // A reload changes a message-mode service's limits and adds one more service; another
+    // removes it again. The first service serves throughout.
     let sock = socket(&lab).to_string_lossy().to_string();
-    std::fs::write(
-        bal.config_path(),
-        config(&lab).replace("ack_timeout = \"1s\"", "ack_timeout = \"3s\""),
-    )
-    .unwrap();
-    let e = lab
-        .balancer_cli(&["reload", "--socket", &sock])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("restart"), "{e}");
-    let out = lab
-        .exec(
+    let send = |port: &str| {
+        lab.exec(
             Host::Client,
             &[
                 "mllp_send",
                 "--port",
-                "6661",
+                port,
                 "--file",
                 &strict,
                 "10.77.0.100",
             ],
         )
-        .unwrap();
-    assert!(out.contains("MSA|AA|"), "after the refused reload: {out:?}");
+    };
+    let second = format!(
+        r#"
+[[service]]
+name = "hl7-second"
+vip = "10.77.0.100:6670"
+scheduler = "failover"
+mode = "mllp"
+health = {{ kind = "mllp", interval = "250ms", timeout = "200ms", rise = 2, fall = 2 }}
+backends = [ {{ address = "10.77.0.12:{PORT}" }} ]
+"#
+    );
+    let changed = config(&lab).replace("ack_timeout = \"1s\"", "ack_timeout = \"3s\"");
+    std::fs::write(bal.config_path(), format!("{changed}{second}")).unwrap();
+    lab.balancer_cli(&["reload", "--socket", &sock]).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "hl7-second's listener active",
+        || status(&lab)["services"][1]["active"] == "10.77.0.12:6661",
+    );
+    let out = send("6670").unwrap();
+    assert!(
+        out.contains("MSA|AA|") && out.contains("hl7b"),
+        "added service: {out:?}"
+    );
+    let out = send("6661").unwrap();
+    assert!(
+        out.contains("MSA|AA|"),
+        "kept service after the reload: {out:?}"
+    );
+    let st = status(&lab);
+    assert_eq!(
+        st["mllp"]["services"][0]["relayed"], 3,
+        "kept counters: {st}"
+    );
+    assert_eq!(st["mllp"]["services"][1]["relayed"], 1, "{st}");
+    std::fs::write(bal.config_path(), changed).unwrap();
+    lab.balancer_cli(&["reload", "--socket", &sock]).unwrap();
+    assert!(
+        send("6670").is_err(),
+        "the removed service's port still answers"
+    );
+    let out = send("6661").unwrap();
+    assert!(
+        out.contains("MSA|AA|"),
+        "after removing the other service: {out:?}"
+    );
+    assert_eq!(
+        status(&lab)["mllp"]["services"].as_array().unwrap().len(),
+        1
+    );
 }
 
 /// Bad input from senders and listeners: each case gets one clear log line without a payload

@@ -107,6 +107,9 @@ pub enum ReloadError {
     /// The L7 proxy refused its part (certificate, listeners).
     #[error("l7 refused, nothing changed: {0}")]
     L7(String),
+    /// The MLLP relay refused its part (limits, a VIP it cannot bind).
+    #[error("mllp relay refused, nothing changed: {0}")]
+    Mllp(String),
     /// The planner refused it, or applying it failed and was undone.
     #[error("reload refused, nothing changed: {0}")]
     Reconcile(#[from] ReconcileError),
@@ -210,15 +213,11 @@ impl Daemon {
             None => None,
         };
         // Its VIPs were put on the interface by the reconcile; the XDP program passes them.
-        let (mllp, mllp_failures) = match mllp_services(&cfg) {
-            v if v.is_empty() => (None, None),
-            v => {
-                let (relay, failures) = balancer_mllp::Relay::start(v)
-                    .await
-                    .context("starting the MLLP relay")?;
-                (Some(relay), Some(failures))
-            }
-        };
+        // Started even with no mllp service, so that a reload can add one.
+        let (relay, failures) = balancer_mllp::Relay::start(mllp_services(&cfg))
+            .await
+            .context("starting the MLLP relay")?;
+        let (mllp, mllp_failures) = (Some(relay), Some(failures));
         let ha_source = match &pair {
             Some(p) => Some(p.status_source(&pin)?),
             None => None,
@@ -588,16 +587,16 @@ impl Daemon {
         if new.bgp != self.cfg.bgp {
             return Err(ReloadError::RestartNeeded("the [bgp] settings"));
         }
-        let relayed = self
-            .mllp
-            .as_ref()
-            .map(balancer_mllp::Relay::services)
-            .unwrap_or_default();
-        if relayed != mllp_services(&new) {
-            return Err(ReloadError::RestartNeeded(
-                "mllp services (added, removed, or a name, vip or limit changed)",
-            ));
-        }
+        // The relay's part is checked (limits, new VIPs bound) before anything changes, and
+        // committed only after L4 applied: services kept by name and VIP keep their senders.
+        let mllp = match &self.mllp {
+            Some(relay) => Some(
+                relay
+                    .prepare(mllp_services(&new))
+                    .map_err(|e| ReloadError::Mllp(e.to_string()))?,
+            ),
+            None => None,
+        };
         // L7 is checked first (certificates, listeners) and made live only after L4 applied.
         let l7 = match (&self.l7, &new.l7) {
             (Some(l7), Some(c)) => Some(
@@ -612,6 +611,13 @@ impl Daemon {
         let p = crate::control::reconcile(&mut self.dp, &new, Some(&self.state), &health, &ops)?;
         if let (Some(l7), Some(prepared)) = (&self.l7, l7) {
             l7.commit(prepared);
+        }
+        if let (Some(relay), Some(update)) = (&self.mllp, mllp) {
+            let (added, kept, removed) = update.summary();
+            relay.commit(update);
+            if added + removed > 0 {
+                info!(added, kept, removed, "mllp relay services changed");
+            }
         }
         // Active backends a reload changes are logged by failover.rs, not counted as failovers.
         self.state = p.next;

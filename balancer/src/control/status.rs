@@ -144,7 +144,8 @@ impl StatusBoard {
         s.mllp = self
             .mllp
             .as_ref()
-            .map(balancer_mllp::MetricsHandle::snapshot);
+            .map(balancer_mllp::MetricsHandle::snapshot)
+            .filter(|m| !m.services.is_empty());
         if let Some(ha) = &self.ha {
             s.ha = Some(ha());
         }
