@@ -45,6 +45,9 @@ pub struct Options {
     /// Run only the HA pair takeover measurement.
     #[arg(long)]
     pub pair_only: bool,
+    /// Run only the status and metrics answers during reloads.
+    #[arg(long)]
+    pub status_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,9 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     if opts.pair_only {
         return bench_pair();
+    }
+    if opts.status_only {
+        return bench_status_during_reload();
     }
     let paths = [Path::Direct, Path::Balancer, Path::Nftables];
     let mut rows = Vec::new();
@@ -141,15 +147,46 @@ fn status_call(socket: &std::path::Path) -> Result<std::time::Duration> {
     Ok(t.elapsed())
 }
 
+/// One Prometheus scrape of the metrics endpoint (in the lab's balancer namespace);
+/// returns how long the answer took.
+/// Timed as curl saw it (`time_total`), not counting the process start.
+fn metrics_call(ns: &str, addr: &str) -> Result<std::time::Duration> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-o",
+            "/dev/null",
+        ])
+        .args([
+            "-w",
+            "%{http_code} %{time_total}",
+            &format!("http://{addr}/metrics"),
+        ])
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.trim().split_once(' ') {
+        Some(("200", secs)) => Ok(std::time::Duration::from_secs_f64(secs.parse()?)),
+        _ => anyhow::bail!("metrics answered {:?}", text.trim()),
+    }
+}
+
 /// Status answers while the daemon reloads a big config (60 services of 60 backends, full
-/// Maglev rings): the slowest answer beside the reload's own duration (what a status that
-/// queued behind the reload would take).
+/// Maglev rings): the slowest status answer and the slowest metrics scrape beside the
+/// reload's own duration (what an answer that queued behind the reload would take).
 fn bench_status_during_reload() -> Result<()> {
-    println!("\n== status during reload (60 services x 60 backends, ring 65537) ==");
+    println!("\n== status and metrics during reload (60 services x 60 backends, ring 65537) ==");
     let lab = Lab::new(1)?;
     let socket = lab.dir().join("control.sock");
+    const METRICS: &str = "127.0.0.1:9550";
     let mut cfg = format!(
-        "[dataplane]\ninterface = \"eth0\"\n\n[controller]\nsocket = \"{}\"\n",
+        "[dataplane]\ninterface = \"eth0\"\n\n[controller]\nsocket = \"{}\"\nmetrics = \"{METRICS}\"\n",
         socket.display()
     );
     for s in 0..60u16 {
@@ -163,6 +200,22 @@ fn bench_status_during_reload() -> Result<()> {
         ));
     }
     let b = lab.start_balancer(&cfg)?;
+    // At rest first: what an answer costs with no reload running (60 services' counters).
+    let mut rest: Vec<std::time::Duration> = (0..20)
+        .map(|_| status_call(&socket))
+        .collect::<Result<_>>()?;
+    let mut rest_m: Vec<std::time::Duration> = (0..10)
+        .map(|_| metrics_call(&lab.ns(Host::Lb), METRICS))
+        .collect::<Result<_>>()?;
+    rest.sort_unstable();
+    rest_m.sort_unstable();
+    println!(
+        "  at rest: status median {:.1} ms, slowest {:.1} ms; metrics median {:.1} ms, slowest {:.1} ms",
+        rest[rest.len() / 2].as_secs_f64() * 1e3,
+        rest[rest.len() - 1].as_secs_f64() * 1e3,
+        rest_m[rest_m.len() / 2].as_secs_f64() * 1e3,
+        rest_m[rest_m.len() - 1].as_secs_f64() * 1e3,
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let stop = stop.clone();
@@ -175,6 +228,23 @@ fn bench_status_during_reload() -> Result<()> {
                 && std::time::Instant::now() < until
             {
                 worst = worst.max(status_call(&socket)?);
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok((n, worst))
+        })
+    };
+    let scraper = {
+        let stop = stop.clone();
+        let ns = lab.ns(Host::Lb);
+        std::thread::spawn(move || -> Result<(usize, std::time::Duration)> {
+            let mut n = 0;
+            let mut worst = std::time::Duration::ZERO;
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < until
+            {
+                worst = worst.max(metrics_call(&ns, METRICS)?);
                 n += 1;
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
@@ -198,6 +268,9 @@ fn bench_status_during_reload() -> Result<()> {
     let (n, worst) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("status reader panicked"))??;
+    let (scrapes, worst_scrape) = scraper
+        .join()
+        .map_err(|_| anyhow::anyhow!("metrics scraper panicked"))??;
     reloads.sort_unstable();
     println!(
         "  reload (balancer reload, 3600 backends): median {:.0} ms, max {:.0} ms",
@@ -207,6 +280,10 @@ fn bench_status_during_reload() -> Result<()> {
     println!(
         "  status answers during the reloads: {n}, slowest {:.1} ms (a status queued behind a reload would wait up to the reload's time)",
         worst.as_secs_f64() * 1e3
+    );
+    println!(
+        "  metrics scrapes during the reloads: {scrapes}, slowest {:.1} ms",
+        worst_scrape.as_secs_f64() * 1e3
     );
     Ok(())
 }
