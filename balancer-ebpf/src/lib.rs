@@ -3,6 +3,7 @@
 //! `etherparse`). The program itself (maps, flow state, next hop) is `src/main.rs` and its
 //! modules, built for the BPF target only.
 #![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod checksum;
 pub mod error;
