@@ -48,11 +48,17 @@ pub struct Options {
     /// Run only the status and metrics answers during reloads.
     #[arg(long)]
     pub status_only: bool,
+    /// Run only the namespace lab's table (direct, kernel forwarding, balancer, nftables).
+    #[arg(long)]
+    pub lab_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Direct,
+    /// Client to backend 1 through the lb host's kernel as a plain router (both directions,
+    /// no NAT, no XDP): the hops the balancer adds, without the balancing.
+    Forward,
     Balancer,
     Nftables,
 }
@@ -61,6 +67,7 @@ impl Path {
     fn label(self) -> &'static str {
         match self {
             Path::Direct => "direct (client -> backend)",
+            Path::Forward => "kernel forwarding via lb",
             Path::Balancer => "balancer (XDP, nat)",
             Path::Nftables => "nftables DNAT (jhash)",
         }
@@ -86,7 +93,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.status_only {
         return bench_status_during_reload();
     }
-    let paths = [Path::Direct, Path::Balancer, Path::Nftables];
+    let paths = [Path::Direct, Path::Forward, Path::Balancer, Path::Nftables];
     let mut rows = Vec::new();
     for path in paths {
         sigint::check()?;
@@ -106,6 +113,9 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     sigint::check()?;
     print_table(&rows, opts);
+    if opts.lab_only {
+        return Ok(());
+    }
     sigint::check()?;
     bench_xdp(opts.calls);
     sigint::check()?;
@@ -751,6 +761,10 @@ fn measure(path: Path, opts: &Options) -> Result<Row> {
             let b1 = Host::Backend(1).v4().context("backend address")?;
             ((b1, IPERF_PORT).into(), (b1, ECHO_PORT).into())
         }
+        Path::Forward => {
+            let b1 = kernel_forwarding(&lab)?;
+            ((b1, IPERF_PORT).into(), (b1, ECHO_PORT).into())
+        }
         Path::Balancer => {
             _balancer = Some(lab.start_balancer(&balancer_config(&lab))?);
             (vip4(IPERF_PORT), vip4(ECHO_PORT))
@@ -852,6 +866,45 @@ backends = [ {{ address = "10.77.0.11:{IPERF_PORT}" }} ]
 
 /// An nftables balancer on the lb host: the VIP on eth0, DNAT by a jhash of the source over
 /// the backends, masquerade so replies come back through it (like the balancer's nat mode).
+/// Routes client <-> backend 1 through the lb host (host routes on both ends, redirects
+/// off, forwarding on); returns backend 1's address.
+fn kernel_forwarding(lab: &Lab) -> Result<std::net::Ipv4Addr> {
+    let lb = Host::Lb.v4().context("lb address")?.to_string();
+    let client = Host::Client.v4().context("client address")?;
+    let b1 = Host::Backend(1).v4().context("backend address")?;
+    for k in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.eth0.send_redirects=0",
+    ] {
+        lab.exec(Host::Lb, &["sysctl", "-qw", k])?;
+    }
+    for (host, to) in [(Host::Client, b1), (Host::Backend(1), client)] {
+        lab.exec(
+            host,
+            &["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"],
+        )?;
+        lab.exec(
+            host,
+            &["sysctl", "-qw", "net.ipv4.conf.eth0.accept_redirects=0"],
+        )?;
+        lab.exec(
+            host,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{to}/32"),
+                "via",
+                &lb,
+                "dev",
+                "eth0",
+            ],
+        )?;
+    }
+    Ok(b1)
+}
+
 fn nft_dnat(lab: &Lab) -> Result<()> {
     lab.exec(
         Host::Lb,
