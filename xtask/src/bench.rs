@@ -113,6 +113,10 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     sigint::check()?;
     print_table(&rows, opts);
+    sigint::check()?;
+    if let Err(e) = bench_wide(opts) {
+        println!("  64-backend bench failed: {e:#}");
+    }
     if opts.lab_only {
         return Ok(());
     }
@@ -864,8 +868,52 @@ backends = [ {{ address = "10.77.0.11:{IPERF_PORT}" }} ]
     )
 }
 
-/// An nftables balancer on the lb host: the VIP on eth0, DNAT by a jhash of the source over
-/// the backends, masquerade so replies come back through it (like the balancer's nat mode).
+/// Backends of the wide bench.
+const WIDE_BACKENDS: usize = 64;
+
+/// Short connections over 64 backends with the flow table far past full: the balancer with
+/// `flow_table_size = 1024` (512 NAT flows; every rate worker's connection past that evicts
+/// the least recently used) beside nftables DNAT over the same 64, a fresh lab each.
+fn bench_wide(opts: &Options) -> Result<()> {
+    println!(
+        "\n== short connections over {WIDE_BACKENDS} backends, flow table past full (1024 entries) =="
+    );
+    let mut rates = Vec::new();
+    for path in [Path::Balancer, Path::Nftables] {
+        sigint::check()?;
+        let lab = Lab::new(WIDE_BACKENDS)?;
+        let _echo = lab.spawn_echo_all()?;
+        lab.resolve_neighbours(Host::Lb)?;
+        let _b = match path {
+            Path::Balancer => {
+                let cfg = balancer_config(&lab).replace(
+                    "xdp_mode = \"auto\"\n",
+                    "xdp_mode = \"auto\"\nflow_table_size = 1024\n",
+                );
+                Some(lab.start_balancer(&cfg)?)
+            }
+            _ => {
+                nft_dnat(&lab)?;
+                None
+            }
+        };
+        let r = lab.client_rate(vip4(ECHO_PORT), opts.seconds as f64, opts.concurrency)?;
+        println!(
+            "  {:<28} {:>8.0} conns/s ({} ok, {} failed, {} backends answered)",
+            path.label(),
+            r.conns_per_sec,
+            r.ok,
+            r.failed,
+            r.by_backend.len()
+        );
+        rates.push(r.conns_per_sec);
+    }
+    if let [b, n] = rates[..] {
+        println!("  balancer vs nftables: {}", ratio(Some(b), Some(n)));
+    }
+    Ok(())
+}
+
 /// Routes client <-> backend 1 through the lb host (host routes on both ends, redirects
 /// off, forwarding on); returns backend 1's address.
 fn kernel_forwarding(lab: &Lab) -> Result<std::net::Ipv4Addr> {
@@ -905,6 +953,8 @@ fn kernel_forwarding(lab: &Lab) -> Result<std::net::Ipv4Addr> {
     Ok(b1)
 }
 
+/// An nftables balancer on the lb host: the VIP on eth0, DNAT by a jhash of the source over
+/// the backends, masquerade so replies come back through it (like the balancer's nat mode).
 fn nft_dnat(lab: &Lab) -> Result<()> {
     lab.exec(
         Host::Lb,
