@@ -646,7 +646,7 @@ fn ha(cmd: HaCmd) -> anyhow::Result<()> {
             match r {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => {
-                    eprintln!("balancer: {e:#}");
+                    eprintln!("balancer: {}", balancer::api::chain(&e));
                     std::process::exit(1)
                 }
                 Err(_) => {
