@@ -322,17 +322,11 @@ pub struct Dataplane {
     pub adopted: bool,
 }
 
-fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-where
-    <T as TryFrom<Map>>::Error: std::error::Error,
-{
+fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
     let map = ebpf
         .take_map(name)
         .ok_or_else(|| Error::MapMissing(name.to_string()))?;
-    T::try_from(map).map_err(|_| Error::MapType {
-        name: name.to_string(),
-        source: None,
-    })
+    T::try_from(map).map_err(map_type(name))
 }
 
 /// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf when nothing is there.
