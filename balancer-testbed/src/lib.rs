@@ -120,7 +120,7 @@ impl Testbed {
             ] {
                 std::fs::write(p, "1").with_context(|| format!("writing {p}"))?;
             }
-            balancer::host::net::ifindex("t0")
+            Ok(balancer::host::net::ifindex("t0")?)
         };
         let ifindex = match setup() {
             Ok(i) => i,
@@ -136,6 +136,7 @@ impl Testbed {
             pin_path: None,
             flow_entries,
         })
+        .map_err(anyhow::Error::from)
         .and_then(|mut dp| {
             let mac = balancer::host::net::interface_mac("t0")?;
             anyhow::ensure!(mac == LB_MAC, "t0 has MAC {mac:02x?}");

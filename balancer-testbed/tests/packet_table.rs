@@ -11,9 +11,7 @@ use balancer::{
     control::state::{BackendHealth as Health, State},
     host::net::addr16,
 };
-use balancer_common::{
-    Flow, FlowKey, PROTO_TCP, PROTO_UDP, Reason, flow_hash, reduce, snat_first_port,
-};
+use balancer_common::{Flow, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet, run_prog};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
@@ -119,8 +117,46 @@ fn set_admin(tb: &mut Testbed, st: &mut State, svc: &str, i: usize, a: AdminStat
     st.set(&mut tb.dp, c).unwrap();
 }
 
-/// Where the dataplane must send a new flow: the backend from the live ring, and the SNAT
-/// port it tries first.
+/// The reference 5-tuple hash, written here from the dataplane's specification (murmur3's
+/// 32-bit block mix over the ten words src[0..4], dst[0..4], sport << 16 | dport (ports as
+/// stored, network order), proto; then length 37 and murmur3's finaliser), not by calling
+/// the dataplane's `flow_hash`: a change of the program's hash fails these rows.
+fn reference_hash(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
+    const C1: u32 = 0xcc9e_2d51;
+    const C2: u32 = 0x1b87_3593;
+    let mut words = Vec::with_capacity(10);
+    for a in [addr16(src), addr16(dst)] {
+        for c in a.chunks_exact(4) {
+            words.push(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+        }
+    }
+    words.push((u32::from(sport.to_be()) << 16) | u32::from(dport.to_be()));
+    words.push(u32::from(proto));
+    let mut h = seed;
+    for k in words {
+        let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        h = (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
+    }
+    h ^= 37;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// `hash` onto `0..n`, the reference way: the high 32 bits of the 64-bit product.
+fn reference_reduce(hash: u32, n: u32) -> u32 {
+    u32::try_from((u64::from(hash) * u64::from(n)) >> 32).unwrap()
+}
+
+/// Where the dataplane must send a new flow: the backend the live ring holds at the slot the
+/// reference hash picks, and the SNAT port it tries first (its hash rotated by 16, xor the
+/// golden ratio, reduced onto the port range). The hash is [`reference_hash`], not the
+/// dataplane's; the ring is the one the controller wrote (a backend of the service).
 fn predict(
     tb: &Testbed,
     st: &State,
@@ -130,14 +166,6 @@ fn predict(
     proto: u8,
 ) -> (SocketAddr, u16) {
     let s = &st.services[svc];
-    let key = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto,
-        pad: [0; 3],
-    };
     let seed = tb
         .dp
         .services()
@@ -146,18 +174,25 @@ fn predict(
         .unwrap()
         .1
         .seed;
-    let h = flow_hash(&key, seed);
+    let h = reference_hash(
+        client.ip(),
+        vip.ip(),
+        client.port(),
+        vip.port(),
+        proto,
+        seed,
+    );
     let ring = tb.dp.read_ring(s.id, s.half, s.spec.ring_size);
-    let slot = ring[reduce(h, s.spec.ring_size) as usize];
+    let slot = ring[reference_reduce(h, s.spec.ring_size) as usize];
     let be = s
         .backends
         .iter()
         .find(|b| b.slot == slot)
-        .expect("ring points at a backend");
-    (
-        be.address,
-        snat_first_port(h, st.globals.snat_port_lo, st.globals.snat_port_hi),
-    )
+        .expect("ring points at a backend of the service");
+    let (lo, hi) = (st.globals.snat_port_lo, st.globals.snat_port_hi);
+    let range = u32::from(hi) - u32::from(lo) + 1;
+    let port = u32::from(lo) + reference_reduce(h.rotate_left(16) ^ 0x9e37_79b9, range);
+    (be.address, u16::try_from(port).unwrap())
 }
 
 fn lb_addr(v6: bool) -> IpAddr {
@@ -1560,4 +1595,55 @@ fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
         flows[&reply_key(be, probes[5], false)].new_dst,
         addr16(client.ip())
     );
+}
+
+/// The backend a transmitted NAT SYN is addressed to (its IPv4 destination and TCP port).
+fn syn_destination(out: &[u8]) -> SocketAddr {
+    let p = SlicedPacket::from_ethernet(out).expect("parsable frame");
+    let ip = match p.net.as_ref().expect("ip") {
+        NetSlice::Ipv4(ip) => IpAddr::V4(ip.header().destination_addr()),
+        NetSlice::Ipv6(ip) => IpAddr::V6(ip.header().destination_addr()),
+        _ => panic!("unexpected net"),
+    };
+    let port = match p.transport.as_ref().expect("transport") {
+        TransportSlice::Tcp(t) => t.destination_port(),
+        _ => panic!("unexpected transport"),
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Without any hash of the test's own: every new flow goes to a backend of the service, the
+/// same 5-tuple again goes to the same one, and 256 distinct sources reach every backend.
+#[test]
+fn new_flows_spread_over_every_backend_and_stay_put() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let backends: std::collections::BTreeSet<SocketAddr> = st.services["web"]
+        .backends
+        .iter()
+        .map(|b| b.address)
+        .collect();
+    assert_eq!(backends.len(), 3);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..256u16 {
+        let client = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2 + u8::try_from(i % 4).unwrap())),
+            30000 + i,
+        );
+        let mac = mac_of(client.ip());
+        let syn = packet::tcp(mac, LB_MAC, client, vip, 1000, 0, packet::SYN, &[]);
+        let (v, out) = tb.run(&syn).unwrap();
+        assert_eq!(v, XDP_TX, "SYN from {client}: verdict");
+        assert_checksums(&out);
+        let be = syn_destination(&out);
+        assert!(
+            backends.contains(&be),
+            "{client} sent to {be}, not a backend"
+        );
+        let (v, again) = tb.run(&syn).unwrap();
+        assert_eq!(v, XDP_TX, "SYN again from {client}: verdict");
+        assert_eq!(syn_destination(&again), be, "SYN again from {client}");
+        seen.insert(be);
+    }
+    assert_eq!(seen, backends, "backends reached by 256 sources");
 }

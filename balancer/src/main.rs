@@ -491,7 +491,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::XdpPass { interface, pin } => balancer::dataplane::attach_pass(&interface, &pin),
+        Cmd::XdpPass { interface, pin } => Ok(balancer::dataplane::attach_pass(&interface, &pin)?),
         Cmd::Status { json, socket } => std::process::exit(balancer::api::cli(
             &socket,
             &balancer::api::Command::Status { json },
@@ -646,7 +646,7 @@ fn ha(cmd: HaCmd) -> anyhow::Result<()> {
             match r {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => {
-                    eprintln!("balancer: {e:#}");
+                    eprintln!("balancer: {}", balancer::api::chain(&e));
                     std::process::exit(1)
                 }
                 Err(_) => {

@@ -86,14 +86,20 @@ fn spawn_tool(lab: &Lab, host: Host, tool: &str, args: &[&str]) -> LabChild {
         .unwrap()
 }
 
+/// No wall-clock bound: the order of events is asserted. be2 goes down once, by its active
+/// check; every failed connection of the load sent at least its SYN to be2 through the
+/// dataplane between the kill and that change (or was in flight at the kill), so the failures
+/// are bounded by be2's forwarded packets in that window; after the change no new flow reaches
+/// be2 and nothing fails. The detection time is printed.
 #[test]
 fn web_backend_killed_under_load_leaves_within_fall_times_interval() {
+    const CONCURRENCY: u64 = 4;
     let lab = Lab::new(3).unwrap();
     let mut echo = lab.spawn_echo_all().unwrap();
     let health = format!(
         "health = {{ kind = \"http\", path = \"/health\", port = {HTTP_PORT}, interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n"
     );
-    let _b = lab
+    let mut b = lab
         .start_balancer(&(header(&lab) + &web_service(&lab, &health)))
         .unwrap();
     wait_until(Duration::from_secs(5), "all backends up", || {
@@ -109,18 +115,32 @@ fn web_backend_killed_under_load_leaves_within_fall_times_interval() {
         &lab,
         Host::Client,
         "blb-client",
-        &["rate", "--to", &vip, "--seconds", "5", "--concurrency", "4"],
+        &[
+            "rate",
+            "--to",
+            &vip,
+            "--seconds",
+            "5",
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+        ],
     );
     sleep(Duration::from_secs(1));
-    echo[1].kill(); // be2
     let be2 = format!("{}:{ECHO_PORT}", Host::Backend(2).v4().unwrap());
+    let traffic = |lab: &Lab, what: &str| {
+        backend(&status(lab), "web", &be2)["traffic"][what]
+            .as_u64()
+            .unwrap()
+    };
+    let new_flows = |lab: &Lab| traffic(lab, "new_flows");
+    let packets_before_kill = traffic(&lab, "packets");
+    echo[1].kill(); // be2
     let took = wait_until(Duration::from_secs(5), "be2 marked down", || {
         backend(&status(&lab), "web", &be2)["state"] == "down"
     });
-    assert!(
-        took <= Duration::from_millis(2 * 200 + 1000),
-        "detection took {took:?}"
-    );
+    let flows_at_down = new_flows(&lab);
+    let packets_at_down = traffic(&lab, "packets");
+    println!("be2 marked down {took:?} after the kill (checks every 200 ms, fall 2)");
     // From now on nothing goes to be2 and nothing fails.
     let r = lab.client_conns(vip4(ECHO_PORT), 200, 1000, 4).unwrap();
     assert_eq!(r.failed, 0, "{:?}", r.errors);
@@ -131,11 +151,36 @@ fn web_backend_killed_under_load_leaves_within_fall_times_interval() {
         rate.by_backend.contains_key("be1") && rate.by_backend.contains_key("be3"),
         "{rate:?}"
     );
-    // Only connections that were sent to be2 before the detection may have failed.
-    assert!(
-        rate.failed as f64 <= rate.conns_per_sec * 1.5 + 10.0,
-        "{rate:?}"
+    // After the health change the dataplane created no flow to be2 (the load kept running).
+    assert_eq!(
+        new_flows(&lab),
+        flows_at_down,
+        "new flows to be2 after it went down"
     );
+    // Only connections to be2 opened before the change may have failed: those in flight at
+    // the kill (at most one per load worker) and those whose SYN the dataplane sent to it
+    // between kill and change. (Not `new_flows`: a reused source port finds its old flow.)
+    let to_be2 = packets_at_down - packets_before_kill;
+    println!(
+        "load: {} connections, {} failed; {to_be2} packets to be2 between kill and down",
+        rate.ok + rate.failed,
+        rate.failed
+    );
+    assert!(
+        rate.failed <= to_be2 + CONCURRENCY,
+        "{} failed, {to_be2} packets went to be2 between the kill and its health change: {rate:?}",
+        rate.failed
+    );
+    // The change happened once, to down, by the active check (passive health is off here).
+    b.stop().unwrap();
+    let logs = b.logs();
+    let changes: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("backend health changed") && l.contains(&be2))
+        .collect();
+    let downs: Vec<&&str> = changes.iter().filter(|l| l.contains("new=Down")).collect();
+    assert_eq!(downs.len(), 1, "{changes:?}");
+    assert!(!downs[0].contains("reason=passive:"), "{changes:?}");
 }
 
 /// Passive health: a killed backend (its kernel answers SYNs with RSTs) is marked down by the
@@ -275,10 +320,9 @@ fn hl7_failover_resets_the_sender_and_the_standby_acks_then_failback_only_when_a
     let failover = wait_until(Duration::from_secs(5), "failover to hl7b", || {
         active(&lab) == "10.77.0.12:6661"
     });
-    assert!(
-        failover < Duration::from_secs(1) + Duration::from_millis(300),
-        "failover took {failover:?}"
-    );
+    // No wall-clock bound (the wait above fails the test after 5 s): the order of the log's
+    // events is asserted at the end.
+    println!("failover {failover:?} after the link went down (checks every 250 ms, fall 2)");
     sleep(Duration::from_secs(1));
     lab.exec(Host::Backend(1), &["ip", "link", "set", "eth0", "up"])
         .unwrap();
@@ -308,15 +352,31 @@ fn hl7_failover_resets_the_sender_and_the_standby_acks_then_failback_only_when_a
     assert_eq!(seq, ["hl7a", "hl7b", "hl7a"], "{r}");
     assert_eq!(r["timeouts"], 0, "a sender was left hanging: {r}");
     assert!(r["resets"].as_u64().unwrap() >= 2, "{r}");
-    assert!(r["max_gap_ms"].as_u64().unwrap() < 2500, "{r}");
+    // The longest gap between ACKs is printed, not bounded: `timeouts == 0` says no message
+    // waited longer than the sender's ACK timeout.
+    println!("longest gap between ACKs: {} ms", r["max_gap_ms"]);
     assert!(r["errors"].as_array().unwrap().is_empty(), "{r}");
     // Patient data never reaches a log.
     bal.stop().unwrap();
+    let logs = bal.logs();
     assert!(
-        !bal.logs().contains("ZZTESTPATIENT"),
+        !logs.contains("ZZTESTPATIENT"),
         "marker in the balancer's log"
     );
-    assert!(bal.logs().contains("failover: new active backend"));
+    // Order: hl7a's health change to down, then the failover to hl7b it caused.
+    let lines: Vec<&str> = logs.lines().collect();
+    let hl7a_down = lines.iter().position(|l| {
+        l.contains("backend health changed")
+            && l.contains("10.77.0.11:6661")
+            && l.contains("new=Down")
+    });
+    let to_hl7b = lines.iter().position(|l| {
+        l.contains("failover: new active backend") && l.contains("to=10.77.0.12:6661")
+    });
+    match (hl7a_down, to_hl7b) {
+        (Some(d), Some(f)) => assert!(d < f, "failover before the health change:\n{logs}"),
+        _ => panic!("no health change of hl7a or no failover to hl7b in the log:\n{logs}"),
+    }
 }
 
 #[test]

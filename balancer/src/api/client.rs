@@ -2,7 +2,6 @@
 
 use std::{fmt::Write as _, io::ErrorKind, path::Path, time::Duration};
 
-use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use http::{Method, Request as HttpRequest, header};
 use http_body_util::{BodyExt as _, Empty, Limited};
@@ -10,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
+use crate::api::Error;
 use crate::api::protocol::Status;
 use crate::api::table::status_table;
 use crate::control::operator::{BgpVerb, Verb};
@@ -62,40 +62,28 @@ pub fn backend_uri(service: &str, backend: &str, verb: Verb) -> String {
 
 /// Calls the control API on `path`: the reply's JSON on success, the daemon's `error`
 /// message as the error otherwise.
-pub async fn call(path: &Path, method: Method, uri: &str) -> anyhow::Result<Value> {
+pub async fn call(path: &Path, method: Method, uri: &str) -> crate::api::Result<Value> {
     tokio::time::timeout(CLIENT_TIMEOUT, call_inner(path, method, uri))
         .await
-        .map_err(|_| {
-            anyhow!(
-                "no answer from the control socket {} within {CLIENT_TIMEOUT:?}",
-                path.display()
-            )
+        .map_err(|_| Error::Timeout {
+            socket: path.to_path_buf(),
+            after: CLIENT_TIMEOUT,
         })?
 }
 
-async fn call_inner(path: &Path, method: Method, uri: &str) -> anyhow::Result<Value> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| match e.kind() {
-            ErrorKind::NotFound => anyhow!(
-                "is balancer running? no control socket at {}",
-                path.display()
-            ),
-            ErrorKind::ConnectionRefused => {
-                anyhow!(
-                    "is balancer running? the control socket {} refuses connections",
-                    path.display()
-                )
-            }
-            ErrorKind::PermissionDenied => anyhow!(
-                "permission denied on {}: the control socket is root only",
-                path.display()
-            ),
-            _ => anyhow!("connecting to {}: {e}", path.display()),
-        })?;
+async fn call_inner(path: &Path, method: Method, uri: &str) -> crate::api::Result<Value> {
+    let stream = UnixStream::connect(path).await.map_err(|e| {
+        let socket = path.to_path_buf();
+        match e.kind() {
+            ErrorKind::NotFound => Error::NoSocket { socket },
+            ErrorKind::ConnectionRefused => Error::SocketRefused { socket },
+            ErrorKind::PermissionDenied => Error::PermissionDenied { socket },
+            _ => Error::Connect { socket, source: e },
+        }
+    })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .context("control socket handshake")?;
+        .map_err(Error::Handshake)?;
     let conn = tokio::spawn(conn);
     let req = HttpRequest::builder()
         .method(method)
@@ -103,27 +91,23 @@ async fn call_inner(path: &Path, method: Method, uri: &str) -> anyhow::Result<Va
         .header(header::HOST, "balancer")
         .header(header::ACCEPT, "application/json")
         .body(Empty::<Bytes>::new())
-        .context("building the request")?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("sending the request")?;
+        .map_err(Error::BuildRequest)?;
+    let resp = sender.send_request(req).await.map_err(Error::SendRequest)?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
         .collect()
         .await
-        .map_err(|e| anyhow!("reading the reply: {e}"))?
+        .map_err(Error::ReadReply)?
         .to_bytes();
     conn.abort();
-    let value: Value = serde_json::from_slice(&body).with_context(|| {
-        format!("the control socket answered {status} with a body that is not JSON")
-    })?;
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|source| Error::NotJson { status, source })?;
     if status.is_success() {
         Ok(value)
     } else {
         match value.get("error").and_then(Value::as_str) {
-            Some(e) => bail!("{e}"),
-            None => bail!("the control socket answered {status}"),
+            Some(e) => Err(Error::Refused(e.to_string())),
+            None => Err(Error::Status(status)),
         }
     }
 }
@@ -175,14 +159,16 @@ impl Command {
 
 /// Runs a verb against the daemon and returns what to print: the status table (or JSON),
 /// or the daemon's message. The error is the daemon's refusal, or why it could not be asked.
-pub async fn command(socket: &Path, cmd: &Command) -> anyhow::Result<String> {
+pub async fn command(socket: &Path, cmd: &Command) -> crate::api::Result<String> {
     let (method, uri) = cmd.request();
     let v = call(socket, method, &uri).await?;
     Ok(match cmd {
-        Command::Status { json: true } => format!("{}\n", serde_json::to_string_pretty(&v)?),
+        Command::Status { json: true } => format!(
+            "{}\n",
+            serde_json::to_string_pretty(&v).map_err(Error::FormatJson)?
+        ),
         Command::Status { json: false } => {
-            let s: Status =
-                serde_json::from_value(v).context("the daemon's status has an unexpected shape")?;
+            let s: Status = serde_json::from_value(v).map_err(Error::StatusShape)?;
             status_table(&s)
         }
         _ => match v.get("message").and_then(Value::as_str) {
@@ -198,7 +184,7 @@ pub fn cli(socket: &Path, cmd: &Command) -> i32 {
     let out = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the runtime")
+        .map_err(Error::Runtime)
         .and_then(|rt| rt.block_on(command(socket, cmd)));
     match out {
         Ok(text) => {
@@ -206,7 +192,7 @@ pub fn cli(socket: &Path, cmd: &Command) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("balancer: {e:#}");
+            eprintln!("balancer: {}", crate::api::chain(&e));
             1
         }
     }

@@ -39,7 +39,6 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request as HttpRequest, Response, StatusCode, header};
 use http_body_util::Full;
@@ -838,16 +837,16 @@ fn register_ha(reg: &mut Registry, ha: &crate::api::protocol::HaStatus) {
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `GET /metrics` on `addr` until the listener fails; everything else is 404.
-pub async fn serve(addr: SocketAddr, tx: mpsc::Sender<Message>) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding metrics on {addr}"))?;
+        .map_err(|source| crate::api::Error::BindMetrics { addr, source })?;
     info!(addr = %listener.local_addr().unwrap_or(addr), "metrics listening");
     serve_on(listener, tx).await
 }
 
 /// Serves metrics on an already bound listener (tests bind port 0 first).
-pub async fn serve_on(listener: TcpListener, tx: mpsc::Sender<Message>) -> anyhow::Result<()> {
+pub async fn serve_on(listener: TcpListener, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,

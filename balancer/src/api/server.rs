@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request as HttpRequest, Response, StatusCode, header};
 use http_body_util::Full;
@@ -18,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::mpsc};
 use tracing::{debug, info, warn};
 
+use crate::api::Error;
 use crate::api::client::percent_decode;
 use crate::api::protocol::{AskError, Message, Request, ask};
 use crate::control::operator::{BgpVerb, Verb};
@@ -33,7 +33,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// restricts the socket to its owner (mode 0600, owner root when running as root). Every
 /// connection's peer credentials are checked as well: only uid 0 is served, anyone else
 /// gets 403.
-pub async fn serve(path: &Path, tx: mpsc::Sender<Message>) -> anyhow::Result<()> {
+pub async fn serve(path: &Path, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
     let listener = bind(path)?;
     info!(socket = %path.display(), "control socket listening");
     loop {
@@ -45,7 +45,7 @@ pub async fn serve(path: &Path, tx: mpsc::Sender<Message>) -> anyhow::Result<()>
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            Err(e) => return Err(e).context("control socket accept"),
+            Err(e) => return Err(Error::Accept(e)),
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
         if uid != Some(0) {
@@ -81,7 +81,8 @@ fn is_transient(e: &std::io::Error) -> bool {
 }
 
 /// Prepares the directory, removes a stale socket, binds and restricts the socket.
-pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> crate::api::Result<UnixListener> {
+    let owned = || path.to_path_buf();
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -90,34 +91,52 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+            .map_err(|source| Error::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             // A socket someone still answers on is another daemon's: do not steal it.
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!("{} is in use: is another balancer running?", path.display());
+                return Err(Error::InUse { path: owned() });
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale {}", path.display()))?;
+            std::fs::remove_file(path).map_err(|source| Error::RemoveStale {
+                path: owned(),
+                source,
+            })?;
         }
-        Ok(_) => bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
+        Ok(_) => return Err(Error::NotASocket { path: owned() }),
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+        Err(source) => {
+            return Err(Error::Inspect {
+                path: owned(),
+                source,
+            });
+        }
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
+        path: owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        Error::Chmod {
+            path: owned(),
+            source,
+        }
+    })?;
     // Created by root it is root's already: chown only otherwise (the unit's syscall filter
     // and capability set leave no chown to a root daemon that does not need one).
-    let meta = std::fs::metadata(path).with_context(|| format!("inspecting {}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|source| Error::Inspect {
+        path: owned(),
+        source,
+    })?;
     if nix::unistd::geteuid().is_root() && (meta.uid() != 0 || meta.gid() != 0) {
-        std::os::unix::fs::chown(path, Some(0), Some(0))
-            .with_context(|| format!("chown root {}", path.display()))?;
+        std::os::unix::fs::chown(path, Some(0), Some(0)).map_err(|source| Error::Chown {
+            path: owned(),
+            source,
+        })?;
     }
     Ok(listener)
 }

@@ -134,7 +134,7 @@ impl Vips for InterfaceVips {
         let Some(i) = self.interfaces.first() else {
             return Ok(false);
         };
-        let err = |e: anyhow::Error| VipError {
+        let err = |e: crate::host::Error| VipError {
             op: "adding",
             ip,
             source: e.into(),

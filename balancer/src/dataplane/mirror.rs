@@ -9,11 +9,10 @@ use std::{
     os::fd::{AsRawFd, RawFd},
 };
 
-use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, RingBuf};
 use balancer_common::{Flow, FlowKey, MirrorCounters, MirrorEvent};
 
-use super::Dataplane;
+use super::{Dataplane, Error, Result};
 
 /// The consumer end of the mirror ring buffer. Readable (poll / `AsyncFd`) when events wait.
 pub struct MirrorReader {
@@ -46,7 +45,7 @@ impl AsRawFd for MirrorReader {
 
 impl Dataplane {
     /// Turns the program's mirror events on or off (the other globals are kept).
-    pub fn set_mirror(&mut self, on: bool) -> anyhow::Result<()> {
+    pub fn set_mirror(&mut self, on: bool) -> Result<()> {
         let mut g = self.globals()?;
         g.mirror = u32::from(on);
         self.set_globals(g)
@@ -65,26 +64,26 @@ impl Dataplane {
     }
 
     /// The consumer of the mirror ring buffer (once: a second call fails).
-    pub fn mirror_reader(&mut self) -> anyhow::Result<MirrorReader> {
-        let map = self
-            .mirror
-            .take()
-            .ok_or_else(|| anyhow!("the mirror ring buffer is already taken"))?;
-        let ring = RingBuf::try_from(map).context("opening the mirror ring buffer")?;
+    pub fn mirror_reader(&mut self) -> Result<MirrorReader> {
+        let map = self.mirror.take().ok_or(Error::MirrorTaken)?;
+        let ring = RingBuf::try_from(map).map_err(|source| Error::Map {
+            what: "opening the mirror ring buffer",
+            source,
+        })?;
         Ok(MirrorReader { ring })
     }
 
     /// Writes flow entries (`BPF_ANY`: the mirror is authoritative over what is there) and
     /// returns how many were written. Stops at the first refused write.
-    pub fn install_flows(&mut self, entries: &[(FlowKey, Flow)]) -> anyhow::Result<usize> {
+    pub fn install_flows(&mut self, entries: &[(FlowKey, Flow)]) -> Result<usize> {
         for (i, (k, f)) in entries.iter().enumerate() {
-            self.flows.insert(k, f, 0).with_context(|| {
-                format!(
-                    "installing flow entry {} of {} (the ones before are written)",
-                    i + 1,
-                    entries.len()
-                )
-            })?;
+            self.flows
+                .insert(k, f, 0)
+                .map_err(|source| Error::InstallFlow {
+                    index: i + 1,
+                    total: entries.len(),
+                    source,
+                })?;
         }
         Ok(entries.len())
     }

@@ -12,13 +12,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    pin::PinError,
     programs::{
-        Xdp,
-        links::{FdLink, PinnedLink},
+        ProgramError, Xdp,
+        links::{FdLink, LinkError, PinnedLink},
         xdp::{XdpLink, XdpMode},
     },
 };
@@ -36,6 +36,207 @@ pub mod counters;
 pub mod maglev;
 pub mod mirror;
 
+/// What failed while loading, attaching, pinning or accessing the dataplane. The messages
+/// name the step; the cause is the [`std::error::Error::source`] (print the whole chain,
+/// e.g. with [`crate::api::chain`], to see both).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// bpffs could not be mounted on /sys/fs/bpf.
+    #[error("mounting bpffs on /sys/fs/bpf")]
+    MountBpffs(#[source] nix::Error),
+    /// The pin directory could not be created.
+    #[error("creating {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pin directory is not on a bpf filesystem.
+    #[error("{} is not on a bpf filesystem", path.display())]
+    NotBpffs {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The pin directory could not be listed.
+    #[error("reading pin dir {}", path.display())]
+    ReadPinDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eBPF object (`what`: the XDP or the pass object) could not be loaded.
+    #[error("loading the {what} object")]
+    LoadObject {
+        /// Which object.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: EbpfError,
+    },
+    /// The object has no program of that name.
+    #[error("program {0} missing from the object")]
+    ProgramMissing(&'static str),
+    /// `Dataplane::open_pinned` has maps only: there is no program to run or attach.
+    #[error("no program loaded")]
+    NoProgram,
+    /// The kernel's verifier refused the XDP program.
+    #[error("the kernel refused the XDP program ({io_error}); verifier log:\n{verifier_log}")]
+    Verifier {
+        /// The error of the load syscall.
+        io_error: std::io::Error,
+        /// The verifier's log.
+        verifier_log: String,
+    },
+    /// A step on a program (loading, attaching, taking its link; `what` names it) failed.
+    #[error("{what}")]
+    Program {
+        /// The step.
+        what: String,
+        /// Why.
+        #[source]
+        source: ProgramError,
+    },
+    /// A step on an XDP link (opening the pinned one, converting it; `what` names it) failed.
+    #[error("{what}")]
+    Link {
+        /// The step.
+        what: String,
+        /// Why.
+        #[source]
+        source: LinkError,
+    },
+    /// A link could not be pinned.
+    #[error("pinning {}", path.display())]
+    PinLink {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: PinError,
+    },
+    /// The object has no map of that name.
+    #[error("map {0} missing from the object")]
+    MapMissing(String),
+    /// A map is not of the type this controller expects.
+    #[error("map {name} has an unexpected type")]
+    MapType {
+        /// The map.
+        name: String,
+        /// The conversion's error, when there was one.
+        #[source]
+        source: Option<MapError>,
+    },
+    /// `open_pinned` found no pinned dataplane.
+    #[error("no dataplane pinned at {}", dir.display())]
+    NotPinned {
+        /// The pin directory.
+        dir: PathBuf,
+    },
+    /// `open_pinned` found a dataplane of another ABI or flow-table size.
+    #[error("pinned dataplane at {} is of another version: {why}", dir.display())]
+    PinnedMismatch {
+        /// The pin directory.
+        dir: PathBuf,
+        /// What differs.
+        why: String,
+    },
+    /// A pinned map could not be opened.
+    #[error("opening pinned map {name}")]
+    OpenPinned {
+        /// The map.
+        name: String,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// A map read or write (`what` names it: "writing globals", …) failed.
+    #[error("{what}")]
+    Map {
+        /// The access.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// One of a batch of mirrored flow entries was refused.
+    #[error("installing flow entry {index} of {total} (the ones before are written)")]
+    InstallFlow {
+        /// Its position, from 1.
+        index: usize,
+        /// The batch's size.
+        total: usize,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// The mirror ring buffer was taken by an earlier `mirror_reader`.
+    #[error("the mirror ring buffer is already taken")]
+    MirrorTaken,
+    /// A ring does not fit the ring array.
+    #[error("ring out of range (service {id}, half {half}, {len} slots)")]
+    RingOutOfRange {
+        /// The service id.
+        id: u32,
+        /// The half.
+        half: u32,
+        /// The ring's size.
+        len: usize,
+    },
+    /// The ring array could not be mapped.
+    #[error("mmap of the ring map")]
+    MmapRings(#[source] std::io::Error),
+    /// The number of CPUs (for per-CPU values) could not be read.
+    #[error("reading the number of possible CPUs ({what})")]
+    NrCpus {
+        /// The file or step aya names.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host look-up (the interface's index) failed.
+    #[error(transparent)]
+    Host(#[from] crate::host::Error),
+}
+
+/// A dataplane result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> Error {
+    let what = what.into();
+    move |source| Error::Program { what, source }
+}
+
+fn link_err(what: impl Into<String>) -> impl FnOnce(LinkError) -> Error {
+    let what = what.into();
+    move |source| Error::Link { what, source }
+}
+
+fn map_err(what: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { what, source }
+}
+
+fn map_type(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
+    move |source| Error::MapType {
+        name: name.to_string(),
+        source: Some(source),
+    }
+}
+
+fn zeroed_per_cpu() -> Result<aya::maps::PerCpuValues<Counters>> {
+    let n = aya::util::nr_cpus().map_err(|(what, source)| Error::NrCpus { what, source })?;
+    aya::maps::PerCpuValues::try_from(vec![Counters::default(); n]).map_err(|source| {
+        Error::NrCpus {
+            what: "a value per CPU",
+            source,
+        }
+    })
+}
+
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
 
@@ -44,25 +245,34 @@ pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Attaches the bare pass program to `interface` in driver mode and pins its link at `pin`
 /// (the peer of a veth the balancer transmits into needs an XDP program to receive frames).
-pub fn attach_pass(interface: &str, pin: &Path) -> anyhow::Result<()> {
+pub fn attach_pass(interface: &str, pin: &Path) -> Result<()> {
     if let Some(dir) = pin.parent() {
         ensure_bpffs(dir)?;
     }
     if pin.exists() {
         return Ok(());
     }
-    let mut ebpf = Ebpf::load(PASS_OBJECT).context("loading the pass object")?;
+    let mut ebpf = Ebpf::load(PASS_OBJECT).map_err(|source| Error::LoadObject {
+        what: "pass",
+        source,
+    })?;
     let prog: &mut Xdp = ebpf
         .program_mut("pass")
-        .ok_or_else(|| anyhow!("pass missing"))?
-        .try_into()?;
-    prog.load()?;
+        .ok_or(Error::ProgramMissing("pass"))?
+        .try_into()
+        .map_err(prog_err("pass is not an XDP program"))?;
+    prog.load().map_err(prog_err("loading the pass program"))?;
     let id = prog
         .attach(interface, XdpMode::Driver)
-        .with_context(|| format!("attaching pass to {interface}"))?;
-    let link = FdLink::try_from(prog.take_link(id)?).context("pass link")?;
-    link.pin(pin)
-        .with_context(|| format!("pinning {}", pin.display()))?;
+        .map_err(prog_err(format!("attaching pass to {interface}")))?;
+    let link = prog
+        .take_link(id)
+        .map_err(prog_err("taking the pass link"))?;
+    let link = FdLink::try_from(link).map_err(link_err("pass link"))?;
+    link.pin(pin).map_err(|source| Error::PinLink {
+        path: pin.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -112,18 +322,15 @@ pub struct Dataplane {
     pub adopted: bool,
 }
 
-fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
-where
-    <T as TryFrom<Map>>::Error: std::error::Error + Send + Sync + 'static,
-{
+fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
     let map = ebpf
         .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+        .ok_or_else(|| Error::MapMissing(name.to_string()))?;
+    T::try_from(map).map_err(map_type(name))
 }
 
 /// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf when nothing is there.
-fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let root = Path::new("/sys/fs/bpf");
     let is_bpffs = |p: &Path| {
@@ -140,12 +347,17 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .context("mounting bpffs on /sys/fs/bpf")?;
+        .map_err(Error::MountBpffs)?;
         info!("mounted bpffs on /sys/fs/bpf");
     }
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     if !is_bpffs(dir) {
-        bail!("{} is not on a bpf filesystem", dir.display());
+        return Err(Error::NotBpffs {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -185,7 +397,7 @@ fn pinned_mismatch(dir: &Path, flow_entries: u32) -> Option<String> {
 }
 
 /// Removes every pinned object under `dir` (links first, which detaches the program).
-pub fn remove_pins(dir: &Path) -> anyhow::Result<()> {
+pub fn remove_pins(dir: &Path) -> Result<()> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(());
     };
@@ -202,7 +414,11 @@ pub fn remove_pins(dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    for e in fs::read_dir(dir).context("reading pin dir")?.flatten() {
+    let entries = fs::read_dir(dir).map_err(|source| Error::ReadPinDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in entries.flatten() {
         let _ = fs::remove_file(e.path());
     }
     let _ = fs::remove_dir(dir);
@@ -211,7 +427,7 @@ pub fn remove_pins(dir: &Path) -> anyhow::Result<()> {
 
 impl Dataplane {
     /// Loads the program, adopting pinned maps when their layout matches.
-    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
         let mut adopted = false;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.flow_entries);
@@ -232,30 +448,37 @@ impl Dataplane {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).context("loading the XDP object")?;
+        let mut ebpf = loader.load(OBJECT).map_err(|source| Error::LoadObject {
+            what: "XDP",
+            source,
+        })?;
         {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
-                .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
-                .try_into()?;
+                .ok_or(Error::ProgramMissing(PROGRAM_NAME))?
+                .try_into()
+                .map_err(prog_err(format!("{PROGRAM_NAME} is not an XDP program")))?;
             if let Err(e) = prog.load() {
-                if let aya::programs::ProgramError::LoadError {
-                    io_error,
-                    verifier_log,
-                } = &e
-                {
-                    bail!(
-                        "the kernel refused the XDP program ({io_error}); verifier log:\n{verifier_log}"
-                    );
-                }
-                return Err(e).context("loading the XDP program");
+                return Err(match e {
+                    ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    } => Error::Verifier {
+                        io_error,
+                        verifier_log: verifier_log.to_string(),
+                    },
+                    e => prog_err("loading the XDP program")(e),
+                });
             }
         }
         let rings_map = ebpf
             .take_map(MAP_RINGS)
-            .ok_or_else(|| anyhow!("ring map missing"))?;
+            .ok_or_else(|| Error::MapMissing(MAP_RINGS.to_string()))?;
         let Map::Array(rings_data) = &rings_map else {
-            bail!("ring map has an unexpected type")
+            return Err(Error::MapType {
+                name: MAP_RINGS.to_string(),
+                source: None,
+            });
         };
         let rings = map_rings(rings_data.fd().as_fd().as_raw_fd())?;
         drop(rings_map);
@@ -269,7 +492,7 @@ impl Dataplane {
             globals: take(&mut ebpf, MAP_GLOBALS)?,
             mirror: Some(
                 ebpf.take_map(MAP_MIRROR)
-                    .ok_or_else(|| anyhow!("map {MAP_MIRROR} missing from the object"))?,
+                    .ok_or_else(|| Error::MapMissing(MAP_MIRROR.to_string()))?,
             ),
             mirror_stats: take(&mut ebpf, MAP_MIRROR_STATS)?,
             ifmacs: take(&mut ebpf, MAP_IFMACS)?,
@@ -288,24 +511,31 @@ impl Dataplane {
     }
 
     /// Opens the maps pinned under `dir` (no program): for `balancer counters` and status.
-    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
         if !dir.join(MAP_GLOBALS).exists() {
-            bail!("no dataplane pinned at {}", dir.display());
+            return Err(Error::NotPinned {
+                dir: dir.to_path_buf(),
+            });
         }
-        if let Some(why) = pinned_mismatch(
-            dir,
-            MapData::from_pin(dir.join(MAP_FLOWS))?
-                .info()?
-                .max_entries(),
-        ) {
-            bail!(
-                "pinned dataplane at {} is of another version: {why}",
-                dir.display()
-            );
+        let flow_entries = MapData::from_pin(dir.join(MAP_FLOWS))
+            .map_err(|source| Error::OpenPinned {
+                name: MAP_FLOWS.to_string(),
+                source,
+            })?
+            .info()
+            .map_err(map_err("reading the pinned flow table's size"))?
+            .max_entries();
+        if let Some(why) = pinned_mismatch(dir, flow_entries) {
+            return Err(Error::PinnedMismatch {
+                dir: dir.to_path_buf(),
+                why,
+            });
         }
-        let open = |n: &str| -> anyhow::Result<Map> {
-            let data = MapData::from_pin(dir.join(n))
-                .with_context(|| format!("opening pinned map {n}"))?;
+        let open = |n: &str| -> Result<Map> {
+            let data = MapData::from_pin(dir.join(n)).map_err(|source| Error::OpenPinned {
+                name: n.to_string(),
+                source,
+            })?;
             Ok(match n {
                 MAP_SERVICES | MAP_IFMACS => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
@@ -318,20 +548,26 @@ impl Dataplane {
         };
         let rings_map = open(MAP_RINGS)?;
         let Map::Array(rings_data) = &rings_map else {
-            bail!("ring map has an unexpected type")
+            return Err(Error::MapType {
+                name: MAP_RINGS.to_string(),
+                source: None,
+            });
         };
         let rings = map_rings(rings_data.fd().as_fd().as_raw_fd())?;
         Ok(Dataplane {
-            services: HashMap::try_from(open(MAP_SERVICES)?)?,
-            backends: Array::try_from(open(MAP_BACKENDS)?)?,
-            flows: HashMap::try_from(open(MAP_FLOWS)?)?,
-            svc_stats: PerCpuArray::try_from(open(MAP_SERVICE_STATS)?)?,
-            be_stats: PerCpuArray::try_from(open(MAP_BACKEND_STATS)?)?,
-            reasons: PerCpuArray::try_from(open(MAP_REASONS)?)?,
-            globals: Array::try_from(open(MAP_GLOBALS)?)?,
+            services: HashMap::try_from(open(MAP_SERVICES)?).map_err(map_type(MAP_SERVICES))?,
+            backends: Array::try_from(open(MAP_BACKENDS)?).map_err(map_type(MAP_BACKENDS))?,
+            flows: HashMap::try_from(open(MAP_FLOWS)?).map_err(map_type(MAP_FLOWS))?,
+            svc_stats: PerCpuArray::try_from(open(MAP_SERVICE_STATS)?)
+                .map_err(map_type(MAP_SERVICE_STATS))?,
+            be_stats: PerCpuArray::try_from(open(MAP_BACKEND_STATS)?)
+                .map_err(map_type(MAP_BACKEND_STATS))?,
+            reasons: PerCpuArray::try_from(open(MAP_REASONS)?).map_err(map_type(MAP_REASONS))?,
+            globals: Array::try_from(open(MAP_GLOBALS)?).map_err(map_type(MAP_GLOBALS))?,
             mirror: Some(open(MAP_MIRROR)?),
-            mirror_stats: PerCpuArray::try_from(open(MAP_MIRROR_STATS)?)?,
-            ifmacs: HashMap::try_from(open(MAP_IFMACS)?)?,
+            mirror_stats: PerCpuArray::try_from(open(MAP_MIRROR_STATS)?)
+                .map_err(map_type(MAP_MIRROR_STATS))?,
+            ifmacs: HashMap::try_from(open(MAP_IFMACS)?).map_err(map_type(MAP_IFMACS))?,
             ebpf: None,
             rings,
             pin_path: Some(dir.to_path_buf()),
@@ -340,40 +576,39 @@ impl Dataplane {
     }
 
     /// A bare XDP_PASS program from the same object, loaded, for benchmarks.
-    pub fn baseline_program(&mut self) -> anyhow::Result<&Xdp> {
-        let ebpf = self
-            .ebpf
-            .as_mut()
-            .ok_or_else(|| anyhow!("no program loaded"))?;
+    pub fn baseline_program(&mut self) -> Result<&Xdp> {
+        let ebpf = self.ebpf.as_mut().ok_or(Error::NoProgram)?;
         let prog: &mut Xdp = ebpf
             .program_mut("pass_baseline")
-            .ok_or_else(|| anyhow!("pass_baseline missing"))?
-            .try_into()?;
+            .ok_or(Error::ProgramMissing("pass_baseline"))?
+            .try_into()
+            .map_err(prog_err("pass_baseline is not an XDP program"))?;
         if prog.fd().is_err() {
-            prog.load()?;
+            prog.load()
+                .map_err(prog_err("loading the pass_baseline program"))?;
         }
         Ok(prog)
     }
 
     /// The program, for test runs.
-    pub fn program(&self) -> anyhow::Result<&Xdp> {
-        Ok(self
-            .ebpf
+    pub fn program(&self) -> Result<&Xdp> {
+        self.ebpf
             .as_ref()
-            .ok_or_else(|| anyhow!("no program loaded"))?
+            .ok_or(Error::NoProgram)?
             .program(PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program missing"))?
-            .try_into()?)
+            .ok_or(Error::ProgramMissing(PROGRAM_NAME))?
+            .try_into()
+            .map_err(prog_err(format!("{PROGRAM_NAME} is not an XDP program")))
     }
 
-    fn program_mut(&mut self) -> anyhow::Result<&mut Xdp> {
-        Ok(self
-            .ebpf
+    fn program_mut(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
             .as_mut()
-            .ok_or_else(|| anyhow!("no program loaded"))?
+            .ok_or(Error::NoProgram)?
             .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program missing"))?
-            .try_into()?)
+            .ok_or(Error::ProgramMissing(PROGRAM_NAME))?
+            .try_into()
+            .map_err(prog_err(format!("{PROGRAM_NAME} is not an XDP program")))
     }
 
     /// Attaches to `interface`: through the pinned link when there is one (atomic program
@@ -383,7 +618,7 @@ impl Dataplane {
     /// frames addressed to another MAC (a switch flooding them) instead of forwarding them.
     /// A MAC that cannot be read is logged and that interface goes unchecked (its entry is
     /// removed): the check guards against flooded frames, it is no reason to refuse a start.
-    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> anyhow::Result<()> {
+    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> Result<()> {
         let ifindex = crate::host::net::ifindex(interface)?;
         match crate::host::net::interface_mac(interface) {
             Ok(mac) => {
@@ -402,15 +637,19 @@ impl Dataplane {
         if let Some(lp) = &link_pin
             && lp.exists()
         {
-            let pinned = PinnedLink::from_pin(lp).context("opening the pinned XDP link")?;
+            let pinned =
+                PinnedLink::from_pin(lp).map_err(link_err("opening the pinned XDP link"))?;
             let fd_link: FdLink = pinned.into();
-            let xdp_link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
+            let xdp_link =
+                XdpLink::try_from(fd_link).map_err(link_err("pinned link is not an XDP link"))?;
             let prog = self.program_mut()?;
             let id = prog
                 .attach_to_link(xdp_link)
-                .context("swapping the program into the pinned link")?;
+                .map_err(prog_err("swapping the program into the pinned link"))?;
             // The pin keeps the link; forget our handle so dropping it detaches nothing.
-            let link = prog.take_link(id)?;
+            let link = prog
+                .take_link(id)
+                .map_err(prog_err("taking the XDP link"))?;
             std::mem::forget(link);
             info!(
                 interface,
@@ -422,10 +661,10 @@ impl Dataplane {
         let prog = self.program_mut()?;
         let id = match mode {
             config::XdpMode::Driver => {
-                try_mode(prog, XdpMode::Driver).context("attaching in driver mode")?
+                try_mode(prog, XdpMode::Driver).map_err(prog_err("attaching in driver mode"))?
             }
             config::XdpMode::Skb => {
-                try_mode(prog, XdpMode::Skb).context("attaching in skb mode")?
+                try_mode(prog, XdpMode::Skb).map_err(prog_err("attaching in skb mode"))?
             }
             config::XdpMode::Auto => match try_mode(prog, XdpMode::Driver) {
                 Ok(id) => {
@@ -434,16 +673,18 @@ impl Dataplane {
                 }
                 Err(e) => {
                     warn!(interface, error = %e, "driver-mode XDP unavailable, falling back to skb mode");
-                    try_mode(prog, XdpMode::Skb).context("attaching in skb mode")?
+                    try_mode(prog, XdpMode::Skb).map_err(prog_err("attaching in skb mode"))?
                 }
             },
         };
-        let link = prog.take_link(id)?;
+        let link = prog
+            .take_link(id)
+            .map_err(prog_err("taking the XDP link"))?;
         match (link_pin, FdLink::try_from(link)) {
             (Some(lp), Ok(fd_link)) => {
                 fd_link
                     .pin(&lp)
-                    .with_context(|| format!("pinning the link at {}", lp.display()))?;
+                    .map_err(|source| Error::PinLink { path: lp, source })?;
             }
             (None, Ok(fd_link)) => {
                 // Private dataplane (tests): keep the link alive as long as this process.
@@ -459,15 +700,15 @@ impl Dataplane {
     /// Records (`Some`) or forgets (`None`) the MAC of interface `ifindex`: the program
     /// passes a unicast frame that came in on it addressed to another MAC. Without an entry
     /// it does not look at the destination MAC.
-    pub fn set_interface_mac(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> anyhow::Result<()> {
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> Result<()> {
         match mac {
             Some(mac) => self
                 .ifmacs
                 .insert(ifindex, IfMac { mac, pad: [0; 2] }, 0)
-                .context("writing the interface MAC"),
+                .map_err(map_err("writing the interface MAC")),
             None => match self.ifmacs.remove(&ifindex) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(e).context("removing the interface MAC"),
+                Err(e) => Err(map_err("removing the interface MAC")(e)),
             },
         }
     }
@@ -482,27 +723,29 @@ impl Dataplane {
     }
 
     /// Writes the globals.
-    pub fn set_globals(&mut self, g: Globals) -> anyhow::Result<()> {
-        self.globals.set(0, g, 0).context("writing globals")
+    pub fn set_globals(&mut self, g: Globals) -> Result<()> {
+        self.globals
+            .set(0, g, 0)
+            .map_err(map_err("writing globals"))
     }
 
     /// Reads the globals.
-    pub fn globals(&self) -> anyhow::Result<Globals> {
-        self.globals.get(&0, 0).context("reading globals")
+    pub fn globals(&self) -> Result<Globals> {
+        self.globals.get(&0, 0).map_err(map_err("reading globals"))
     }
 
     /// Inserts or replaces a service (its `ring_half` must already hold a ring).
-    pub fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> anyhow::Result<()> {
+    pub fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<()> {
         self.services
             .insert(key, svc, 0)
-            .context("writing the service map")
+            .map_err(map_err("writing the service map"))
     }
 
     /// Removes a service: its VIP goes to the kernel again.
-    pub fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).context("removing a service"),
+            Err(e) => Err(map_err("removing a service")(e)),
         }
     }
 
@@ -512,10 +755,10 @@ impl Dataplane {
     }
 
     /// Writes a backend slot.
-    pub fn put_backend(&mut self, idx: u32, be: &Backend) -> anyhow::Result<()> {
+    pub fn put_backend(&mut self, idx: u32, be: &Backend) -> Result<()> {
         self.backends
             .set(idx, be, 0)
-            .context("writing the backend array")
+            .map_err(map_err("writing the backend array"))
     }
 
     /// Every backend slot that is in use.
@@ -527,13 +770,18 @@ impl Dataplane {
     }
 
     /// Copies a ring into half `half` of service `id` (not live until the service flips).
-    pub fn write_ring(&mut self, id: u32, half: u32, table: &[u32]) -> anyhow::Result<()> {
+    pub fn write_ring(&mut self, id: u32, half: u32, table: &[u32]) -> Result<()> {
+        let out_of_range = Error::RingOutOfRange {
+            id,
+            half,
+            len: table.len(),
+        };
         if id >= MAX_SERVICES || half > 1 || table.len() > RING_MAX as usize {
-            bail!("ring out of range");
+            return Err(out_of_range);
         }
         let start = ring_index(id, half, 0) as usize;
         if start + table.len() > self.rings.len {
-            bail!("ring out of range");
+            return Err(out_of_range);
         }
         // SAFETY: bounds checked above; the kernel only reads this half (it is not live).
         unsafe {
@@ -570,21 +818,19 @@ impl Dataplane {
     }
 
     /// Zeroes a backend's counters (when its slot is given to another backend).
-    pub fn reset_backend_counters(&mut self, idx: u32) -> anyhow::Result<()> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])?;
+    pub fn reset_backend_counters(&mut self, idx: u32) -> Result<()> {
+        let zero = zeroed_per_cpu()?;
         self.be_stats
             .set(idx, zero, 0)
-            .context("resetting backend counters")
+            .map_err(map_err("resetting backend counters"))
     }
 
     /// Zeroes a service's counters (when its id is given to another service).
-    pub fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])?;
+    pub fn reset_service_counters(&mut self, id: u32) -> Result<()> {
+        let zero = zeroed_per_cpu()?;
         self.svc_stats
             .set(id, zero, 0)
-            .context("resetting service counters")
+            .map_err(map_err("resetting service counters"))
     }
 
     /// Summed per-CPU reason counters.
@@ -613,15 +859,17 @@ impl Dataplane {
     }
 
     /// Removes one flow-table entry (a mirrored delete; tests: one half of a flow lost).
-    pub fn remove_flow(&mut self, key: &FlowKey) -> anyhow::Result<()> {
-        self.flows.remove(key)?;
-        Ok(())
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        self.flows
+            .remove(key)
+            .map_err(map_err("removing a flow entry"))
     }
 
     /// Writes one flow-table entry (tests: a port held by another flow).
-    pub fn put_flow(&mut self, key: &FlowKey, flow: &Flow) -> anyhow::Result<()> {
-        self.flows.insert(key, flow, 0)?;
-        Ok(())
+    pub fn put_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        self.flows
+            .insert(key, flow, 0)
+            .map_err(map_err("writing a flow entry"))
     }
 
     /// One expiry pass over the flow table (the daemon runs [`crate::control::flow_expiry::Collector`]).
@@ -642,7 +890,7 @@ fn fmt_mac(m: &[u8; 6]) -> String {
     )
 }
 
-fn map_rings(fd: i32) -> anyhow::Result<Rings> {
+fn map_rings(fd: i32) -> Result<Rings> {
     // The kernel stores array values in 8-byte strides: the ring array's values are pairs of
     // slots, so the mapping is one flat run of u32 slots.
     let len = RING_WORDS as usize;
@@ -658,7 +906,7 @@ fn map_rings(fd: i32) -> anyhow::Result<Rings> {
         )
     };
     if ptr == libc::MAP_FAILED {
-        bail!("mmap of the ring map: {}", std::io::Error::last_os_error());
+        return Err(Error::MmapRings(std::io::Error::last_os_error()));
     }
     Ok(Rings {
         ptr: ptr.cast(),

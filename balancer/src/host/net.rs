@@ -6,8 +6,9 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, bail};
 use balancer_common::Addr;
+
+use super::Error;
 
 /// The 16-byte form of an address: IPv6 as is, IPv4 as v4-mapped.
 pub fn addr16(ip: IpAddr) -> Addr {
@@ -27,8 +28,8 @@ pub fn ip_of(a: &Addr) -> IpAddr {
 }
 
 /// The first address of `family` on `interface` (IPv6: global scope, not link-local).
-pub fn interface_address(interface: &str, v6: bool) -> anyhow::Result<Option<IpAddr>> {
-    let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+pub fn interface_address(interface: &str, v6: bool) -> Result<Option<IpAddr>, Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(Error::Getifaddrs)?;
     for a in addrs {
         if a.interface_name != interface {
             continue;
@@ -49,8 +50,8 @@ pub fn interface_address(interface: &str, v6: bool) -> anyhow::Result<Option<IpA
 }
 
 /// True when `ip` is configured on `interface`.
-pub fn has_address(interface: &str, ip: IpAddr) -> anyhow::Result<bool> {
-    let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+pub fn has_address(interface: &str, ip: IpAddr) -> Result<bool, Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(Error::Getifaddrs)?;
     for a in addrs {
         if a.interface_name != interface {
             continue;
@@ -67,23 +68,22 @@ pub fn has_address(interface: &str, ip: IpAddr) -> anyhow::Result<bool> {
     Ok(false)
 }
 
-fn ip_cmd(args: &[&str]) -> anyhow::Result<()> {
+fn ip_cmd(args: &[&str]) -> Result<(), Error> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .context("running ip (iproute2)")?;
+        .map_err(Error::IpSpawn)?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(Error::IpFailed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
 
 /// Puts a VIP on the interface (as a host address) so the kernel answers ARP / ND for it.
-pub fn add_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
+pub fn add_vip(interface: &str, ip: IpAddr) -> Result<(), Error> {
     if has_address(interface, ip)? {
         return Ok(());
     }
@@ -102,7 +102,7 @@ pub fn add_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
 }
 
 /// Takes a VIP off the interface.
-pub fn remove_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
+pub fn remove_vip(interface: &str, ip: IpAddr) -> Result<(), Error> {
     if !has_address(interface, ip)? {
         return Ok(());
     }
@@ -110,13 +110,15 @@ pub fn remove_vip(interface: &str, ip: IpAddr) -> anyhow::Result<()> {
     ip_cmd(&["addr", "del", &format!("{ip}/{prefix}"), "dev", interface])
 }
 
-fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
-    let cur = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+fn write_sysctl(path: &str, value: &str) -> Result<(), Error> {
+    let cur = std::fs::read_to_string(path).map_err(|source| Error::ReadSysctl {
+        path: path.to_string(),
+        source,
+    })?;
     if cur.trim() != value {
-        std::fs::write(path, value).with_context(|| {
-            format!(
-                "writing {path}: the XDP FIB lookup needs forwarding on; under the hardened unit /proc/sys is read-only, so install packaging/99-balancer.conf in /etc/sysctl.d"
-            )
+        std::fs::write(path, value).map_err(|source| Error::WriteSysctl {
+            path: path.to_string(),
+            source,
         })?;
         tracing::info!(sysctl = path, value, "sysctl set");
     }
@@ -125,7 +127,7 @@ fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
 
 /// The XDP FIB lookup refuses to answer for an interface that does not forward: turn
 /// forwarding on for the attached interface (both families).
-pub fn enable_forwarding(interface: &str) -> anyhow::Result<()> {
+pub fn enable_forwarding(interface: &str) -> Result<(), Error> {
     write_sysctl(
         &format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"),
         "1",
@@ -138,13 +140,13 @@ pub fn enable_forwarding(interface: &str) -> anyhow::Result<()> {
 }
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
-pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
+pub fn ephemeral_ports() -> Result<(u16, u16), Error> {
     let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .context("reading ip_local_port_range")?;
+        .map_err(Error::ReadPortRange)?;
     let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
     match (it.next(), it.next()) {
         (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
-        _ => bail!("cannot parse ip_local_port_range '{}'", s.trim()),
+        _ => Err(Error::ParsePortRange(s.trim().to_string())),
     }
 }
 
@@ -233,8 +235,11 @@ pub fn interface_mac(interface: &str) -> Result<[u8; 6], MacError> {
 }
 
 /// Interface index by name (in this network namespace).
-pub fn ifindex(interface: &str) -> anyhow::Result<u32> {
-    nix::net::if_::if_nametoindex(interface).with_context(|| format!("no interface '{interface}'"))
+pub fn ifindex(interface: &str) -> Result<u32, Error> {
+    nix::net::if_::if_nametoindex(interface).map_err(|source| Error::NoInterface {
+        interface: interface.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
