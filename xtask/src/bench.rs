@@ -191,6 +191,26 @@ fn metrics_call(ns: &str, addr: &str) -> Result<std::time::Duration> {
     }
 }
 
+/// Calls `f` every 5 ms on a thread of its own until `stop` (at most 120 s): how many calls
+/// and the slowest.
+fn poll_worst(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut f: impl FnMut() -> Result<std::time::Duration> + Send + 'static,
+) -> std::thread::JoinHandle<Result<(usize, std::time::Duration)>> {
+    std::thread::spawn(move || {
+        let mut n = 0;
+        let mut worst = std::time::Duration::ZERO;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < until
+        {
+            worst = worst.max(f()?);
+            n += 1;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok((n, worst))
+    })
+}
+
 /// Status answers while the daemon reloads a big config (60 services of 60 backends, full
 /// Maglev rings): the slowest status answer and the slowest metrics scrape beside the
 /// reload's own duration (what an answer that queued behind the reload would take).
@@ -232,38 +252,12 @@ fn bench_status_during_reload() -> Result<()> {
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let stop = stop.clone();
         let socket = socket.clone();
-        std::thread::spawn(move || -> Result<(usize, std::time::Duration)> {
-            let mut n = 0;
-            let mut worst = std::time::Duration::ZERO;
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && std::time::Instant::now() < until
-            {
-                worst = worst.max(status_call(&socket)?);
-                n += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Ok((n, worst))
-        })
+        poll_worst(stop.clone(), move || status_call(&socket))
     };
     let scraper = {
-        let stop = stop.clone();
         let ns = lab.ns(Host::Lb);
-        std::thread::spawn(move || -> Result<(usize, std::time::Duration)> {
-            let mut n = 0;
-            let mut worst = std::time::Duration::ZERO;
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && std::time::Instant::now() < until
-            {
-                worst = worst.max(metrics_call(&ns, METRICS)?);
-                n += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Ok((n, worst))
-        })
+        poll_worst(stop.clone(), move || metrics_call(&ns, METRICS))
     };
     let mut reloads = Vec::new();
     for i in 0..3 {
