@@ -178,7 +178,7 @@ pub struct Update {
 }
 
 impl Update {
-    /// Names of the services added, kept and removed, for the reload's log line.
+    /// How many services are added, kept and removed, for the reload's log line.
     pub fn summary(&self) -> (usize, usize, usize) {
         let added = self.next.iter().filter(|(_, _, s)| s.is_some()).count();
         (added, self.next.len() - added, self.removed.len())

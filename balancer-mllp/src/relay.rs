@@ -83,14 +83,10 @@ impl Svc {
     /// message; `max_in_flight_bytes` and `max_senders` grow at once and shrink as held
     /// bytes and senders leave (nothing in flight is cut; the wait runs on `rt`).
     pub(crate) fn set_limits(&self, new: MllpConfig, rt: &tokio::runtime::Handle) {
-        let old = self.cfg.swap(Arc::new(new.clone()));
-        resize(
-            &self.budget,
-            old.max_in_flight_bytes,
-            new.max_in_flight_bytes,
-            rt,
-        );
-        resize(&self.senders, old.max_senders, new.max_senders, rt);
+        let (bytes, senders) = (new.max_in_flight_bytes, new.max_senders);
+        let old = self.cfg.swap(Arc::new(new));
+        resize(&self.budget, old.max_in_flight_bytes, bytes, rt);
+        resize(&self.senders, old.max_senders, senders, rt);
     }
 
     /// The scheduler's choice; a change re-arms failure reports and the NACK windows.
@@ -110,14 +106,6 @@ impl Svc {
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
             info!(service = %self.name, listener = ?listener, "mllp relay: active listener");
-        }
-    }
-
-    fn limits(&self) -> FrameLimits {
-        let cfg = self.cfg();
-        FrameLimits {
-            max_message: cfg.max_message_bytes,
-            max_before_start: cfg.max_bytes_before_start,
         }
     }
 
@@ -169,6 +157,14 @@ impl Svc {
     }
 }
 
+/// The frame limits of a service's limits.
+fn frame_limits(cfg: &MllpConfig) -> FrameLimits {
+    FrameLimits {
+        max_message: cfg.max_message_bytes,
+        max_before_start: cfg.max_bytes_before_start,
+    }
+}
+
 /// Grows a semaphore at once, or shrinks it by taking the difference as permits are
 /// given back.
 fn resize(sem: &Arc<Semaphore>, old: usize, new: usize, rt: &tokio::runtime::Handle) {
@@ -192,8 +188,8 @@ fn resize(sem: &Arc<Semaphore>, old: usize, new: usize, rt: &tokio::runtime::Han
 
 /// Resolves once the service is stopped (at once when it already is).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard is dropped here, not held across an await of the caller.
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    // The borrow guard ends with this statement, not held across the caller's awaits.
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Accepts sender connections until stopped.
@@ -257,7 +253,7 @@ async fn session(svc: &Svc, stream: TcpStream, peer: SocketAddr) -> &'static str
     let mut stop = svc.stop.subscribe();
     loop {
         let cfg = svc.cfg.load_full();
-        let limits = svc.limits();
+        let limits = frame_limits(&cfg);
         // Between messages: wait (bounded) for the next one's first byte.
         let first = tokio::select! {
             r = timeout(cfg.idle_timeout, rd.fill_buf()) => r,
@@ -444,7 +440,7 @@ async fn try_listener(
         warn!(service = %svc.name, listener = %target, control_id = %hdr.control_id, message_type = %hdr.message_type, bytes = msg.len(), attempt, "mllp relay: replaying a message not ACKed by the failed listener (possible duplicate)");
     }
     let counters: Arc<ListenerCounters> = svc.counters.listener(target);
-    let limits = svc.limits();
+    let limits = frame_limits(&cfg);
     let sent_at = Instant::now();
     let exchange = async {
         conn.io

@@ -238,8 +238,9 @@ fn bench_status_during_reload() -> Result<()> {
     let mut rest: Vec<std::time::Duration> = (0..20)
         .map(|_| status_call(&socket))
         .collect::<Result<_>>()?;
+    let lb_ns = lab.ns(Host::Lb);
     let mut rest_m: Vec<std::time::Duration> = (0..10)
-        .map(|_| metrics_call(&lab.ns(Host::Lb), METRICS))
+        .map(|_| metrics_call(&lb_ns, METRICS))
         .collect::<Result<_>>()?;
     rest.sort_unstable();
     rest_m.sort_unstable();
@@ -255,10 +256,7 @@ fn bench_status_during_reload() -> Result<()> {
         let socket = socket.clone();
         poll_worst(stop.clone(), move || status_call(&socket))
     };
-    let scraper = {
-        let ns = lab.ns(Host::Lb);
-        poll_worst(stop.clone(), move || metrics_call(&ns, METRICS))
-    };
+    let scraper = poll_worst(stop.clone(), move || metrics_call(&lb_ns, METRICS));
     let mut reloads = Vec::new();
     for i in 0..3 {
         sigint::check()?;
@@ -764,7 +762,7 @@ fn measure(path: Path, opts: &Options) -> Result<Row> {
             ((b1, IPERF_PORT).into(), (b1, ECHO_PORT).into())
         }
         Path::Balancer => {
-            _balancer = Some(lab.start_balancer(&balancer_config(&lab))?);
+            _balancer = Some(lab.start_balancer(&balancer_config(&lab, None))?);
             (vip4(IPERF_PORT), vip4(ECHO_PORT))
         }
         Path::Nftables => {
@@ -829,8 +827,12 @@ fn iperf(lab: &Lab, to: SocketAddr, seconds: u64) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
-/// The balancer's config for the bench: iperf3 to backend 1, echo over all three.
-fn balancer_config(lab: &Lab) -> String {
+/// The balancer's config for the bench: iperf3 to backend 1, echo over all backends; the
+/// flow table's size when given.
+fn balancer_config(lab: &Lab, flow_table_size: Option<u32>) -> String {
+    let table = flow_table_size
+        .map(|n| format!("flow_table_size = {n}\n"))
+        .unwrap_or_default();
     let echo: Vec<String> = lab
         .backend_hosts()
         .iter()
@@ -841,7 +843,7 @@ fn balancer_config(lab: &Lab) -> String {
         r#"[dataplane]
 interface = "eth0"
 xdp_mode = "auto"
-
+{table}
 [[service]]
 name = "echo"
 vip = "{VIP_V4}:{ECHO_PORT}"
@@ -879,13 +881,7 @@ fn bench_wide(opts: &Options) -> Result<()> {
         let _echo = lab.spawn_echo_all()?;
         lab.resolve_neighbours(Host::Lb)?;
         let _b = match path {
-            Path::Balancer => {
-                let cfg = balancer_config(&lab).replace(
-                    "xdp_mode = \"auto\"\n",
-                    "xdp_mode = \"auto\"\nflow_table_size = 1024\n",
-                );
-                Some(lab.start_balancer(&cfg)?)
-            }
+            Path::Balancer => Some(lab.start_balancer(&balancer_config(&lab, Some(1024)))?),
             _ => {
                 nft_dnat(&lab)?;
                 None
