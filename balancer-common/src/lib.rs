@@ -5,8 +5,8 @@
 //! old layout (it replaces them instead).
 #![no_std]
 
-/// Bumped whenever a map name, key, value or size below changes.
-pub const ABI_VERSION: u32 = 11;
+/// Bumped whenever a map name, key, value, size or flags below change.
+pub const ABI_VERSION: u32 = 12;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].

@@ -1,7 +1,7 @@
 //! Every map of the program, in one place. Names and layouts come from `balancer-common`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -25,8 +25,7 @@ pub static RINGS: Array<[u32; 2]> = Array::with_max_entries(RING_VALUES, BPF_F_M
 
 /// Shared (not per-CPU): a reply may arrive on another CPU than its request.
 #[map(name = "BLB_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
 #[map(name = "BLB_SVC_STATS")]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);

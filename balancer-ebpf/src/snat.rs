@@ -2,9 +2,9 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
-    Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP,
-    Flow, FlowKey, HALF_OPEN_REUSE_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service, idle_secs,
-    snat_first_port,
+    Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
+    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service,
+    idle_secs, snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -145,6 +145,30 @@ fn reusable(e: &Flow, proto: u8, now: u32) -> bool {
     limit != 0 && idle >= limit
 }
 
+/// Is the reply entry `e` at `rkey` still its flow's? True when the client's forward entry is
+/// there and uses this SNAT address and port. Leaves the forward key in `okey`.
+#[inline(always)]
+fn owned(e: &Flow, rkey: &FlowKey, okey: &mut FlowKey) -> bool {
+    okey.src = e.new_dst;
+    okey.dst = e.new_src;
+    okey.sport = e.new_dport;
+    okey.dport = e.new_sport;
+    okey.proto = rkey.proto;
+    okey.pad = [0; 3];
+    // SAFETY: read within this run; the entry is replaced or removed whole.
+    match unsafe { FLOWS.get(&*okey) } {
+        Some(f) => {
+            f.flags & FLOW_F_FORWARD != 0
+                && f.flags & FLOW_F_DSR == 0
+                && f.new_src == rkey.dst
+                && f.new_sport == rkey.dport
+                && f.new_dst == rkey.src
+                && f.new_dport == rkey.sport
+        }
+        None => false,
+    }
+}
+
 /// A claimed SNAT port.
 pub struct Claim {
     /// The port, network order.
@@ -155,8 +179,9 @@ pub struct Claim {
 
 /// Claims a SNAT port for a new NAT flow by inserting its reply entry. The first port tried
 /// depends only on the 5-tuple, so a flow whose forward entry was evicted finds its own reply
-/// entry again and keeps its port. Every insert is `BPF_NOEXIST`: of two CPUs claiming one
-/// port, one wins and the other probes on; a claim never overwrites another flow's entry.
+/// entry again and keeps its port. A port is looked up before it is claimed, and every insert
+/// is `BPF_NOEXIST`: of two CPUs claiming one port, one wins and the other probes on; a claim
+/// never overwrites another flow's entry, and a held port costs a lookup, not an eviction.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn claim(
@@ -216,13 +241,21 @@ pub fn claim(
         }
         let port = lo + off;
         rkey.dport = (port as u16).to_be();
-        if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
-            return Some(Claim {
-                port: rkey.dport,
-                inserted: true,
-            });
+        // Looked up first: an LRU insert takes a node (evicting the oldest entry when the
+        // table is full) before it finds the key taken, so a failed insert of a held port
+        // would cost an eviction, and would evict some other live flow.
+        let held = FLOWS.get_ptr_mut(&*rkey);
+        if held.is_none() {
+            if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
+                return Some(Claim {
+                    port: rkey.dport,
+                    inserted: true,
+                });
+            }
+            // Another CPU claimed it a moment ago.
+            continue;
         }
-        if let Some(e) = FLOWS.get_ptr_mut(&*rkey) {
+        if let Some(e) = held {
             // SAFETY: valid for this run.
             let e = unsafe { &mut *e };
             let same_client = e.flags & FLOW_F_FORWARD == 0
@@ -247,7 +280,10 @@ pub fn claim(
                     inserted: false,
                 });
             }
-            if fallback == 0 && reusable(e, p.key.proto, now) {
+            // A port whose flow is over, or whose owner is gone (its forward entry was
+            // evicted or expired, or its client's flow has another port now), is free at
+            // once.
+            if fallback == 0 && (reusable(e, p.key.proto, now) || !owned(e, rkey, okey)) {
                 fallback = port;
             }
         }
@@ -257,15 +293,13 @@ pub fn claim(
     }
     rkey.dport = (fallback as u16).to_be();
     if let Some(e) = FLOWS.get_ptr(&*rkey) {
-        // SAFETY: valid for this run; copied into the scratch key before the delete.
+        // SAFETY: valid for this run; the keys are copied into scratch before the deletes.
         let e = unsafe { &*e };
-        okey.src = e.new_dst;
-        okey.dst = e.new_src;
-        okey.sport = e.new_dport;
-        okey.dport = e.new_sport;
-        okey.proto = p.key.proto;
-        okey.pad = [0; 3];
-        let _ = FLOWS.remove(&*okey);
+        // The old flow's forward entry goes too, so a late packet of it cannot reach the
+        // new flow; a forward entry of another flow of that client stays.
+        if owned(e, rkey, okey) {
+            let _ = FLOWS.remove(&*okey);
+        }
         let _ = FLOWS.remove(&*rkey);
     }
     // Another CPU may take the freed port first: then this flow has none.

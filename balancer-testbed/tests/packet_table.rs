@@ -1272,8 +1272,9 @@ fn half_open_flows_are_not_kept_by_backend_retransmits() {
         .dp
         .sweep_flows(t, fwd.atime + balancer_common::HALF_OPEN_SECS + 5);
     assert_eq!(
-        s.idle, 2,
-        "the refreshed half-open flow and the orphaned half"
+        (s.idle, s.orphans),
+        (1, 1),
+        "the refreshed half-open flow, and the half whose flow is gone"
     );
     let flows = tb.dp.flows();
     assert_eq!(flows.len(), before - 3);
@@ -1515,60 +1516,13 @@ fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
     let (mut tb, st) = configured_testbed(65536).unwrap();
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40080");
-    let (be, first) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
-    let svc = tb
-        .dp
-        .services()
-        .into_iter()
-        .map(|(_, s)| s)
-        .find(|s| s.id == st.services["web"].id)
-        .unwrap();
-    let (lo, hi) = (svc.snat_port_lo as u32, svc.snat_port_hi as u32);
-    let range = hi - lo + 1;
-    // The 16 ports the program probes, written out independently: first, +1, +3, +6, …
-    let probes: Vec<u16> = (0..16u32)
-        .map(|i| (lo + (first as u32 - lo + i * (i + 1) / 2) % range) as u16)
-        .collect();
+    let (be, probes) = probed_ports(&tb, &st, client, vip);
     let now = balancer::control::flow_expiry::now_secs();
     let half = balancer_common::FLOW_F_HALF_OPEN;
-    // Each probed port held by a spoofed client's flow (both halves, as the program makes them).
-    let hold = |tb: &mut Testbed, i: usize, flags: u32, atime: u32| {
-        let spoofed = SocketAddr::new(format!("10.99.0.{}", i + 1).parse().unwrap(), 5000);
-        let rk = reply_key(be, probes[i], false);
-        let reply = Flow {
-            new_src: addr16(vip.ip()),
-            new_dst: addr16(spoofed.ip()),
-            new_sport: vip.port().to_be(),
-            new_dport: spoofed.port().to_be(),
-            flags: balancer_common::FLOW_F_NEXTHOP | flags,
-            atime,
-            ..Default::default()
-        };
-        tb.dp.put_flow(&rk, &reply).unwrap();
-        let fk = FlowKey {
-            src: addr16(spoofed.ip()),
-            dst: addr16(vip.ip()),
-            sport: spoofed.port().to_be(),
-            dport: vip.port().to_be(),
-            proto: PROTO_TCP,
-            pad: [0; 3],
-        };
-        let fwd = Flow {
-            new_src: addr16(lb_addr(false)),
-            new_dst: addr16(be.ip()),
-            new_sport: probes[i].to_be(),
-            new_dport: be.port().to_be(),
-            flags: balancer_common::FLOW_F_FORWARD | balancer_common::FLOW_F_NEXTHOP | flags,
-            atime,
-            ..Default::default()
-        };
-        tb.dp.put_flow(&fk, &fwd).unwrap();
-        fk
-    };
     // Young half-open flows and live flows everywhere: no port for the new client.
     for i in 0..16 {
         let flags = if i % 2 == 0 { half } else { 0 };
-        hold(&mut tb, i, flags, now);
+        hold(&mut tb, vip, be, &probes, i, flags, now);
     }
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     run_counted(
@@ -1582,7 +1536,7 @@ fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
         Reason::DropSnatExhausted,
     );
     // Probe 5's half-open flow is old now: its port goes to the new client.
-    let old = hold(&mut tb, 5, half, now.wrapping_sub(3));
+    let old = hold(&mut tb, vip, be, &probes, 5, half, now.wrapping_sub(3));
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!(v, XDP_TX);
     assert_eq!(snat_port_of(&out), probes[5]);
@@ -1595,6 +1549,151 @@ fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
         flows[&reply_key(be, probes[5], false)].new_dst,
         addr16(client.ip())
     );
+}
+
+#[test]
+fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
+    let (mut tb, st) = configured_testbed(65536).unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40090");
+    let (be, probes) = probed_ports(&tb, &st, client, vip);
+    let now = balancer::control::flow_expiry::now_secs();
+    let mut forward = Vec::new();
+    for i in 0..16 {
+        forward.push(hold(&mut tb, vip, be, &probes, i, 0, now));
+    }
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_DROP, "16 live flows");
+    // Probe 7's forward entry was evicted: its reply entry holds a port nobody uses.
+    tb.dp.remove_flow(&forward[7]).unwrap();
+    let (v, out) = tb.run(&syn).unwrap();
+    assert_eq!(
+        v, XDP_TX,
+        "an orphaned port is claimed at once, not after the idle timeout"
+    );
+    assert_eq!(snat_port_of(&out), probes[7]);
+    let flows = tb.dp.flows();
+    assert_eq!(
+        flows[&reply_key(be, probes[7], false)].new_dst,
+        addr16(client.ip())
+    );
+    for (i, k) in forward.iter().enumerate().filter(|(i, _)| *i != 7) {
+        assert!(flows.contains_key(k), "probe {i}'s live flow stays");
+    }
+    // The same client again, with probe 7 held by a live flow once more and probe 9's
+    // client now on another port: that client's forward entry stays, its old port is free.
+    let fkey = FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    tb.dp.remove_flow(&fkey).unwrap();
+    hold(&mut tb, vip, be, &probes, 7, 0, now);
+    let mut moved = tb.dp.flows()[&forward[9]];
+    moved.new_sport = 40000u16.to_be();
+    tb.dp.put_flow(&forward[9], &moved).unwrap();
+    let (v, out) = tb.run(&syn).unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_eq!(snat_port_of(&out), probes[9]);
+    assert_eq!(
+        tb.dp.flows()[&forward[9]],
+        moved,
+        "a forward entry on another port is not the old port's flow: kept"
+    );
+    // The controller's sweep frees such ports too, once they are 2 s old, and keeps
+    // every reply entry whose flow is there.
+    let mut orphan = tb.dp.flows()[&reply_key(be, probes[3], false)];
+    tb.dp.remove_flow(&forward[3]).unwrap();
+    orphan.atime = now.wrapping_sub(balancer::control::flow_expiry::ORPHAN_GRACE_SECS);
+    tb.dp
+        .put_flow(&reply_key(be, probes[3], false), &orphan)
+        .unwrap();
+    tb.dp.remove_flow(&forward[4]).unwrap();
+    let t = balancer::control::flow_expiry::Timeouts {
+        tcp_idle: 3600,
+        udp_idle: 300,
+    };
+    let before = tb.dp.flows().len();
+    let s = tb.dp.sweep_flows(t, now);
+    assert_eq!((s.orphans, s.idle, s.closed), (1, 0, 0), "{s:?}");
+    let flows = tb.dp.flows();
+    assert_eq!(flows.len(), before - 1);
+    assert!(!flows.contains_key(&reply_key(be, probes[3], false)));
+    assert!(
+        flows.contains_key(&reply_key(be, probes[4], false)),
+        "a young orphan may be a claim in progress: kept"
+    );
+}
+
+/// The backend a client's first SYN goes to, and the 16 SNAT ports the program probes for
+/// it, written out independently: first, +1, +3, +6, …
+fn probed_ports(
+    tb: &Testbed,
+    st: &State,
+    client: SocketAddr,
+    vip: SocketAddr,
+) -> (SocketAddr, Vec<u16>) {
+    let (be, first) = predict(tb, st, "web", client, vip, PROTO_TCP);
+    let svc = tb
+        .dp
+        .services()
+        .into_iter()
+        .map(|(_, s)| s)
+        .find(|s| s.id == st.services["web"].id)
+        .unwrap();
+    let (lo, hi) = (svc.snat_port_lo as u32, svc.snat_port_hi as u32);
+    let range = hi - lo + 1;
+    let probes = (0..16u32)
+        .map(|i| (lo + (first as u32 - lo + i * (i + 1) / 2) % range) as u16)
+        .collect();
+    (be, probes)
+}
+
+/// Holds probed port `i` with a spoofed client's flow (both halves, as the program makes
+/// them); returns its forward key.
+fn hold(
+    tb: &mut Testbed,
+    vip: SocketAddr,
+    be: SocketAddr,
+    probes: &[u16],
+    i: usize,
+    flags: u32,
+    atime: u32,
+) -> FlowKey {
+    let spoofed = SocketAddr::new(format!("10.99.0.{}", i + 1).parse().unwrap(), 5000);
+    let rk = reply_key(be, probes[i], false);
+    let reply = Flow {
+        new_src: addr16(vip.ip()),
+        new_dst: addr16(spoofed.ip()),
+        new_sport: vip.port().to_be(),
+        new_dport: spoofed.port().to_be(),
+        flags: balancer_common::FLOW_F_NEXTHOP | flags,
+        atime,
+        ..Default::default()
+    };
+    tb.dp.put_flow(&rk, &reply).unwrap();
+    let fk = FlowKey {
+        src: addr16(spoofed.ip()),
+        dst: addr16(vip.ip()),
+        sport: spoofed.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    let fwd = Flow {
+        new_src: addr16(lb_addr(false)),
+        new_dst: addr16(be.ip()),
+        new_sport: probes[i].to_be(),
+        new_dport: be.port().to_be(),
+        flags: balancer_common::FLOW_F_FORWARD | balancer_common::FLOW_F_NEXTHOP | flags,
+        atime,
+        ..Default::default()
+    };
+    tb.dp.put_flow(&fk, &fwd).unwrap();
+    fk
 }
 
 /// The backend a transmitted NAT SYN is addressed to (its IPv4 destination and TCP port).

@@ -510,13 +510,14 @@ fn the_sweep_names_the_forward_keys_it_removes_for_the_standby() {
         m.idle_secs = idle;
         install(&mut tb, &m);
     }
-    // The lone flow's forward entry is gone already (evicted): only its reply entry is swept.
+    // The lone flow's forward entry is gone already (evicted): its reply entry is swept.
     tb.dp.remove_flow(&fkey(lone, vip)).unwrap();
     let s = tb.dp.sweep_flows(t, now);
     let mut removed = s.removed_forward.clone();
     removed.sort_by_key(|k| u16::from_be(k.sport));
     assert_eq!(removed, vec![fkey(nat, vip), fkey(dsr, dsr_vip)]);
-    assert_eq!(s.idle, 3, "two flows and the lone reply entry");
+    assert_eq!(s.idle, 2, "two idle flows");
+    assert_eq!(s.orphans, 1, "the lone reply entry: its port serves no flow");
     let flows = tb.dp.flows();
     assert_eq!(flows.len(), 2, "the busy flow stays, both halves");
     assert!(flows.contains_key(&fkey(busy, vip)));

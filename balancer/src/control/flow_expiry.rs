@@ -28,6 +28,9 @@ use tracing::debug;
 /// Seconds a closed flow stays (stray retransmissions of its last segments still pass).
 pub const CLOSED_LINGER_SECS: u32 = 10;
 
+/// Seconds a reply entry without its forward entry is kept before its port is freed.
+pub const ORPHAN_GRACE_SECS: u32 = 2;
+
 /// Expiry settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -70,6 +73,8 @@ pub struct Sweep {
     pub closed: u64,
     /// Flows removed because they were idle.
     pub idle: u64,
+    /// Reply entries removed because their forward entry was gone or had another port.
+    pub orphans: u64,
     /// Table entries removed (a NAT flow has two).
     pub entries_removed: u64,
     /// Established flows that stay (not closing, not half-open), by backend slot: what a
@@ -113,6 +118,38 @@ pub fn expiry(f: &Flow, r: Option<&Flow>, proto: u8, t: Timeouts, now: u32) -> O
     (idle_limit != 0 && idle >= idle_limit).then_some(Expiry::Idle)
 }
 
+/// What a reply entry is to the sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphan {
+    /// Its flow's forward entry is there and uses its SNAT address and port.
+    Owned,
+    /// It serves no flow (the forward entry was evicted or expired, or the client's flow has
+    /// another port now): its port is freed at once.
+    Free,
+    /// Without its flow, but stamped in the last [`ORPHAN_GRACE_SECS`]: the program writes a
+    /// claim's reply entry before its forward entry, so it may be a flow being made.
+    Young,
+}
+
+/// Judges reply entry `r` at key `rk` against `fw`, the entry at its forward key.
+pub fn orphan(rk: &FlowKey, r: &Flow, fw: Option<&Flow>, now: u32) -> Orphan {
+    let owned = fw.is_some_and(|fw| {
+        fw.flags & FLOW_F_FORWARD != 0
+            && fw.flags & FLOW_F_DSR == 0
+            && fw.new_src == rk.dst
+            && fw.new_sport == rk.dport
+            && fw.new_dst == rk.src
+            && fw.new_dport == rk.sport
+    });
+    if owned {
+        Orphan::Owned
+    } else if idle_secs(now, r.atime) >= ORPHAN_GRACE_SECS {
+        Orphan::Free
+    } else {
+        Orphan::Young
+    }
+}
+
 /// One pass over the table.
 pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32) -> Sweep {
     let mut s = Sweep::default();
@@ -147,10 +184,16 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
                 proto: k.proto,
                 pad: [0; 3],
             };
-            if flows.get(&fk, 0).is_ok() {
-                continue;
+            match orphan(&k, &f, flows.get(&fk, 0).ok().as_ref(), now) {
+                Orphan::Owned => continue,
+                Orphan::Free => {
+                    let _ = flows.remove(&k);
+                    s.entries_removed += 1;
+                    s.orphans += 1;
+                    continue;
+                }
+                Orphan::Young => (expiry(&f, None, k.proto, t, now), None),
             }
-            (expiry(&f, None, k.proto, t, now), None)
         };
         let Some(why) = why else { continue };
         let _ = flows.remove(&k);
@@ -217,10 +260,7 @@ impl Collector {
                     };
                     let mut s = sweep(&mut flows, t, now_secs());
                     // A removed flow took its reply entry too.
-                    en.store(
-                        s.seen.saturating_sub(2 * (s.closed + s.idle)),
-                        Ordering::Relaxed,
-                    );
+                    en.store(s.seen.saturating_sub(s.entries_removed), Ordering::Relaxed);
                     kp.store(Arc::new(std::mem::take(&mut s.kept)));
                     // The pair's active balancer tells its standby what expired.
                     if let Some(tx) = &removed
@@ -228,11 +268,12 @@ impl Collector {
                     {
                         let _ = tx.send(std::mem::take(&mut s.removed_forward));
                     }
-                    if s.closed + s.idle > 0 {
+                    if s.closed + s.idle + s.orphans > 0 {
                         debug!(
                             seen = s.seen,
                             closed = s.closed,
                             idle = s.idle,
+                            orphans = s.orphans,
                             "expired flows"
                         );
                     }
@@ -294,6 +335,46 @@ mod tests {
         assert_eq!(expiry(&half, None, PROTO_TCP, T, now), None);
         let closing = flow(FLOW_F_FORWARD | FLOW_F_CLOSING, now + 1);
         assert_eq!(expiry(&closing, None, PROTO_TCP, T, now), None);
+    }
+
+    #[test]
+    fn a_reply_entry_without_its_flow_frees_its_port_at_once() {
+        let now = 5_000;
+        let rk = FlowKey {
+            src: [11; 16],
+            dst: [200; 16],
+            sport: 7002,
+            dport: 10_001,
+            proto: PROTO_TCP,
+            pad: [0; 3],
+        };
+        let r = flow(0, now - 3_000);
+        let fw = Flow {
+            new_src: rk.dst,
+            new_dst: rk.src,
+            new_sport: rk.dport,
+            new_dport: rk.sport,
+            ..flow(FLOW_F_FORWARD, now - 3_000)
+        };
+        assert_eq!(orphan(&rk, &r, Some(&fw), now), Orphan::Owned);
+        // Idle for far less than the TCP timeout, yet free: nothing uses the port.
+        assert_eq!(orphan(&rk, &r, None, now), Orphan::Free);
+        let moved = Flow {
+            new_sport: 10_002,
+            ..fw
+        };
+        assert_eq!(
+            orphan(&rk, &r, Some(&moved), now),
+            Orphan::Free,
+            "the client's flow has another port"
+        );
+        let reply = Flow { flags: 0, ..fw };
+        assert_eq!(orphan(&rk, &r, Some(&reply), now), Orphan::Free);
+        // A claim in progress: reply entry written, forward entry not yet.
+        let fresh = flow(0, now - ORPHAN_GRACE_SECS + 1);
+        assert_eq!(orphan(&rk, &fresh, None, now), Orphan::Young);
+        let later = flow(0, now + 1);
+        assert_eq!(orphan(&rk, &later, None, now), Orphan::Young);
     }
 
     #[test]
