@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -130,8 +130,11 @@ pub struct Service {
     pub snat_port_lo: u16,
     /// Last SNAT port (host order), inclusive.
     pub snat_port_hi: u16,
-    /// SNAT source address for NAT mode, 16-byte form of the backends' family.
-    pub snat_addr: Addr,
+    /// SNAT source addresses for NAT mode (a pool), 16-byte form of the backends' family;
+    /// the first `snat_addr_count` are used.
+    pub snat_addrs: [Addr; MAX_SNAT_ADDRS],
+    /// How many of `snat_addrs` are set (0 for DSR).
+    pub snat_addr_count: u32,
     /// Most new flows per second per CPU (0: no limit). Past it a new flow's packet is
     /// dropped and no state is made; existing flows are not affected.
     pub new_flow_rate: u32,
@@ -199,6 +202,11 @@ pub const HALF_OPEN_REUSE_SECS: u32 = 2;
 pub const CLOSING_REUSE_SECS: u32 = 10;
 /// Smallest SNAT port range (the probe sequence needs room).
 pub const MIN_SNAT_PORTS: u32 = 1024;
+/// Most SNAT addresses per address family (a pool): each adds `snat_ports` concurrent NAT
+/// flows per backend.
+pub const MAX_SNAT_ADDRS: usize = 8;
+// The XDP program masks pool indexes with `MAX_SNAT_ADDRS - 1`.
+const _: () = assert!(MAX_SNAT_ADDRS.is_power_of_two());
 /// Default idle time (s) after which a TCP flow's SNAT port may be reused.
 pub const DEFAULT_TCP_IDLE_SECS: u32 = 3600;
 /// Default idle time (s) after which a UDP flow's SNAT port may be reused.
@@ -540,7 +548,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 44);
+        assert_eq!(size_of::<Service>(), 160);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 80);

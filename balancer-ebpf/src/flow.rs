@@ -237,7 +237,9 @@ fn new_flow(
     let scratch = unsafe { &mut *scratch };
     let nat = svc.flags & SVC_F_DSR == 0;
     let flow = &mut scratch.flow;
-    flow.new_src = if nat { svc.snat_addr } else { p.key.src };
+    // A NAT flow's source is the SNAT address its claim picks (below); the next hop is
+    // looked up from the pool's first (it is cached per backend anyway).
+    flow.new_src = if nat { svc.snat_addrs[0] } else { p.key.src };
     flow.new_dst = be.addr;
     flow.new_sport = p.key.sport;
     flow.new_dport = if nat { be.port } else { p.key.dport };
@@ -276,6 +278,10 @@ fn new_flow(
             account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
             return Err(Error::SnatExhausted);
         };
+        let Some(addr) = svc.snat_addrs.get(snat::pool_index(claim.addr) as usize) else {
+            return Err(Error::Map);
+        };
+        scratch.flow.new_src = *addr;
         scratch.flow.new_sport = claim.port;
         if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
             // Roll back: a reply entry without its forward entry would hold the port.

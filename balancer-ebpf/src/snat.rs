@@ -1,10 +1,11 @@
-//! SNAT port claims: a new NAT flow's port is claimed by inserting its reply entry.
+//! SNAT port claims: a new NAT flow's address (of the service's pool) and port are claimed by
+//! inserting its reply entry.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
     Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
-    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MIN_SNAT_PORTS, PROTO_TCP, Service,
-    idle_secs, snat_first_port,
+    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS, MIN_SNAT_PORTS, PROTO_TCP,
+    Service, idle_secs, snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -169,8 +170,20 @@ fn owned(e: &Flow, rkey: &FlowKey, okey: &mut FlowKey) -> bool {
     }
 }
 
+/// `i` (below the pool size) as an index the verifier can bound: the compiler knows it is
+/// below [`MAX_SNAT_ADDRS`] and drops the bounds check, but the verifier does not follow a
+/// modulo, so the value goes through memory and a mask it can follow.
+#[inline(always)]
+pub fn pool_index(i: u32) -> u32 {
+    // SAFETY: reads a local.
+    let i = unsafe { core::ptr::read_volatile(&i) };
+    i & (MAX_SNAT_ADDRS as u32 - 1)
+}
+
 /// A claimed SNAT port.
 pub struct Claim {
+    /// Index of the SNAT address in the service's pool.
+    pub addr: u32,
     /// The port, network order.
     pub port: u16,
     /// The reply entry was inserted by this claim (a failed later step removes it again).
@@ -205,7 +218,15 @@ pub fn claim(
     if hi < lo + MIN_SNAT_PORTS - 1 {
         return None;
     }
+    let naddrs = svc.snat_addr_count;
+    if naddrs == 0 || naddrs > MAX_SNAT_ADDRS as u32 {
+        return None;
+    }
     let port = snat_first_port(h, lo as u16, hi as u16) as u32;
+    // The first address of the pool tried depends on the hash too (other bits than the
+    // port's); each probe moves to the next address, so a pool of n addresses offers n
+    // ports at every step of the port sequence.
+    let first_addr = (h >> 24) % naddrs;
     // Replies go back the way the request came: to the MAC it came from, out of the interface
     // it came in on.
     reply.new_src = p.key.dst;
@@ -223,7 +244,6 @@ pub fn claim(
     reply.peer_ifindex = peer_ifindex;
     reply.nh_time = now;
     rkey.src = be.addr;
-    rkey.dst = svc.snat_addr;
     rkey.sport = be.port;
     rkey.proto = p.key.proto;
     rkey.pad = [0; 3];
@@ -231,11 +251,19 @@ pub fn claim(
     // free (its old flow's forward entry goes too, so a late packet of that flow cannot reach
     // the new one).
     let mut fallback: u32 = 0;
+    let mut fallback_addr: u32 = 0;
     let range = hi - lo + 1;
     let first = port - lo;
     for i in 0..SNAT_PROBES {
-        // Triangular probing (first, +1, +3, +6, …): no primary clusters to run into.
-        let mut off = first + i * (i + 1) / 2;
+        let a = pool_index((first_addr + i) % naddrs);
+        let Some(addr) = svc.snat_addrs.get(a as usize) else {
+            return None;
+        };
+        rkey.dst = *addr;
+        // Triangular probing (first, +1, +3, +6, …) per address: no primary clusters to run
+        // into.
+        let step = i / naddrs;
+        let mut off = first + step * (step + 1) / 2;
         if off >= range {
             off -= range;
         }
@@ -248,6 +276,7 @@ pub fn claim(
         if held.is_none() {
             if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
                 return Some(Claim {
+                    addr: a,
                     port: rkey.dport,
                     inserted: true,
                 });
@@ -276,6 +305,7 @@ pub fn claim(
                 e.nh_time = now;
                 e.atime = now;
                 return Some(Claim {
+                    addr: a,
                     port: rkey.dport,
                     inserted: false,
                 });
@@ -285,12 +315,17 @@ pub fn claim(
             // once.
             if fallback == 0 && (reusable(e, p.key.proto, now) || !owned(e, rkey, okey)) {
                 fallback = port;
+                fallback_addr = a;
             }
         }
     }
     if fallback == 0 {
         return None;
     }
+    let Some(addr) = svc.snat_addrs.get(pool_index(fallback_addr) as usize) else {
+        return None;
+    };
+    rkey.dst = *addr;
     rkey.dport = (fallback as u16).to_be();
     if let Some(e) = FLOWS.get_ptr(&*rkey) {
         // SAFETY: valid for this run; the keys are copied into scratch before the deletes.
@@ -305,6 +340,7 @@ pub fn claim(
     // Another CPU may take the freed port first: then this flow has none.
     if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
         return Some(Claim {
+            addr: fallback_addr,
             port: rkey.dport,
             inserted: true,
         });

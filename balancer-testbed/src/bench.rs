@@ -49,11 +49,25 @@ backends = [ { address = "10.77.0.11:6661", priority = 1 }, { address = "10.77.0
 
 /// A testbed with [`TESTBED_CONFIG`] applied.
 pub fn configured_testbed(flow_entries: u32) -> anyhow::Result<(Testbed, State)> {
+    configured_testbed_with(flow_entries, "")
+}
+
+/// A testbed with [`TESTBED_CONFIG`] applied, `dataplane` added to its `[dataplane]`
+/// section (e.g. `snat_ipv4 = [...]`).
+pub fn configured_testbed_with(
+    flow_entries: u32,
+    dataplane: &str,
+) -> anyhow::Result<(Testbed, State)> {
     let mut tb = Testbed::new(flow_entries)?;
     let backends: Vec<String> = (11..=74)
         .map(|h| format!("{{ address = \"10.77.0.{h}:7010\" }}"))
         .collect();
-    let text = TESTBED_CONFIG.replace("BENCH_BACKENDS", &backends.join(", "));
+    let text = TESTBED_CONFIG
+        .replace("BENCH_BACKENDS", &backends.join(", "))
+        .replace(
+            "interface = \"t0\"\n",
+            &format!("interface = \"t0\"\n{dataplane}\n"),
+        );
     let cfg =
         config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let p = balancer::control::reconcile(

@@ -994,6 +994,114 @@ fn snat_port_of(frame: &[u8]) -> u16 {
     t.source_port()
 }
 
+/// The SNAT address and port of a transmitted client → backend frame.
+fn snat_of(frame: &[u8]) -> SocketAddr {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4")
+    };
+    SocketAddr::new(IpAddr::V4(ip.header().source_addr()), snat_port_of(frame))
+}
+
+#[test]
+fn a_snat_pool_spreads_flows_over_its_addresses_and_replies_come_back_on_each() {
+    let pool = [sa("10.77.0.1:0").ip(), sa("10.77.0.201:0").ip()];
+    let (mut tb, st) = balancer_testbed::bench::configured_testbed_with(
+        65536,
+        "snat_ipv4 = [\"10.77.0.1\", \"10.77.0.201\"]",
+    )
+    .unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let mut used = std::collections::BTreeSet::new();
+    let mut last = None;
+    for i in 0..64u16 {
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)), 41000 + i);
+        let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+        let (v, out) = tb.run(&syn).unwrap();
+        assert_eq!(v, XDP_TX, "SYN from {client}");
+        assert_checksums(&out);
+        let snat = snat_of(&out);
+        assert!(pool.contains(&snat.ip()), "{client} sent from {snat}");
+        used.insert(snat.ip());
+        last = Some((client, syn_destination(&out), snat));
+    }
+    assert_eq!(used.len(), 2, "64 flows use both addresses of the pool");
+    // A backend's reply to either address reaches its client, from the VIP.
+    let (client, be, snat) = last.unwrap();
+    run_counted(
+        &tb,
+        Row {
+            name: "a reply to the flow's pool address goes back to its client",
+            input: packet::tcp(mac_of(be.ip()), LB_MAC, be, snat, 9, 2, packet::ACK, b"r"),
+            verdict: XDP_TX,
+            output: Some(packet::tcp(
+                LB_MAC,
+                host_mac(2),
+                vip,
+                client,
+                9,
+                2,
+                packet::ACK,
+                b"r",
+            )),
+        },
+        Reason::Tx,
+    );
+    // With the flow's first (address, port) held by a live flow, the next probe is the same
+    // port on the pool's other address: each address offers the whole port range.
+    let fkey = FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    let rkey = FlowKey {
+        src: addr16(be.ip()),
+        dst: addr16(snat.ip()),
+        sport: be.port().to_be(),
+        dport: snat.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    tb.dp.remove_flow(&fkey).unwrap();
+    let spoofed = sa("10.99.0.1:5000");
+    let holder = Flow {
+        new_src: addr16(vip.ip()),
+        new_dst: addr16(spoofed.ip()),
+        new_sport: vip.port().to_be(),
+        new_dport: spoofed.port().to_be(),
+        flags: balancer_common::FLOW_F_NEXTHOP,
+        atime: balancer::control::flow_expiry::now_secs(),
+        ..Default::default()
+    };
+    tb.dp.put_flow(&rkey, &holder).unwrap();
+    let hkey = FlowKey {
+        src: addr16(spoofed.ip()),
+        sport: spoofed.port().to_be(),
+        ..fkey
+    };
+    let hfwd = Flow {
+        new_src: addr16(snat.ip()),
+        new_dst: addr16(be.ip()),
+        new_sport: snat.port().to_be(),
+        new_dport: be.port().to_be(),
+        flags: balancer_common::FLOW_F_FORWARD | balancer_common::FLOW_F_NEXTHOP,
+        atime: holder.atime,
+        ..Default::default()
+    };
+    tb.dp.put_flow(&hkey, &hfwd).unwrap();
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
+    let (v, out) = tb.run(&syn).unwrap();
+    assert_eq!(v, XDP_TX);
+    let moved = snat_of(&out);
+    assert_eq!(moved.port(), snat.port(), "same port");
+    assert_ne!(moved.ip(), snat.ip(), "the pool's other address");
+    assert_eq!(tb.dp.flows()[&rkey], holder, "the holder is untouched");
+    assert!(st.services.contains_key("web"));
+}
+
 #[test]
 fn nat_flow_reply_state_is_restored_or_the_flow_reset_never_shared() {
     let (mut tb, st) = configured_testbed(65536).unwrap();

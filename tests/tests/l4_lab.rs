@@ -44,6 +44,80 @@ fn nat_300_connections_echo_byte_exact_and_spread_evenly() {
     assert_eq!(c["reasons"]["drop_snat_exhausted"], 0);
 }
 
+/// Counts, on every backend, the SYNs to the echo port from each SNAT address of `pool`
+/// (an nftables counter per address), summed over the backends.
+fn syns_by_source(lab: &Lab, pool: &[&str], install: bool) -> Vec<u64> {
+    let mut total = vec![0; pool.len()];
+    for h in lab.backend_hosts() {
+        if install {
+            let mut script = String::from(
+                "table ip blbt_pool {\n chain input {\n  type filter hook input priority 0;\n",
+            );
+            for a in pool {
+                script += &format!(
+                    "  ip saddr {a} tcp dport {ECHO_PORT} tcp flags & (syn | ack) == syn counter\n"
+                );
+            }
+            script += " }\n}\n";
+            let file = std::env::temp_dir().join(format!("blbt-pool-{}.nft", std::process::id()));
+            std::fs::write(&file, script).unwrap();
+            lab.exec(h, &["nft", "-f", file.to_str().unwrap()]).unwrap();
+            let _ = std::fs::remove_file(&file);
+            continue;
+        }
+        let out = lab
+            .exec(h, &["nft", "list", "table", "ip", "blbt_pool"])
+            .unwrap();
+        for (i, a) in pool.iter().enumerate() {
+            let line = out
+                .lines()
+                .find(|l| l.contains(&format!("ip saddr {a} ")))
+                .unwrap_or_else(|| panic!("no counter for {a}: {out}"));
+            let packets: u64 = line
+                .split("packets ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unreadable counter: {line}"));
+            total[i] += packets;
+        }
+    }
+    total
+}
+
+#[test]
+fn nat_snat_pool_spreads_connections_over_its_addresses() {
+    let lab = Lab::new(3).unwrap();
+    let _echo = lab.spawn_echo_all().unwrap();
+    // The pool's second address is the operator's to put on the interface.
+    lab.exec(
+        Host::Lb,
+        &["ip", "addr", "add", "10.77.0.201/32", "dev", "eth0"],
+    )
+    .unwrap();
+    let pool = ["10.77.0.1", "10.77.0.201"];
+    syns_by_source(&lab, &pool, true);
+    let cfg = sample_config(&lab, "nat").replace(
+        "interface = \"eth0\"\n",
+        "interface = \"eth0\"\nsnat_ipv4 = [\"10.77.0.1\", \"10.77.0.201\"]\n",
+    );
+    let _b = lab.start_balancer(&cfg).unwrap();
+    let r = lab.client_conns(vip4(ECHO_PORT), 300, 3000, 8).unwrap();
+    assert_eq!((r.ok, r.failed), (300, 0), "errors: {:?}", r.errors);
+    assert_spread(&r.by_backend, 300, 3);
+    let by_source = syns_by_source(&lab, &pool, false);
+    assert!(
+        by_source.iter().sum::<u64>() >= 300,
+        "every connection reached a backend from the pool: {by_source:?}"
+    );
+    for (a, n) in pool.iter().zip(&by_source) {
+        assert!(
+            *n >= 90,
+            "{a} carried {n} of 300 connections: {by_source:?}"
+        );
+    }
+}
+
 /// A long-lived connection keeps its backend while another backend leaves the config.
 fn stream_survives_removal(forwarding: &str) {
     let lab = Lab::new(3).unwrap();

@@ -517,7 +517,10 @@ fn the_sweep_names_the_forward_keys_it_removes_for_the_standby() {
     removed.sort_by_key(|k| u16::from_be(k.sport));
     assert_eq!(removed, vec![fkey(nat, vip), fkey(dsr, dsr_vip)]);
     assert_eq!(s.idle, 2, "two idle flows");
-    assert_eq!(s.orphans, 1, "the lone reply entry: its port serves no flow");
+    assert_eq!(
+        s.orphans, 1,
+        "the lone reply entry: its port serves no flow"
+    );
     let flows = tb.dp.flows();
     assert_eq!(flows.len(), 2, "the busy flow stays, both halves");
     assert!(flows.contains_key(&fkey(busy, vip)));

@@ -19,10 +19,12 @@ pub struct DataplaneSection {
     /// `auto` (driver, falling back to skb), `driver`, `skb`.
     #[serde(default)]
     pub xdp_mode: XdpMode,
-    /// SNAT source for IPv4 backends; default: the interface's own IPv4 address.
-    pub snat_ipv4: Option<Spanned<String>>,
-    /// SNAT source for IPv6 backends; default: the interface's own global IPv6 address.
-    pub snat_ipv6: Option<Spanned<String>>,
+    /// SNAT source for IPv4 backends, one address or a pool; default: the interface's own
+    /// IPv4 address.
+    pub snat_ipv4: Option<Spanned<SnatAddrs>>,
+    /// SNAT source for IPv6 backends, one address or a pool; default: the interface's own
+    /// global IPv6 address.
+    pub snat_ipv6: Option<Spanned<SnatAddrs>>,
     /// First and last SNAT port, e.g. `[10000, 32767]`.
     #[serde(default = "default_snat_ports")]
     pub snat_ports: Spanned<[u16; 2]>,
@@ -114,5 +116,26 @@ impl SnatPorts {
             });
         }
         Ok(())
+    }
+}
+
+/// `snat_ipv4` / `snat_ipv6`: one address (`"192.0.2.200"`) or a pool
+/// (`["192.0.2.200", "192.0.2.201"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SnatAddrs {
+    /// One address.
+    One(String),
+    /// A pool.
+    Pool(Vec<String>),
+}
+
+impl SnatAddrs {
+    /// The addresses as written.
+    pub fn texts(&self) -> Vec<&str> {
+        match self {
+            SnatAddrs::One(a) => vec![a.as_str()],
+            SnatAddrs::Pool(v) => v.iter().map(String::as_str).collect(),
+        }
     }
 }

@@ -101,7 +101,7 @@ fn hostname() -> String {
 pub(super) fn validate(
     s: &Spanned<HaSection>,
     interfaces: &[String],
-    snat: (Option<std::net::IpAddr>, Option<std::net::IpAddr>),
+    snat: (bool, bool),
     services: &[ServiceSpec],
     d: &mut Diags,
 ) -> Option<Ha> {
@@ -161,9 +161,9 @@ pub(super) fn validate(
     // be an interface's own address picked at start.
     for svc in services.iter().filter(|s| s.forwarding == Forwarding::Nat) {
         let (have, family) = if svc.vip.is_ipv4() {
-            (snat.0.is_some(), 4)
+            (snat.0, 4)
         } else {
-            (snat.1.is_some(), 6)
+            (snat.1, 6)
         };
         if !have {
             d.at(

@@ -73,10 +73,10 @@ pub struct Validated {
     pub interfaces: Vec<String>,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
-    /// SNAT IPv4 override.
-    pub snat_ipv4: Option<IpAddr>,
-    /// SNAT IPv6 override.
-    pub snat_ipv6: Option<IpAddr>,
+    /// Configured IPv4 SNAT addresses (a pool; empty: the interface's own address).
+    pub snat_ipv4: Vec<IpAddr>,
+    /// Configured IPv6 SNAT addresses (a pool; empty: the interface's own address).
+    pub snat_ipv6: Vec<IpAddr>,
     /// SNAT source ports.
     pub snat_ports: SnatPorts,
     /// Flow-table entries.
@@ -142,11 +142,19 @@ impl Validated {
             .filter(|s| s.forwarding == Forwarding::Nat)
             .filter_map(|s| {
                 let backends = s.backends.iter().filter(|b| b.weight > 0).count() as u64;
-                let cap = ports * backends;
+                // Unset: the interface's one address.
+                let pool = if s.vip.is_ipv4() {
+                    &self.snat_ipv4
+                } else {
+                    &self.snat_ipv6
+                };
+                let addrs = pool.len().max(1) as u64;
+                let cap = ports * addrs * backends;
                 (cap < table).then(|| {
                     format!(
-                        "service '{}': at most {cap} concurrent NAT flows ({ports} SNAT ports × {backends} backends), fewer than the flow table's {table}; new flows past that are dropped (widen [dataplane] snat_ports or add backends)",
-                        s.name
+                        "service '{}': at most {cap} concurrent NAT flows ({ports} SNAT ports × {addrs} SNAT address{} × {backends} backends), fewer than the flow table's {table}; new flows past that are dropped (widen [dataplane] snat_ports, add SNAT addresses or add backends)",
+                        s.name,
+                        if addrs == 1 { "" } else { "es" },
                     )
                 })
             })
@@ -255,17 +263,45 @@ pub fn parse(text: &str, path: &Path) -> Result<Validated, ConfigError> {
     }
 }
 
-fn parse_ip(d: &mut Diags, s: &Spanned<String>, what: &str) -> Option<IpAddr> {
-    match s.get_ref().parse::<IpAddr>() {
-        Ok(ip) => Some(ip),
-        Err(_) => {
+/// A SNAT address or pool: addresses of the family, no repeats, 1 to
+/// [`balancer_common::MAX_SNAT_ADDRS`] of them.
+fn snat_pool(
+    d: &mut Diags,
+    s: Option<&Spanned<dataplane::SnatAddrs>>,
+    what: &str,
+    v6: bool,
+) -> Vec<IpAddr> {
+    let Some(s) = s else { return Vec::new() };
+    let texts = s.get_ref().texts();
+    let max = balancer_common::MAX_SNAT_ADDRS;
+    if texts.is_empty() || texts.len() > max {
+        d.at(s.span(), format!("{what}: give 1 to {max} addresses"));
+        return Vec::new();
+    }
+    let mut out: Vec<IpAddr> = Vec::new();
+    for t in texts {
+        let Ok(ip) = t.parse::<IpAddr>() else {
+            d.at(s.span(), format!("{what}: '{t}' is not an IP address"));
+            continue;
+        };
+        if ip.is_ipv6() != v6 {
+            let family = if v6 { "IPv6" } else { "IPv4" };
             d.at(
                 s.span(),
-                format!("{what}: '{}' is not an IP address", s.get_ref()),
+                format!("{what} must be {family} addresses: '{t}'"),
             );
-            None
+        } else if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+            d.at(
+                s.span(),
+                format!("{what}: '{t}' cannot be a source address"),
+            );
+        } else if out.contains(&ip) {
+            d.at(s.span(), format!("{what}: '{t}' is listed twice"));
+        } else {
+            out.push(ip);
         }
     }
+    out
 }
 
 fn parse_sock(d: &mut Diags, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {
@@ -312,26 +348,8 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
             );
         }
     }
-    let snat_ipv4 = raw
-        .dataplane
-        .snat_ipv4
-        .as_ref()
-        .and_then(|s| parse_ip(d, s, "snat_ipv4"));
-    if let (Some(ip), Some(s)) = (snat_ipv4, &raw.dataplane.snat_ipv4)
-        && !ip.is_ipv4()
-    {
-        d.at(s.span(), "snat_ipv4 must be an IPv4 address");
-    }
-    let snat_ipv6 = raw
-        .dataplane
-        .snat_ipv6
-        .as_ref()
-        .and_then(|s| parse_ip(d, s, "snat_ipv6"));
-    if let (Some(ip), Some(s)) = (snat_ipv6, &raw.dataplane.snat_ipv6)
-        && !ip.is_ipv6()
-    {
-        d.at(s.span(), "snat_ipv6 must be an IPv6 address");
-    }
+    let snat_ipv4 = snat_pool(d, raw.dataplane.snat_ipv4.as_ref(), "snat_ipv4", false);
+    let snat_ipv6 = snat_pool(d, raw.dataplane.snat_ipv6.as_ref(), "snat_ipv6", true);
     let [lo, hi] = *raw.dataplane.snat_ports.get_ref();
     if lo < 1024 || (hi as u32) < lo as u32 + balancer_common::MIN_SNAT_PORTS - 1 {
         d.at(
@@ -503,10 +521,10 @@ fn validate(raw: Config, path: &Path, d: &mut Diags) -> Validated {
         .console
         .as_ref()
         .and_then(|c| console::validate(c, &services, metrics, d));
-    let ha = raw
-        .ha
-        .as_ref()
-        .and_then(|h| ha::validate(h, &interfaces, (snat_ipv4, snat_ipv6), &services, d));
+    let ha = raw.ha.as_ref().and_then(|h| {
+        let snat = (!snat_ipv4.is_empty(), !snat_ipv6.is_empty());
+        ha::validate(h, &interfaces, snat, &services, d)
+    });
     let bgp = raw.bgp.as_ref().and_then(|b| bgp::validate(b, d));
     if total_backends > balancer_common::MAX_BACKENDS as usize {
         d.at(
@@ -705,6 +723,67 @@ backends = [
                 && w[0].contains("65536"),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn a_snat_pool_multiplies_the_capacity_check_warns_about() {
+        let text = |pool: &str| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\nflow_table_size = 131072\nsnat_ports = [40000, 49999]\n{pool}\n[[service]]\nname = \"web\"\nvip = \"10.77.0.100:80\"\nbackends = [ {{ address = \"10.77.0.11:80\" }}, {{ address = \"10.77.0.12:80\" }} ]\n"
+            )
+        };
+        let one = p(&text("snat_ipv4 = \"10.77.0.200\"")).unwrap();
+        assert_eq!(
+            one.snat_ipv4,
+            vec!["10.77.0.200".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(one.capacity_warnings().len(), 1, "20,000 < 65,536");
+        let pool = p(&text(
+            "snat_ipv4 = [\"10.77.0.200\", \"10.77.0.201\", \"10.77.0.202\", \"10.77.0.203\"]",
+        ))
+        .unwrap();
+        assert_eq!(pool.snat_ipv4.len(), 4);
+        assert!(
+            pool.capacity_warnings().is_empty(),
+            "4 × 10,000 × 2 = 80,000 >= 65,536: {:?}",
+            pool.capacity_warnings()
+        );
+        let three = p(&text(
+            "snat_ipv4 = [\"10.77.0.200\", \"10.77.0.201\", \"10.77.0.202\"]",
+        ))
+        .unwrap()
+        .capacity_warnings();
+        assert!(
+            three.len() == 1
+                && three[0].contains("at most 60000")
+                && three[0].contains("× 3 SNAT addresses"),
+            "{three:?}"
+        );
+        for (bad, why) in [
+            ("snat_ipv4 = []", "give 1 to 8 addresses"),
+            (
+                "snat_ipv4 = [\"10.77.0.200\", \"10.77.0.200\"]",
+                "listed twice",
+            ),
+            (
+                "snat_ipv4 = [\"10.77.0.200\", \"fd77::200\"]",
+                "must be IPv4 addresses",
+            ),
+            ("snat_ipv6 = \"10.77.0.200\"", "must be IPv6 addresses"),
+            (
+                "snat_ipv4 = [\"10.77.0.200\", \"nonsense\"]",
+                "'nonsense' is not an IP address",
+            ),
+            ("snat_ipv4 = \"0.0.0.0\"", "cannot be a source address"),
+        ] {
+            let e = p(&text(bad)).expect_err(bad).to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let nine: Vec<String> = (0..9).map(|i| format!("\"10.77.0.{}\"", 200 + i)).collect();
+        let e = p(&text(&format!("snat_ipv4 = [{}]", nine.join(", "))))
+            .expect_err("nine")
+            .to_string();
+        assert!(e.contains("give 1 to 8 addresses"), "{e}");
     }
 
     #[test]

@@ -206,8 +206,8 @@ impl Rig {
             state: None,
             host: crate::control::plan::HostAddrs {
                 interface: "eth0".into(),
-                snat_v4: Some("10.77.0.1".parse().unwrap()),
-                snat_v6: None,
+                snat_v4: vec!["10.77.0.1".parse().unwrap()],
+                snat_v6: Vec::new(),
             },
         }
     }

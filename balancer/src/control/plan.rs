@@ -85,10 +85,12 @@ pub fn load_health(
 pub struct HostAddrs {
     /// The interface VIPs go on.
     pub interface: String,
-    /// SNAT source for IPv4 NAT services (configured, else the interface's address).
-    pub snat_v4: Option<IpAddr>,
-    /// SNAT source for IPv6 NAT services (configured, else the interface's global address).
-    pub snat_v6: Option<IpAddr>,
+    /// SNAT sources for IPv4 NAT services (the configured pool, else the interface's
+    /// address; empty: none).
+    pub snat_v4: Vec<IpAddr>,
+    /// SNAT sources for IPv6 NAT services (the configured pool, else the interface's global
+    /// address; empty: none).
+    pub snat_v6: Vec<IpAddr>,
 }
 
 impl HostAddrs {
@@ -98,14 +100,27 @@ impl HostAddrs {
         let read = |v6: bool| {
             net::interface_address(&interface, v6).map_err(|e| std::io::Error::other(e.to_string()))
         };
-        let snat_v4 = match cfg.snat_ipv4 {
-            Some(ip) => Some(ip),
-            None => read(false)?,
+        let snat_v4 = match cfg.snat_ipv4.is_empty() {
+            false => cfg.snat_ipv4.clone(),
+            true => read(false)?.into_iter().collect(),
         };
-        let snat_v6 = match cfg.snat_ipv6 {
-            Some(ip) => Some(ip),
-            None => read(true)?,
+        let snat_v6 = match cfg.snat_ipv6.is_empty() {
+            false => cfg.snat_ipv6.clone(),
+            true => read(true)?.into_iter().collect(),
         };
+        // A single balancer does not put SNAT addresses on the interface (one may be the
+        // host's own, which a reload must never take off); in a pair keepalived moves them.
+        if cfg.ha.is_none() {
+            for ip in cfg.snat_ipv4.iter().chain(&cfg.snat_ipv6) {
+                if !net::has_address(&interface, *ip).unwrap_or(true) {
+                    tracing::warn!(
+                        address = %ip,
+                        interface = %interface,
+                        "SNAT address is not on the interface: backends' replies to it reach this balancer only if they are routed to it"
+                    );
+                }
+            }
+        }
         Ok(HostAddrs {
             interface,
             snat_v4,
@@ -269,10 +284,10 @@ pub fn plan(
     let mut snat = BTreeMap::new();
     for spec in &desired.services {
         let v4 = spec.vip.is_ipv4();
-        let ip = if v4 { host.snat_v4 } else { host.snat_v6 };
+        let pool = if v4 { &host.snat_v4 } else { &host.snat_v6 };
         // A backend's reply to SNAT address:port would be taken for a client packet to it.
         let (first, last) = (desired.snat_ports.first, desired.snat_ports.last);
-        if ip == Some(spec.vip.ip()) && (first..=last).contains(&spec.vip.port()) {
+        if pool.contains(&spec.vip.ip()) && (first..=last).contains(&spec.vip.port()) {
             return Err(PlanError::VipInSnatRange {
                 service: spec.name.clone(),
                 vip: spec.vip,
@@ -280,10 +295,10 @@ pub fn plan(
                 last,
             });
         }
-        let a = match (spec.forwarding, ip) {
-            (Forwarding::Dsr, _) => [0; 16],
-            (Forwarding::Nat, Some(ip)) => net::addr16(ip),
-            (Forwarding::Nat, None) => {
+        let a: Vec<[u8; 16]> = match (spec.forwarding, pool.is_empty()) {
+            (Forwarding::Dsr, _) => Vec::new(),
+            (Forwarding::Nat, false) => pool.iter().map(|ip| net::addr16(*ip)).collect(),
+            (Forwarding::Nat, true) => {
                 return Err(PlanError::NoSnatAddress {
                     service: spec.name.clone(),
                     family: if v4 { 4 } else { 6 },
@@ -465,7 +480,7 @@ pub fn plan(
                 id,
                 key: service_key(spec.vip, spec.protocol),
                 half,
-                snat: snat.get(&spec.name).copied().unwrap_or([0; 16]),
+                snat: snat.get(&spec.name).cloned().unwrap_or_default(),
                 backends,
                 active,
             },
@@ -677,12 +692,38 @@ backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
         let other = inside.replace("10.77.0.1:", "10.77.0.101:");
         rig.plan(&other).unwrap();
         assert!(last >= first + 5);
+        // Every address of a pool counts.
+        rig.host.snat_v4 = vec!["10.77.0.1".parse().unwrap(), "10.77.0.101".parse().unwrap()];
+        assert!(matches!(
+            rig.plan(&other).unwrap_err(),
+            PlanError::VipInSnatRange { .. }
+        ));
+    }
+
+    #[test]
+    fn a_nat_service_gets_the_whole_snat_pool_of_its_family() {
+        let mut rig = Rig::new();
+        let pool: Vec<IpAddr> = vec!["10.77.0.1".parse().unwrap(), "10.77.0.201".parse().unwrap()];
+        rig.host.snat_v4 = pool.clone();
+        rig.reload(WEB).unwrap();
+        let want: Vec<[u8; 16]> = pool.iter().map(|ip| net::addr16(*ip)).collect();
+        assert_eq!(rig.service("web").snat, want);
+        let svc = rig
+            .maps
+            .services()
+            .into_iter()
+            .map(|(_, s)| s)
+            .find(|s| s.id == rig.service("web").id)
+            .unwrap();
+        assert_eq!(svc.snat_addr_count, 2);
+        assert_eq!(&svc.snat_addrs[..2], &want[..]);
+        assert_eq!(svc.snat_addrs[2], [0; 16]);
     }
 
     #[test]
     fn dsr_needs_no_snat_address() {
         let mut rig = Rig::new();
-        rig.host.snat_v4 = None;
+        rig.host.snat_v4 = Vec::new();
         let nat = WEB;
         assert!(matches!(
             rig.plan(nat).unwrap_err(),
@@ -690,7 +731,7 @@ backends = [ { address = "10.77.0.11:6661" }, { address = "10.77.0.12:6661" } ]
         ));
         let dsr = WEB.replace("ring_size = 13", "ring_size = 13\nforwarding = \"dsr\"");
         rig.reload(&dsr).unwrap();
-        assert_eq!(rig.service("web").snat, [0; 16]);
+        assert!(rig.service("web").snat.is_empty());
     }
 
     const HL7_L4: &str = r#"

@@ -8,8 +8,8 @@ use std::{
 };
 
 use balancer_common::{
-    BE_DOWN, BE_DRAINING, BE_UP, Backend, Globals, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SVC_F_DOWN_DROP, SVC_F_DSR, SVC_F_IPV6, Service, ServiceKey,
+    BE_DOWN, BE_DRAINING, BE_UP, Backend, Globals, MAX_SNAT_ADDRS, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, SVC_F_DOWN_DROP, SVC_F_DSR, SVC_F_IPV6, Service, ServiceKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -96,8 +96,8 @@ pub struct ServiceState {
     pub key: ServiceKey,
     /// Live ring half.
     pub half: u32,
-    /// SNAT address (16-byte form; zero for DSR).
-    pub snat: [u8; 16],
+    /// SNAT addresses, the pool in config order (16-byte form; empty for DSR).
+    pub snat: Vec<[u8; 16]>,
     /// Backends in config order.
     pub backends: Vec<BackendState>,
     /// Failover: index (in `backends`) of the active backend.
@@ -264,6 +264,9 @@ impl ServiceState {
         if self.spec.vip.is_ipv6() {
             flags |= SVC_F_IPV6;
         }
+        let mut snat_addrs = [[0; 16]; MAX_SNAT_ADDRS];
+        let snat_addr_count = self.snat.len().min(MAX_SNAT_ADDRS);
+        snat_addrs[..snat_addr_count].copy_from_slice(&self.snat[..snat_addr_count]);
         let service = Service {
             id: self.id,
             flags,
@@ -272,7 +275,8 @@ impl ServiceState {
             seed: seed_of(&self.spec.name),
             snat_port_lo: globals.snat_port_lo,
             snat_port_hi: globals.snat_port_hi,
-            snat_addr: self.snat,
+            snat_addrs,
+            snat_addr_count: snat_addr_count as u32,
             new_flow_rate: self.spec.new_flow_rate,
         };
         let mut usable = Vec::new();

@@ -23,8 +23,8 @@ pub fn track_file(cfg: &Validated) -> std::path::PathBuf {
 /// Every address keepalived moves: VIPs, L7 listener and redirect addresses, SNAT addresses.
 pub fn virtual_addresses(cfg: &Validated) -> BTreeSet<IpAddr> {
     let mut out = cfg.service_addresses();
-    out.extend(cfg.snat_ipv4);
-    out.extend(cfg.snat_ipv6);
+    out.extend(cfg.snat_ipv4.iter().copied());
+    out.extend(cfg.snat_ipv6.iter().copied());
     out.retain(|ip| !ip.is_unspecified() && !ip.is_loopback());
     out
 }
