@@ -28,10 +28,15 @@ use crate::{
 pub fn balancer(ctx: XdpContext) -> u32 {
     // Two paths, each its own BPF function, so their stack frames do not add up (the
     // verifier limits the frames of a call chain to 512 bytes together).
-    let r = if not_for_us(&ctx) {
-        Err(Error::NotForUs)
-    } else if is_icmp(&ctx) {
-        icmp_path(&ctx)
+    // The destination MAC is checked only before a frame would be acted on (a VIP, a reply,
+    // an ICMP error): anything else is passed, and the kernel drops another host's frames
+    // itself, so the common non-VIP path does not pay for the lookup.
+    let r = if is_icmp(&ctx) {
+        if not_for_us(&ctx) {
+            Err(Error::NotForUs)
+        } else {
+            icmp_path(&ctx)
+        }
     } else {
         match flow_path(&ctx) {
             Ok(Verdict::TooBig(mtu)) => too_big_path(&ctx, mtu),
@@ -169,6 +174,9 @@ fn flow_path(ctx: &XdpContext) -> Result<Verdict, Error> {
         pad: 0,
     };
     if let Some(svc) = SERVICES.get_ptr(&skey) {
+        if not_for_us(ctx) {
+            return Err(Error::NotForUs);
+        }
         // SAFETY: map values stay valid for the whole program run (RCU); the controller
         // replaces a service by a whole-element update.
         return flow::forward(x, &p, unsafe { &*svc });
@@ -184,6 +192,9 @@ fn flow_path(ctx: &XdpContext) -> Result<Verdict, Error> {
             // SAFETY: as above; concurrent writers only store the same atime or a flag.
             let f = unsafe { &mut *f };
             if f.flags & FLOW_F_FORWARD == 0 {
+                if not_for_us(ctx) {
+                    return Err(Error::NotForUs);
+                }
                 return flow::reverse(x, &p, f);
             }
         }

@@ -281,7 +281,7 @@ fn new_flow(
         let Some(addr) = svc.snat_addrs.get(snat::pool_index(claim.addr) as usize) else {
             return Err(Error::Map);
         };
-        scratch.flow.new_src = *addr;
+        snat::copy_addr(&mut scratch.flow.new_src, addr);
         scratch.flow.new_sport = claim.port;
         if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
             // Roll back: a reply entry without its forward entry would hold the port.

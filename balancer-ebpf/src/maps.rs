@@ -53,6 +53,11 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
+/// Per-CPU second at which each backend slot's SNAT ports were last found all held (0:
+/// never): new flows to it probe fewer ports for a moment. Not part of the ABI.
+#[map(name = "BLB_EXHAUSTED")]
+pub static EXHAUSTED: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
 /// Room for the entries of a new flow (the BPF stack is 512 bytes). Not part of the ABI.
 #[map(name = "BLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -3,9 +3,9 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
-    Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
-    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS, MIN_SNAT_PORTS, PROTO_TCP,
-    Service, idle_secs, snat_first_port,
+    Addr, Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD,
+    FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS,
+    MIN_SNAT_PORTS, PROTO_TCP, Service, idle_secs, snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -14,7 +14,7 @@ use balancer_ebpf::{
 };
 
 use crate::{
-    maps::{FLOWS, GLOBALS, SCRATCH},
+    maps::{EXHAUSTED, FLOWS, GLOBALS, SCRATCH},
     xdp::Xdp,
 };
 
@@ -125,6 +125,8 @@ fn half_open_of(p: &Pkt) -> u32 {
 
 /// SNAT ports tried for a new flow.
 const SNAT_PROBES: u32 = 16;
+/// SNAT ports tried for a new flow to a backend whose ports were all held a moment ago.
+const SHORT_PROBES: u32 = 4;
 
 /// May a new flow take the SNAT port of this reply entry? Only when its flow is over: closed
 /// a moment ago, or idle past the protocol's timeout.
@@ -178,6 +180,20 @@ pub fn pool_index(i: u32) -> u32 {
     // SAFETY: reads a local.
     let i = unsafe { core::ptr::read_volatile(&i) };
     i & (MAX_SNAT_ADDRS as u32 - 1)
+}
+
+/// Copies an address from a variable offset without a byte loop (LLVM turns a plain copy
+/// of a 1-aligned array at an unknown offset into one, which the verifier then walks 16
+/// times per probe).
+#[inline(always)]
+pub fn copy_addr(dst: &mut Addr, src: &Addr) {
+    // SAFETY: both are 16 bytes; unaligned accesses are lowered to byte loads and stores.
+    unsafe {
+        let s = src.as_ptr() as *const u64;
+        let d = dst.as_mut_ptr() as *mut u64;
+        core::ptr::write_unaligned(d, core::ptr::read_unaligned(s));
+        core::ptr::write_unaligned(d.add(1), core::ptr::read_unaligned(s.add(1)));
+    }
 }
 
 /// A claimed SNAT port.
@@ -254,12 +270,21 @@ pub fn claim(
     let mut fallback_addr: u32 = 0;
     let range = hi - lo + 1;
     let first = port - lo;
+    // A backend whose port space was found full on this CPU this second or the last gets a
+    // short probe: a flood at an exhausted backend costs a few lookups per packet, not 16
+    // cold ones, and ports that come free are found again a second later.
+    let memo = EXHAUSTED.get_ptr_mut(be_idx);
+    // SAFETY: per-CPU value, no concurrent writer.
+    let short = memo.is_some_and(|m| unsafe { *m != 0 && idle_secs(now, *m) <= 1 });
     for i in 0..SNAT_PROBES {
+        if short && i >= SHORT_PROBES {
+            break;
+        }
         let a = pool_index((first_addr + i) % naddrs);
         let Some(addr) = svc.snat_addrs.get(a as usize) else {
             return None;
         };
-        rkey.dst = *addr;
+        copy_addr(&mut rkey.dst, addr);
         // Triangular probing (first, +1, +3, +6, …) per address: no primary clusters to run
         // into.
         let step = i / naddrs;
@@ -320,12 +345,16 @@ pub fn claim(
         }
     }
     if fallback == 0 {
+        if let Some(m) = memo {
+            // SAFETY: as above.
+            unsafe { *m = now };
+        }
         return None;
     }
     let Some(addr) = svc.snat_addrs.get(pool_index(fallback_addr) as usize) else {
         return None;
     };
-    rkey.dst = *addr;
+    copy_addr(&mut rkey.dst, addr);
     rkey.dport = (fallback as u16).to_be();
     if let Some(e) = FLOWS.get_ptr(&*rkey) {
         // SAFETY: valid for this run; the keys are copied into scratch before the deletes.

@@ -1643,20 +1643,60 @@ fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
         },
         Reason::DropSnatExhausted,
     );
-    // Probe 5's half-open flow is old now: its port goes to the new client.
-    let old = hold(&mut tb, vip, be, &probes, 5, half, now.wrapping_sub(3));
+    // Probe 5's half-open flow is old now, but this CPU just found the backend exhausted:
+    // for a moment a new flow probes only the first 4 ports.
+    let old5 = hold(&mut tb, vip, be, &probes, 5, half, now.wrapping_sub(3));
+    run_counted(
+        &tb,
+        Row {
+            name: "right after an exhausted claim only 4 ports are probed",
+            input: syn.clone(),
+            verdict: XDP_DROP,
+            output: None,
+        },
+        Reason::DropSnatExhausted,
+    );
+    // Probe 2's is old too: within the short probe, its port goes to the new client.
+    let old = hold(&mut tb, vip, be, &probes, 2, half, now.wrapping_sub(3));
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!(v, XDP_TX);
-    assert_eq!(snat_port_of(&out), probes[5]);
+    assert_eq!(snat_port_of(&out), probes[2]);
     let flows = tb.dp.flows();
     assert!(
         !flows.contains_key(&old),
         "the old flow's forward entry went with its port"
     );
     assert_eq!(
-        flows[&reply_key(be, probes[5], false)].new_dst,
+        flows[&reply_key(be, probes[2], false)].new_dst,
         addr16(client.ip())
     );
+    assert!(flows.contains_key(&old5), "probe 5 was not reached");
+    // Two ticks of the whole-second clock later the whole sequence is probed again: with
+    // every other port held by a live flow, probe 5's old half-open flow gives up its port.
+    let fkey = FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    tb.dp.remove_flow(&fkey).unwrap();
+    let start = balancer::control::flow_expiry::now_secs();
+    for _ in 0..40 {
+        if balancer_common::idle_secs(balancer::control::flow_expiry::now_secs(), start) >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let later = balancer::control::flow_expiry::now_secs();
+    for i in (0..16).filter(|i| *i != 5) {
+        hold(&mut tb, vip, be, &probes, i, 0, later);
+    }
+    hold(&mut tb, vip, be, &probes, 5, half, later.wrapping_sub(3));
+    let (v, out) = tb.run(&syn).unwrap();
+    assert_eq!(v, XDP_TX, "all 16 probes again");
+    assert_eq!(snat_port_of(&out), probes[5]);
 }
 
 #[test]
@@ -1672,23 +1712,25 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
     }
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     assert_eq!(tb.run(&syn).unwrap().0, XDP_DROP, "16 live flows");
-    // Probe 7's forward entry was evicted: its reply entry holds a port nobody uses.
-    tb.dp.remove_flow(&forward[7]).unwrap();
+    // (This CPU now probes only the first 4 ports for a moment: the ports freed below are
+    // among them.)
+    // Probe 1's forward entry was evicted: its reply entry holds a port nobody uses.
+    tb.dp.remove_flow(&forward[1]).unwrap();
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!(
         v, XDP_TX,
         "an orphaned port is claimed at once, not after the idle timeout"
     );
-    assert_eq!(snat_port_of(&out), probes[7]);
+    assert_eq!(snat_port_of(&out), probes[1]);
     let flows = tb.dp.flows();
     assert_eq!(
-        flows[&reply_key(be, probes[7], false)].new_dst,
+        flows[&reply_key(be, probes[1], false)].new_dst,
         addr16(client.ip())
     );
-    for (i, k) in forward.iter().enumerate().filter(|(i, _)| *i != 7) {
+    for (i, k) in forward.iter().enumerate().filter(|(i, _)| *i != 1) {
         assert!(flows.contains_key(k), "probe {i}'s live flow stays");
     }
-    // The same client again, with probe 7 held by a live flow once more and probe 9's
+    // The same client again, with probe 1 held by a live flow once more and probe 3's
     // client now on another port: that client's forward entry stays, its old port is free.
     let fkey = FlowKey {
         src: addr16(client.ip()),
@@ -1699,27 +1741,27 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
         pad: [0; 3],
     };
     tb.dp.remove_flow(&fkey).unwrap();
-    hold(&mut tb, vip, be, &probes, 7, 0, now);
-    let mut moved = tb.dp.flows()[&forward[9]];
+    hold(&mut tb, vip, be, &probes, 1, 0, now);
+    let mut moved = tb.dp.flows()[&forward[3]];
     moved.new_sport = 40000u16.to_be();
-    tb.dp.put_flow(&forward[9], &moved).unwrap();
+    tb.dp.put_flow(&forward[3], &moved).unwrap();
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!(v, XDP_TX);
-    assert_eq!(snat_port_of(&out), probes[9]);
+    assert_eq!(snat_port_of(&out), probes[3]);
     assert_eq!(
-        tb.dp.flows()[&forward[9]],
+        tb.dp.flows()[&forward[3]],
         moved,
         "a forward entry on another port is not the old port's flow: kept"
     );
     // The controller's sweep frees such ports too, once they are 2 s old, and keeps
     // every reply entry whose flow is there.
-    let mut orphan = tb.dp.flows()[&reply_key(be, probes[3], false)];
-    tb.dp.remove_flow(&forward[3]).unwrap();
+    let mut orphan = tb.dp.flows()[&reply_key(be, probes[5], false)];
+    tb.dp.remove_flow(&forward[5]).unwrap();
     orphan.atime = now.wrapping_sub(balancer::control::flow_expiry::ORPHAN_GRACE_SECS);
     tb.dp
-        .put_flow(&reply_key(be, probes[3], false), &orphan)
+        .put_flow(&reply_key(be, probes[5], false), &orphan)
         .unwrap();
-    tb.dp.remove_flow(&forward[4]).unwrap();
+    tb.dp.remove_flow(&forward[6]).unwrap();
     let t = balancer::control::flow_expiry::Timeouts {
         tcp_idle: 3600,
         udp_idle: 300,
@@ -1729,9 +1771,9 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
     assert_eq!((s.orphans, s.idle, s.closed), (1, 0, 0), "{s:?}");
     let flows = tb.dp.flows();
     assert_eq!(flows.len(), before - 1);
-    assert!(!flows.contains_key(&reply_key(be, probes[3], false)));
+    assert!(!flows.contains_key(&reply_key(be, probes[5], false)));
     assert!(
-        flows.contains_key(&reply_key(be, probes[4], false)),
+        flows.contains_key(&reply_key(be, probes[6], false)),
         "a young orphan may be a claim in progress: kept"
     );
 }
