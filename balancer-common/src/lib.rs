@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -248,6 +248,10 @@ pub struct Flow {
     /// entry's next hop is resolved again on its first packet [`NEXTHOP_TTL_SECS`] later, so
     /// an established flow follows a changed route or MAC.
     pub nh_time: u32,
+    /// The route's MTU from the FIB answer (a route's `mtu` attribute, else the egress
+    /// device's); 0 when the next hop did not come from the FIB (a reply entry's, taken from
+    /// the client's packet): the egress device's MTU is checked then.
+    pub mtu: u32,
 }
 
 /// Seconds a FIB answer is used: the per-backend cache of new flows, and a forward entry's
@@ -551,10 +555,10 @@ mod tests {
         assert_eq!(size_of::<Service>(), 160);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 80);
+        assert_eq!(size_of::<Flow>(), 84);
         assert_eq!(size_of::<Counters>(), 56);
         assert_eq!(size_of::<Globals>(), 20);
-        assert_eq!(size_of::<MirrorEvent>(), 120);
+        assert_eq!(size_of::<MirrorEvent>(), 124);
         assert_eq!(size_of::<MirrorCounters>(), 16);
         assert_eq!(size_of::<IfMac>(), 8);
     }

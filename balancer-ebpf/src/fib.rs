@@ -47,6 +47,7 @@ pub fn resolve(
         flow.ifindex = cached.ifindex;
         flow.smac = cached.smac;
         flow.dmac = cached.dmac;
+        flow.mtu = cached.mtu;
         flow.nh_time = cached.time;
         return Ok(());
     }
@@ -58,10 +59,11 @@ pub fn resolve(
     cached.ifindex = flow.ifindex;
     cached.smac = flow.smac;
     cached.dmac = flow.dmac;
+    cached.mtu = flow.mtu;
     Ok(())
 }
 
-/// Asks the FIB for the next hop towards `flow.new_dst`. No neighbour yet: dropped (the
+/// Asks the FIB for the next hop towards `flow.new_dst`, and the route's MTU. No neighbour yet: dropped (the
 /// sender retries); no route: passed to the kernel untouched. Nothing is written on failure.
 #[inline(always)]
 pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
@@ -96,6 +98,11 @@ pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
         flow.ifindex = fib.ifindex;
         flow.smac = fib.smac;
         flow.dmac = fib.dmac;
+        // With `tot_len` 0 nothing is too big; on success the kernel returns the route's
+        // MTU in the same field (`mtu_result`): kept with the next hop, so each packet is
+        // checked against it without another lookup.
+        // SAFETY: reading a plain-data union field.
+        flow.mtu = u32::from(unsafe { fib.__bindgen_anon_1.mtu_result });
         return Ok(());
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {

@@ -51,6 +51,8 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The route's MTU (0: unknown).
+    pub mtu: u32,
 }
 
 /// Per-CPU second at which each backend slot's SNAT ports were last found all held (0:

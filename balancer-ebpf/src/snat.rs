@@ -73,6 +73,7 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
             e.smac = p.dst_mac;
             e.dmac = p.src_mac;
             e.nh_time = now;
+            e.mtu = 0;
             e.flags |= FLOW_F_NEXTHOP;
         }
         // Replies come in where the requests go out (that may have changed with the forward
@@ -104,6 +105,8 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
     reply.atime = now;
     reply.peer_ifindex = peer_ifindex(x, p, f);
     reply.nh_time = now;
+    // The way back came from the client's packet, not the FIB: the device MTU applies.
+    reply.mtu = 0;
     if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
         return Ok(Pair::Restored);
     }
@@ -259,6 +262,8 @@ pub fn claim(
     reply.atime = now;
     reply.peer_ifindex = peer_ifindex;
     reply.nh_time = now;
+    // The way back came from the client's packet, not the FIB: the device MTU applies.
+    reply.mtu = 0;
     rkey.src = be.addr;
     rkey.sport = be.port;
     rkey.proto = p.key.proto;
@@ -328,6 +333,7 @@ pub fn claim(
                 e.flags = reply.flags;
                 e.peer_ifindex = reply.peer_ifindex;
                 e.nh_time = now;
+                e.mtu = reply.mtu;
                 e.atime = now;
                 return Some(Claim {
                     addr: a,

@@ -1,5 +1,6 @@
-//! Packets too big for their egress link: the device MTU is checked for every packet above
-//! its family's minimum MTU, and the sender gets "fragmentation needed" / "packet too big",
+//! Packets too big for their egress link: the route's MTU (from the FIB answer kept with the
+//! flow's next hop) and the device MTU are checked for every packet above its family's
+//! minimum MTU, and the sender gets "fragmentation needed" / "packet too big",
 //! at most [`PTB_RATE`] a second per CPU.
 
 use aya_ebpf::{
@@ -22,12 +23,17 @@ pub const PTB_RATE: u64 = 200;
 /// Answers at once per CPU.
 pub const PTB_BURST: u64 = 50;
 
-/// The egress MTU when the packet does not fit `ifindex`, else `None`.
+/// The MTU when the packet does not fit its flow's route (`route_mtu`, from the FIB; 0:
+/// unknown) or the egress device `ifindex`, else `None`.
 #[inline(always)]
-pub fn exceeds(x: &Xdp, p: &Pkt, ifindex: u32) -> Option<u32> {
+pub fn exceeds(x: &Xdp, p: &Pkt, ifindex: u32, route_mtu: u32) -> Option<u32> {
     let ip_len = x.len().saturating_sub(p.l3off);
     if !ptb::needs_mtu_check(p.v6, ip_len) {
         return None;
+    }
+    // A route's `mtu` below the device's (a smaller link further on that the route knows).
+    if route_mtu != 0 && ip_len as u32 > route_mtu {
+        return Some(route_mtu);
     }
     // In: the packet's L3 length; out: the device MTU.
     let mut mtu = ip_len as u32;

@@ -21,7 +21,7 @@ use crate::{
 #[inline(always)]
 pub fn transmit(x: &Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
     // Too big for the egress link: answered by the entry, before anything is rewritten.
-    if let Some(mtu) = toobig::exceeds(x, p, flow.ifindex) {
+    if let Some(mtu) = toobig::exceeds(x, p, flow.ifindex, flow.mtu) {
         return Ok(Verdict::TooBig(mtu));
     }
     if flow.flags & FLOW_F_DSR == 0 {

@@ -629,6 +629,73 @@ fn packets_too_big_for_the_egress_link_are_answered() {
     }
 }
 
+/// A route's MTU below the device's (a smaller link the route knows of further on) is
+/// checked too: the FIB answer's MTU is kept with the flow's next hop. For IPv4 the FIB
+/// answers with a route's MTU when it is locked (`mtu lock`), as for the kernel's own
+/// forwarding (or with `net.ipv4.ip_forward_use_pmtu`).
+#[test]
+fn packets_too_big_for_the_route_are_answered() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    for (svc, vip, client) in [
+        ("web", sa("10.77.0.100:7002"), sa("10.77.0.2:40106")),
+        ("web6", sa("[fd77::100]:7002"), sa("[fd77::2]:40106")),
+    ] {
+        let (be, _) = predict(&tb, &st, svc, client, vip, PROTO_TCP);
+        let (family, prefix) = if be.is_ipv6() {
+            ("-6", 128)
+        } else {
+            ("-4", 32)
+        };
+        let dst = format!("{}/{prefix}", be.ip());
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n", &tb.ns, family, "route", "add", &dst, "dev", "t0", "mtu", "lock", "1300",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        nat_flow(&tb, &st, svc, client, vip, PROTO_TCP);
+        let l4 = 20 + if vip.is_ipv6() { 40 } else { 20 };
+        let segment = |ip_len: usize| {
+            packet::tcp(
+                host_mac(2),
+                LB_MAC,
+                client,
+                vip,
+                1001,
+                1,
+                packet::ACK,
+                &vec![5u8; ip_len - l4],
+            )
+        };
+        // 1400 bytes fit t0 (1500) but not the route.
+        let big = segment(1400);
+        let before = reasons(&tb);
+        let (v, out) = tb.run(&big).unwrap();
+        assert_eq!(v, XDP_TX, "{svc}: answered");
+        assert!(
+            out == too_big_answer(&big, 1300),
+            "{svc}: not the route MTU's answer ({} bytes out, {} in)",
+            out.len(),
+            big.len()
+        );
+        assert_icmp_checksums(&out);
+        let after = reasons(&tb);
+        assert_eq!(
+            after[Reason::TooBig as usize] - before[Reason::TooBig as usize],
+            1
+        );
+        let fits = segment(1300);
+        let (v, out) = tb.run(&fits).unwrap();
+        assert_eq!(v, XDP_TX, "{svc}: 1300 bytes fit");
+        assert_eq!(out.len(), fits.len(), "{svc}: forwarded, not answered");
+    }
+}
+
 /// Answers are rate-limited per CPU (the bucket's arithmetic is unit-tested on the host
 /// with a fake clock): with the thread on one CPU, a run of too-big packets far past the
 /// burst gets some answers and the rest dropped, each counted once.

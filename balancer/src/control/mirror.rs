@@ -156,6 +156,7 @@ mod tests {
             atime: 990,
             peer_ifindex: 0,
             nh_time: 985,
+            mtu: 1300,
         };
         (key, f)
     }
@@ -219,6 +220,7 @@ mod tests {
                     atime: 4990,
                     peer_ifindex: 0,
                     nh_time: 0,
+                    mtu: 0,
                     ..f
                 },
                 "same rewrite (SNAT port included), this balancer's slot, no next hop"
