@@ -28,6 +28,11 @@ pub struct L7Config {
     /// How often certificate and key files are checked for changes; `"0s"` disables the watch.
     #[serde(default = "default_cert_watch", with = "humantime_serde")]
     pub cert_watch_interval: Duration,
+    /// Threads of the proxy's own runtime (1 to 64; default 1): with 1 a single-threaded
+    /// runtime, else a work-stealing one. The proxy never shares the controller's threads.
+    /// Changes with a restart.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
 }
 
 /// One TLS-terminating listener.
@@ -284,6 +289,9 @@ pub enum Sticky {
     Source,
 }
 
+fn default_threads() -> usize {
+    1
+}
 fn default_cert_watch() -> Duration {
     Duration::from_secs(10)
 }
@@ -357,6 +365,12 @@ impl L7Config {
     /// [`crate::L7::reload`], not here.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
+        if !(1..=64).contains(&self.threads) {
+            errs.push(format!(
+                "l7.threads: {} is not between 1 and 64",
+                self.threads
+            ));
+        }
         let mut addrs = HashSet::new();
         let mut listener_names = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {

@@ -53,6 +53,58 @@ pub struct L7 {
     drain_tx: mpsc::Sender<()>,
     drain_rx: mpsc::Receiver<()>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// The proxy's own runtime, on its own thread(s): a request's tasks never wait for the
+    /// controller's work, and with one thread no task hops between threads.
+    runtime: Runtime,
+}
+
+/// The proxy's runtime and the thread that drives it; stops (closing whatever is still open)
+/// when dropped.
+struct Runtime {
+    handle: tokio::runtime::Handle,
+    exit: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Runtime {
+    fn start(threads: usize) -> anyhow::Result<Runtime> {
+        let mut b = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(threads);
+            b
+        };
+        let rt = b
+            .enable_all()
+            .thread_name("l7")
+            .build()
+            .context("l7: building the runtime")?;
+        let handle = rt.handle().clone();
+        let (exit, exit_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("l7".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let _ = exit_rx.await;
+                });
+            })
+            .context("l7: starting its thread")?;
+        Ok(Runtime {
+            handle,
+            exit: Some(exit),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        drop(self.exit.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn invalid(errs: Vec<String>) -> anyhow::Error {
@@ -109,15 +161,21 @@ impl L7 {
         let registry = metrics::Registry::default();
         let health = pool::HealthMap::default();
         let snapshot = Snapshot::build(&cfg, &health, &registry)?;
+        let runtime = Runtime::start(cfg.threads)?;
+        // Bound on the proxy's runtime (its I/O driver owns the sockets).
+        let bind = |addr: SocketAddr| {
+            let h = runtime.handle.spawn(TcpListener::bind(addr));
+            async move { h.await.map_err(std::io::Error::other)? }
+        };
         let mut bound = Vec::new();
         for l in &cfg.listeners {
-            let tcp = TcpListener::bind(l.address)
+            let tcp = bind(l.address)
                 .await
                 .with_context(|| format!("listener {}: bind {}", l.name, l.address))?;
             bound.push((Kind::Tls(Arc::from(l.name.as_str())), tcp));
         }
         for r in &cfg.redirects {
-            let tcp = TcpListener::bind(r.address)
+            let tcp = bind(r.address)
                 .await
                 .with_context(|| format!("redirect listener: bind {}", r.address))?;
             bound.push((Kind::Redirect(r.clone()), tcp));
@@ -136,14 +194,14 @@ impl L7 {
                 Kind::Redirect(_) => redirects.push(addr),
             }
             tracing::info!(address = %addr, "l7 listener up");
-            tokio::spawn(server::accept_loop(
+            runtime.handle.spawn(server::accept_loop(
                 shared.clone(),
                 tcp,
                 kind,
                 drain_tx.clone(),
             ));
         }
-        let watcher = Some(tokio::spawn(watch_certificates(shared.clone())));
+        let watcher = Some(runtime.handle.spawn(watch_certificates(shared.clone())));
         Ok(L7 {
             shared,
             listeners,
@@ -151,6 +209,7 @@ impl L7 {
             drain_tx,
             drain_rx,
             watcher,
+            runtime,
         })
     }
 
@@ -186,6 +245,9 @@ impl L7 {
         };
         if names(&old) != names(&cfg) || redirects(&old) != redirects(&cfg) {
             anyhow::bail!("l7 listeners changed (name or address): a restart is needed");
+        }
+        if old.threads != cfg.threads {
+            anyhow::bail!("l7 threads changed: a restart is needed");
         }
         let tls = build_tls(&cfg)?;
         let snapshot = Snapshot::build(&cfg, &self.shared.health, &self.shared.registry)?;
@@ -244,6 +306,7 @@ impl L7 {
             drain_tx,
             mut drain_rx,
             watcher,
+            runtime,
             ..
         } = self;
         if let Some(w) = watcher {
@@ -256,6 +319,8 @@ impl L7 {
             let _ = shared.hard_stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(1), drain_rx.recv()).await;
         }
+        // Stopping the runtime joins its thread: not on the caller's async thread.
+        let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
     }
 }
 

@@ -622,6 +622,50 @@ async fn cookie_stickiness() {
     lab.l7.shutdown(T).await;
 }
 
+/// The proxy runs on its own runtime: from a single-threaded caller too, with one thread or
+/// several; `threads` is refused out of range and changes only with a restart.
+#[tokio::test(flavor = "current_thread")]
+async fn the_proxy_runs_on_its_own_threads() {
+    let a = backend("A", None).await;
+    let dir = TempDir::new("threads");
+    let ca = Ca::new("test CA");
+    let ca_path = ca.write(&dir, "ca.pem");
+    let (c, k) = ca.leaf(&dir, "a", "a.test", &["a.test"]);
+    let body = format!(
+        "{}{}{}",
+        listener_toml("web", &[(&c, &k, &["a.test"])], ""),
+        pool_toml("p", &[a.addr], ""),
+        route_toml("all", None, "/", "p")
+    );
+    for threads in [1, 3] {
+        let v = format!("threads = {threads}\n{body}");
+        let l7 = L7::start(config(&v)).await.unwrap();
+        let port = l7.listener_addr("web").unwrap().port();
+        for _ in 0..3 {
+            let (code, got, _) = curl(&ca_path, "a.test", port, "/", &[]).await;
+            assert_eq!(code, 200, "threads = {threads}");
+            assert!(got.starts_with("id=A"), "{got}");
+        }
+        let other = format!("threads = {}\n{body}", threads + 1);
+        let e = l7.reload(config(&other)).await.unwrap_err().to_string();
+        assert!(e.contains("threads changed"), "{e}");
+        let (code, _, _) = curl(&ca_path, "a.test", port, "/", &[]).await;
+        assert_eq!(code, 200, "the refused reload changed nothing");
+        l7.shutdown(T).await;
+        let (code, _, _) = curl(&ca_path, "a.test", port, "/", &[]).await;
+        assert_ne!(code, 200, "stopped with its runtime");
+    }
+    for bad in [0, 65] {
+        let v = format!("threads = {bad}\n{body}");
+        let e = L7::start(config(&v))
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("l7.threads"), "{e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let a = backend("A", None).await;

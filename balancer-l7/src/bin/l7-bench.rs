@@ -257,10 +257,11 @@ fn main() -> anyhow::Result<()> {
         .map(|b| format!("[[pool.backend]]\naddress = \"{b}\"\n"))
         .collect();
     let toml_cfg = format!(
-        "[[listener]]\nname = \"bench\"\naddress = \"127.0.0.1:0\"\nalpn = [\"h2\", \"http/1.1\"]\n\
+        "threads = {}\n[[listener]]\nname = \"bench\"\naddress = \"127.0.0.1:0\"\nalpn = [\"h2\", \"http/1.1\"]\n\
          [[listener.certificate]]\ncert = {:?}\nkey = {:?}\nserver_names = [\"lb.bench\"]\n\
          [[pool]]\nname = \"p\"\n{pool_backends}\
          [[route]]\nname = \"all\"\npool = \"p\"\n",
+        a.workers,
         cert.display().to_string(),
         key.display().to_string()
     );
