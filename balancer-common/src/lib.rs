@@ -513,6 +513,19 @@ pub const fn idle_secs(now: u32, then: u32) -> u32 {
     if d > u32::MAX / 2 { 0 } else { d }
 }
 
+/// Is `fwd` the NAT forward entry that owns the reply key `rkey` (it rewrites to exactly
+/// that backend, SNAT address and port)? A reply entry whose forward entry is missing or
+/// owns another port serves no flow: its port is free.
+#[inline(always)]
+pub fn owns_reply(fwd: &Flow, rkey: &FlowKey) -> bool {
+    fwd.flags & FLOW_F_FORWARD != 0
+        && fwd.flags & FLOW_F_DSR == 0
+        && fwd.new_src == rkey.dst
+        && fwd.new_sport == rkey.dport
+        && fwd.new_dst == rkey.src
+        && fwd.new_dport == rkey.sport
+}
+
 /// Index into the rings map of `slot` in ring half `half` of service `id`.
 #[inline(always)]
 pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {

@@ -58,7 +58,18 @@ pub struct NextHop {
 /// Per-CPU second at which each backend slot's SNAT ports were last found all held (0:
 /// never): new flows to it probe fewer ports for a moment. Not part of the ABI.
 #[map(name = "BLB_EXHAUSTED")]
-pub static EXHAUSTED: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static EXHAUSTED: PerCpuArray<Exhausted> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// One backend slot's short-probe memo on one CPU.
+#[repr(C)]
+pub struct Exhausted {
+    /// Second at which all 16 probed ports were found held by established flows (0: never).
+    pub at: u32,
+    /// Scratch of the claim in progress: 1 once a probed port was held by a half-open or
+    /// closing flow (or lost to another CPU). Kept in map memory, not in a variable, so the
+    /// verifier does not track it through the probe loop.
+    pub unsettled: u32,
+}
 
 /// Room for the entries of a new flow (the BPF stack is 512 bytes). Not part of the ABI.
 #[map(name = "BLB_SCRATCH")]

@@ -3,9 +3,9 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
-    Addr, Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD,
-    FLOW_F_HALF_OPEN, FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS,
-    MIN_SNAT_PORTS, PROTO_TCP, Service, idle_secs, snat_first_port,
+    Addr, Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
+    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS, MIN_SNAT_PORTS, PROTO_TCP,
+    Service, idle_secs, owns_reply, snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -163,14 +163,7 @@ fn owned(e: &Flow, rkey: &FlowKey, okey: &mut FlowKey) -> bool {
     okey.pad = [0; 3];
     // SAFETY: read within this run; the entry is replaced or removed whole.
     match unsafe { FLOWS.get(&*okey) } {
-        Some(f) => {
-            f.flags & FLOW_F_FORWARD != 0
-                && f.flags & FLOW_F_DSR == 0
-                && f.new_src == rkey.dst
-                && f.new_sport == rkey.dport
-                && f.new_dst == rkey.src
-                && f.new_dport == rkey.sport
-        }
+        Some(f) => owns_reply(f, rkey),
         None => false,
     }
 }
@@ -275,12 +268,20 @@ pub fn claim(
     let mut fallback_addr: u32 = 0;
     let range = hi - lo + 1;
     let first = port - lo;
-    // A backend whose port space was found full on this CPU this second or the last gets a
-    // short probe: a flood at an exhausted backend costs a few lookups per packet, not 16
-    // cold ones, and ports that come free are found again a second later.
+    // A backend whose ports were all found held by established flows on this CPU this second
+    // or the last gets a short probe: while its flows last, new flows to it cost a few
+    // lookups, not 16 cold ones, and ports that come free are found again a second later.
+    // Half-open or closing holders (a SYN flood, churn) free their ports within seconds, so
+    // a backend full of them is probed in full: that is how new clients find those ports.
     let memo = EXHAUSTED.get_ptr_mut(be_idx);
-    // SAFETY: per-CPU value, no concurrent writer.
-    let short = memo.is_some_and(|m| unsafe { *m != 0 && idle_secs(now, *m) <= 1 });
+    // SAFETY (all uses of `memo`): per-CPU value, no concurrent writer.
+    let short = memo.is_some_and(|m| unsafe { (*m).at != 0 && idle_secs(now, (*m).at) <= 1 });
+    let unsettled = |on: u32| {
+        if let Some(m) = memo {
+            unsafe { core::ptr::write_volatile(&mut (*m).unsettled, on) };
+        }
+    };
+    unsettled(0);
     for i in 0..SNAT_PROBES {
         if short && i >= SHORT_PROBES {
             break;
@@ -312,6 +313,7 @@ pub fn claim(
                 });
             }
             // Another CPU claimed it a moment ago.
+            unsettled(1);
             continue;
         }
         if let Some(e) = held {
@@ -348,12 +350,18 @@ pub fn claim(
                 fallback = port;
                 fallback_addr = a;
             }
+            if e.flags & (FLOW_F_HALF_OPEN | FLOW_F_CLOSING) != 0 {
+                unsettled(1);
+            }
         }
     }
     if fallback == 0 {
-        if let Some(m) = memo {
-            // SAFETY: as above.
-            unsafe { *m = now };
+        // Only a full probe sets the memo, so it ends a second after the last full one.
+        if let Some(m) = memo
+            && !short
+            && unsafe { core::ptr::read_volatile(&(*m).unsettled) } == 0
+        {
+            unsafe { (*m).at = now };
         }
         return None;
     }

@@ -1066,32 +1066,9 @@ fn a_snat_pool_spreads_flows_over_its_addresses_and_replies_come_back_on_each() 
         pad: [0; 3],
     };
     tb.dp.remove_flow(&fkey).unwrap();
-    let spoofed = sa("10.99.0.1:5000");
-    let holder = Flow {
-        new_src: addr16(vip.ip()),
-        new_dst: addr16(spoofed.ip()),
-        new_sport: vip.port().to_be(),
-        new_dport: spoofed.port().to_be(),
-        flags: balancer_common::FLOW_F_NEXTHOP,
-        atime: balancer::control::flow_expiry::now_secs(),
-        ..Default::default()
-    };
-    tb.dp.put_flow(&rkey, &holder).unwrap();
-    let hkey = FlowKey {
-        src: addr16(spoofed.ip()),
-        sport: spoofed.port().to_be(),
-        ..fkey
-    };
-    let hfwd = Flow {
-        new_src: addr16(snat.ip()),
-        new_dst: addr16(be.ip()),
-        new_sport: snat.port().to_be(),
-        new_dport: be.port().to_be(),
-        flags: balancer_common::FLOW_F_FORWARD | balancer_common::FLOW_F_NEXTHOP,
-        atime: holder.atime,
-        ..Default::default()
-    };
-    tb.dp.put_flow(&hkey, &hfwd).unwrap();
+    let now = balancer::control::flow_expiry::now_secs();
+    hold_at(&mut tb, vip, be, snat, 1, 0, now);
+    let holder = tb.dp.flows()[&rkey];
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!(v, XDP_TX);
@@ -1643,64 +1620,28 @@ fn a_flood_of_half_open_flows_gives_up_its_ports_to_new_clients() {
         },
         Reason::DropSnatExhausted,
     );
-    // Probe 5's half-open flow is old now, but this CPU just found the backend exhausted:
-    // for a moment a new flow probes only the first 4 ports.
-    let old5 = hold(&mut tb, vip, be, &probes, 5, half, now.wrapping_sub(3));
-    run_counted(
-        &tb,
-        Row {
-            name: "right after an exhausted claim only 4 ports are probed",
-            input: syn.clone(),
-            verdict: XDP_DROP,
-            output: None,
-        },
-        Reason::DropSnatExhausted,
-    );
-    // Probe 2's is old too: within the short probe, its port goes to the new client.
-    let old = hold(&mut tb, vip, be, &probes, 2, half, now.wrapping_sub(3));
+    // Probe 5's half-open flow is old now: its port goes to the new client.
+    let old = hold(&mut tb, vip, be, &probes, 5, half, now.wrapping_sub(3));
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!(v, XDP_TX);
-    assert_eq!(snat_port_of(&out), probes[2]);
+    assert_eq!(snat_port_of(&out), probes[5]);
     let flows = tb.dp.flows();
     assert!(
         !flows.contains_key(&old),
         "the old flow's forward entry went with its port"
     );
     assert_eq!(
-        flows[&reply_key(be, probes[2], false)].new_dst,
+        flows[&reply_key(be, probes[5], false)].new_dst,
         addr16(client.ip())
     );
-    assert!(flows.contains_key(&old5), "probe 5 was not reached");
-    // Two ticks of the whole-second clock later the whole sequence is probed again: with
-    // every other port held by a live flow, probe 5's old half-open flow gives up its port.
-    let fkey = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
-    tb.dp.remove_flow(&fkey).unwrap();
-    let start = balancer::control::flow_expiry::now_secs();
-    for _ in 0..40 {
-        if balancer_common::idle_secs(balancer::control::flow_expiry::now_secs(), start) >= 2 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let later = balancer::control::flow_expiry::now_secs();
-    for i in (0..16).filter(|i| *i != 5) {
-        hold(&mut tb, vip, be, &probes, i, 0, later);
-    }
-    hold(&mut tb, vip, be, &probes, 5, half, later.wrapping_sub(3));
-    let (v, out) = tb.run(&syn).unwrap();
-    assert_eq!(v, XDP_TX, "all 16 probes again");
-    assert_eq!(snat_port_of(&out), probes[5]);
 }
 
 #[test]
 fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
+    // The short-probe memo is per CPU: every run on one CPU.
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
     let (mut tb, st) = configured_testbed(65536).unwrap();
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40090");
@@ -1712,8 +1653,20 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
     }
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     assert_eq!(tb.run(&syn).unwrap().0, XDP_DROP, "16 live flows");
-    // (This CPU now probes only the first 4 ports for a moment: the ports freed below are
-    // among them.)
+    // Every port held by an established flow: for a moment this CPU probes only the first 4.
+    // Probe 9's forward entry goes, and is not reached.
+    tb.dp.remove_flow(&forward[9]).unwrap();
+    run_counted(
+        &tb,
+        Row {
+            name: "right after a backend was found full of established flows, 4 probes",
+            input: syn.clone(),
+            verdict: XDP_DROP,
+            output: None,
+        },
+        Reason::DropSnatExhausted,
+    );
+    forward[9] = hold(&mut tb, vip, be, &probes, 9, 0, now);
     // Probe 1's forward entry was evicted: its reply entry holds a port nobody uses.
     tb.dp.remove_flow(&forward[1]).unwrap();
     let (v, out) = tb.run(&syn).unwrap();
@@ -1776,6 +1729,24 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
         flows.contains_key(&reply_key(be, probes[6], false)),
         "a young orphan may be a claim in progress: kept"
     );
+    // Two ticks of the whole-second clock after the full probe, all 16 are probed again:
+    // probe 12's orphaned port is found.
+    tb.dp.remove_flow(&fkey).unwrap();
+    let start = balancer::control::flow_expiry::now_secs();
+    for _ in 0..40 {
+        if balancer_common::idle_secs(balancer::control::flow_expiry::now_secs(), start) >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let later = balancer::control::flow_expiry::now_secs();
+    for (i, f) in forward.iter_mut().enumerate() {
+        *f = hold(&mut tb, vip, be, &probes, i, 0, later);
+    }
+    tb.dp.remove_flow(&forward[12]).unwrap();
+    let (v, out) = tb.run(&syn).unwrap();
+    assert_eq!(v, XDP_TX, "all 16 probes again");
+    assert_eq!(snat_port_of(&out), probes[12]);
 }
 
 /// The backend a client's first SYN goes to, and the 16 SNAT ports the program probes for
@@ -1813,8 +1784,30 @@ fn hold(
     flags: u32,
     atime: u32,
 ) -> FlowKey {
-    let spoofed = SocketAddr::new(format!("10.99.0.{}", i + 1).parse().unwrap(), 5000);
-    let rk = reply_key(be, probes[i], false);
+    let snat = SocketAddr::new(lb_addr(false), probes[i]);
+    hold_at(tb, vip, be, snat, i + 1, flags, atime)
+}
+
+/// Holds SNAT address and port `snat` towards `be` with the flow of spoofed client
+/// 10.99.0.`client` (both halves); returns its forward key.
+fn hold_at(
+    tb: &mut Testbed,
+    vip: SocketAddr,
+    be: SocketAddr,
+    snat: SocketAddr,
+    client: usize,
+    flags: u32,
+    atime: u32,
+) -> FlowKey {
+    let spoofed = SocketAddr::new(format!("10.99.0.{client}").parse().unwrap(), 5000);
+    let rk = FlowKey {
+        src: addr16(be.ip()),
+        dst: addr16(snat.ip()),
+        sport: be.port().to_be(),
+        dport: snat.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
     let reply = Flow {
         new_src: addr16(vip.ip()),
         new_dst: addr16(spoofed.ip()),
@@ -1834,9 +1827,9 @@ fn hold(
         pad: [0; 3],
     };
     let fwd = Flow {
-        new_src: addr16(lb_addr(false)),
+        new_src: addr16(snat.ip()),
         new_dst: addr16(be.ip()),
-        new_sport: probes[i].to_be(),
+        new_sport: snat.port().to_be(),
         new_dport: be.port().to_be(),
         flags: balancer_common::FLOW_F_FORWARD | balancer_common::FLOW_F_NEXTHOP | flags,
         atime,

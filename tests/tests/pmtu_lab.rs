@@ -173,10 +173,10 @@ backends = [ {{ address = "[fd88:2::2]:{ECHO_PORT}" }} ]
     )
 }
 
-#[test]
-fn large_uploads_through_a_nat_vip_cross_a_smaller_middle_link_v4_and_v6() {
-    let lab = Lab::new(3).unwrap();
-    build_routers(&lab);
+/// Starts the echo server and the balancer, uploads [`UPLOAD`] bytes [`CONNS`] times per
+/// family through the VIPs (each echoed byte-exact by the far backend), and returns the
+/// balancer's counters.
+fn upload_through_the_balancer(lab: &Lab) -> serde_json::Value {
     let _echo = lab.spawn_echo(3).unwrap();
     let _b = lab.start_balancer(&config()).unwrap();
     for vip in [vip4(ECHO_PORT), vip6(ECHO_PORT)] {
@@ -190,11 +190,110 @@ fn large_uploads_through_a_nat_vip_cross_a_smaller_middle_link_v4_and_v6() {
         );
         assert_eq!(r.by_backend.get("be3"), Some(&(CONNS as u64)), "{vip}");
     }
-    let c = lab.counters().unwrap();
+    lab.counters().unwrap()
+}
+
+#[test]
+fn large_uploads_through_a_nat_vip_cross_a_smaller_middle_link_v4_and_v6() {
+    let lab = Lab::new(3).unwrap();
+    build_routers(&lab);
+    let c = upload_through_the_balancer(&lab);
     eprintln!("reasons: {}", c["reasons"]);
     let translated = c["reasons"]["icmp_nat"].as_u64().unwrap();
     // At least one error per family reached the client (later connections may reuse the
     // learnt path MTU).
     assert!(translated >= 2, "icmp_nat {translated}: {}", c["reasons"]);
     assert_eq!(c["reasons"]["pass_icmp_malformed"], 0, "{}", c["reasons"]);
+}
+
+/// The same path with R1 a blackhole router (it sends no "fragmentation needed" / "packet
+/// too big"), and the MTU known to the operator instead: locked route MTUs on the balancer
+/// towards the far network. The balancer answers the client itself from the route's MTU,
+/// so the uploads complete without a single error from the path.
+#[test]
+fn a_locked_route_mtu_stands_in_for_a_router_that_sends_no_errors_v4_and_v6() {
+    let lab = Lab::new(3).unwrap();
+    build_routers(&lab);
+    sh(
+        &lab,
+        Host::Backend(1),
+        &[
+            &["nft", "add", "table", "inet", "blackhole"],
+            &[
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "blackhole",
+                "out",
+                "{ type filter hook output priority 0 ; }",
+            ],
+            &[
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "blackhole",
+                "out",
+                "icmp",
+                "type",
+                "destination-unreachable",
+                "drop",
+            ],
+            &[
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "blackhole",
+                "out",
+                "icmpv6",
+                "type",
+                "packet-too-big",
+                "drop",
+            ],
+        ],
+    );
+    sh(
+        &lab,
+        Host::Lb,
+        &[
+            &[
+                "ip",
+                "route",
+                "replace",
+                "10.88.0.0/16",
+                "via",
+                "10.77.0.11",
+                "mtu",
+                "lock",
+                MIDDLE_MTU,
+            ],
+            &[
+                "ip",
+                "-6",
+                "route",
+                "replace",
+                "fd88::/16",
+                "via",
+                "fd77::11",
+                "mtu",
+                "lock",
+                MIDDLE_MTU,
+            ],
+        ],
+    );
+    let c = upload_through_the_balancer(&lab);
+    eprintln!("reasons: {}", c["reasons"]);
+    assert_eq!(
+        c["reasons"]["icmp_nat"], 0,
+        "R1 sent no error: {}",
+        c["reasons"]
+    );
+    let answered = c["reasons"]["too_big"].as_u64().unwrap();
+    assert!(
+        answered >= 2,
+        "the balancer answered each family from the route's MTU: {}",
+        c["reasons"]
+    );
 }

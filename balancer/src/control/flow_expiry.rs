@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
     FLOW_F_CLOSING, FLOW_F_DSR, FLOW_F_FORWARD, FLOW_F_HALF_OPEN, Flow, FlowKey, HALF_OPEN_SECS,
-    MAP_FLOWS, PROTO_TCP, idle_secs,
+    MAP_FLOWS, PROTO_TCP, idle_secs, owns_reply,
 };
 use tracing::debug;
 
@@ -133,15 +133,7 @@ pub enum Orphan {
 
 /// Judges reply entry `r` at key `rk` against `fw`, the entry at its forward key.
 pub fn orphan(rk: &FlowKey, r: &Flow, fw: Option<&Flow>, now: u32) -> Orphan {
-    let owned = fw.is_some_and(|fw| {
-        fw.flags & FLOW_F_FORWARD != 0
-            && fw.flags & FLOW_F_DSR == 0
-            && fw.new_src == rk.dst
-            && fw.new_sport == rk.dport
-            && fw.new_dst == rk.src
-            && fw.new_dport == rk.sport
-    });
-    if owned {
+    if fw.is_some_and(|fw| owns_reply(fw, rk)) {
         Orphan::Owned
     } else if idle_secs(now, r.atime) >= ORPHAN_GRACE_SECS {
         Orphan::Free
