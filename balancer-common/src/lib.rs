@@ -526,6 +526,12 @@ pub fn owns_reply(fwd: &Flow, rkey: &FlowKey) -> bool {
         && fwd.new_dport == rkey.sport
 }
 
+/// Seconds a reply entry without its flow (see [`owns_reply`]) is kept before its port is
+/// freed, by the program's probe or the controller's sweep: a claim writes its reply entry
+/// a moment before its forward entry, and a young reply entry is not worth the lookup of its
+/// owner (a SYN flood's ports are all young).
+pub const ORPHAN_GRACE_SECS: u32 = 2;
+
 /// Index into the rings map of `slot` in ring half `half` of service `id`.
 #[inline(always)]
 pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {

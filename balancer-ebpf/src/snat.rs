@@ -4,8 +4,8 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use balancer_common::{
     Addr, Backend, CLOSING_REUSE_SECS, FLOW_F_CLOSING, FLOW_F_FORWARD, FLOW_F_HALF_OPEN,
-    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS, MIN_SNAT_PORTS, PROTO_TCP,
-    Service, idle_secs, owns_reply, snat_first_port,
+    FLOW_F_NEXTHOP, Flow, FlowKey, HALF_OPEN_REUSE_SECS, MAX_SNAT_ADDRS, MIN_SNAT_PORTS,
+    ORPHAN_GRACE_SECS, PROTO_TCP, Service, idle_secs, owns_reply, snat_first_port,
 };
 use balancer_ebpf::{
     error::Error,
@@ -344,9 +344,12 @@ pub fn claim(
                 });
             }
             // A port whose flow is over, or whose owner is gone (its forward entry was
-            // evicted or expired, or its client's flow has another port now), is free at
-            // once.
-            if fallback == 0 && (reusable(e, p.key.proto, now) || !owned(e, rkey, okey)) {
+            // evicted or expired, or its client's flow has another port now) for
+            // ORPHAN_GRACE_SECS, is free at once.
+            if fallback == 0
+                && (reusable(e, p.key.proto, now)
+                    || (idle_secs(now, e.atime) >= ORPHAN_GRACE_SECS && !owned(e, rkey, okey)))
+            {
                 fallback = port;
                 fallback_addr = a;
             }

@@ -1647,9 +1647,12 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
     let client = sa("10.77.0.2:40090");
     let (be, probes) = probed_ports(&tb, &st, client, vip);
     let now = balancer::control::flow_expiry::now_secs();
+    // Established flows of a few seconds: an orphan is reclaimed once it is
+    // ORPHAN_GRACE_SECS old.
+    let then = now.wrapping_sub(balancer_common::ORPHAN_GRACE_SECS + 1);
     let mut forward = Vec::new();
     for i in 0..16 {
-        forward.push(hold(&mut tb, vip, be, &probes, i, 0, now));
+        forward.push(hold(&mut tb, vip, be, &probes, i, 0, then));
     }
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     assert_eq!(tb.run(&syn).unwrap().0, XDP_DROP, "16 live flows");
@@ -1666,7 +1669,7 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
         },
         Reason::DropSnatExhausted,
     );
-    forward[9] = hold(&mut tb, vip, be, &probes, 9, 0, now);
+    forward[9] = hold(&mut tb, vip, be, &probes, 9, 0, then);
     // Probe 1's forward entry was evicted: its reply entry holds a port nobody uses.
     tb.dp.remove_flow(&forward[1]).unwrap();
     let (v, out) = tb.run(&syn).unwrap();
@@ -1694,7 +1697,7 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
         pad: [0; 3],
     };
     tb.dp.remove_flow(&fkey).unwrap();
-    hold(&mut tb, vip, be, &probes, 1, 0, now);
+    hold(&mut tb, vip, be, &probes, 1, 0, then);
     let mut moved = tb.dp.flows()[&forward[3]];
     moved.new_sport = 40000u16.to_be();
     tb.dp.put_flow(&forward[3], &moved).unwrap();
@@ -1715,6 +1718,11 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
         .put_flow(&reply_key(be, probes[5], false), &orphan)
         .unwrap();
     tb.dp.remove_flow(&forward[6]).unwrap();
+    let mut young = tb.dp.flows()[&reply_key(be, probes[6], false)];
+    young.atime = now;
+    tb.dp
+        .put_flow(&reply_key(be, probes[6], false), &young)
+        .unwrap();
     let t = balancer::control::flow_expiry::Timeouts {
         tcp_idle: 3600,
         udp_idle: 300,
@@ -1740,8 +1748,9 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let later = balancer::control::flow_expiry::now_secs();
+    let aged = later.wrapping_sub(balancer_common::ORPHAN_GRACE_SECS + 1);
     for (i, f) in forward.iter_mut().enumerate() {
-        *f = hold(&mut tb, vip, be, &probes, i, 0, later);
+        *f = hold(&mut tb, vip, be, &probes, i, 0, aged);
     }
     tb.dp.remove_flow(&forward[12]).unwrap();
     let (v, out) = tb.run(&syn).unwrap();

@@ -28,8 +28,7 @@ use tracing::debug;
 /// Seconds a closed flow stays (stray retransmissions of its last segments still pass).
 pub const CLOSED_LINGER_SECS: u32 = 10;
 
-/// Seconds a reply entry without its forward entry is kept before its port is freed.
-pub const ORPHAN_GRACE_SECS: u32 = 2;
+pub use balancer_common::ORPHAN_GRACE_SECS;
 
 /// Expiry settings.
 #[derive(Debug, Clone, Copy)]
