@@ -1361,6 +1361,7 @@ fn half_open_flows_are_not_kept_by_backend_retransmits() {
         (1, 1),
         "the refreshed half-open flow, and the half whose flow is gone"
     );
+    assert_eq!(s.half_open, 1, "the idle one was half-open");
     let flows = tb.dp.flows();
     assert_eq!(flows.len(), before - 3);
     assert!(!flows.contains_key(&reply_key(be3, p3, false)));

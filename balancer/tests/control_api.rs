@@ -68,6 +68,7 @@ fn status() -> Status {
         failovers: 1,
         flows: 3,
         reasons: BTreeMap::new(),
+        flows_expired: BTreeMap::new(),
         services: vec![ServiceStatus {
             name: "hl7-listener".into(),
             vip: "10.77.0.100:6661".parse().unwrap(),

@@ -20,6 +20,7 @@
 //! | `failovers_total`, `reloads_total`, `config_errors_total` | counter | |
 //! | `flow_table_entries`, `flow_table_capacity`, `snat_ports`, `uptime_seconds` | gauge | |
 //! | `dataplane_verdicts_total` | counter | reason |
+//! | `flows_expired_total` (removed by the flow-table sweep) | counter | reason: closed, idle, half_open, orphan |
 //! | `l7_request_duration_seconds` | histogram | route, pool |
 //! | `l7_backend_health_up` | gauge | pool, backend |
 //! | `l7_certificate_expiry_timestamp_seconds` | gauge | listener, cert |
@@ -417,6 +418,17 @@ pub fn render(status: &Status) -> String {
         "dataplane_verdicts",
         "Dataplane verdicts by reason",
         verdicts,
+    );
+    let expired = Counters::default();
+    for (reason, n) in &status.flows_expired {
+        expired
+            .get_or_create(&vec![("reason", esc(reason))])
+            .inc_by(*n);
+    }
+    reg.register(
+        "flows_expired",
+        "Flows the controller's sweep removed, by reason (closed, idle, half_open, orphan: a reply entry whose flow was gone)",
+        expired,
     );
 
     if let Some(l7) = &status.l7 {
@@ -1048,6 +1060,14 @@ mod tests {
         assert!(t.contains("balancer_flow_table_entries 1234\n"));
         assert!(t.contains("balancer_uptime_seconds 3723\n"));
         assert!(t.contains("balancer_dataplane_verdicts_total{reason=\"no_backend\"} 3\n"));
+        assert!(
+            t.contains("balancer_flows_expired_total{reason=\"orphan\"} 7\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("balancer_flows_expired_total{reason=\"half_open\"} 40\n"),
+            "{t}"
+        );
     }
 
     /// The sample status with an L7 proxy that served requests.

@@ -122,6 +122,11 @@ pub struct Status {
     pub flows: usize,
     /// Global verdict reasons.
     pub reasons: BTreeMap<String, u64>,
+    /// Flows the controller's sweep removed since it started, by why: `closed`, `idle`,
+    /// `half_open` (a handshake that never completed), `orphan` (a reply entry whose flow
+    /// was gone: its SNAT port freed).
+    #[serde(default)]
+    pub flows_expired: BTreeMap<String, u64>,
     /// Services.
     pub services: Vec<ServiceStatus>,
     /// Layer-7 proxy counters, when an `[l7]` section runs.

@@ -82,6 +82,12 @@ pub(crate) fn sample_status() -> Status {
         failovers: 1,
         flows: 1234,
         reasons: BTreeMap::from([("pass".into(), 99), ("no_backend".into(), 3)]),
+        flows_expired: BTreeMap::from([
+            ("closed".into(), 120),
+            ("idle".into(), 2),
+            ("half_open".into(), 40),
+            ("orphan".into(), 7),
+        ]),
         services: vec![
             ServiceStatus {
                 name: "hl7-listener".into(),

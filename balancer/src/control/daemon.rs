@@ -235,6 +235,7 @@ impl Daemon {
             mllp.as_ref().map(balancer_mllp::Relay::metrics_handle),
             Instant::now(),
         );
+        let board = board.with_expiry(gc.expired.clone());
         let board = match ha_source {
             Some(h) => board.with_ha(h),
             None => board,
@@ -1008,6 +1009,7 @@ impl Daemon {
                 failovers: self.failovers,
                 flows: 0,
                 reasons: Default::default(),
+                flows_expired: Default::default(),
                 services,
                 l7_backends: self.l7_backends(),
                 l7: None,

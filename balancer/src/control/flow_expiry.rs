@@ -72,6 +72,8 @@ pub struct Sweep {
     pub closed: u64,
     /// Flows removed because they were idle.
     pub idle: u64,
+    /// Of `idle`, the half-open flows (a handshake that never completed).
+    pub half_open: u64,
     /// Reply entries removed because their forward entry was gone or had another port.
     pub orphans: u64,
     /// Table entries removed (a NAT flow has two).
@@ -196,10 +198,13 @@ pub fn sweep(flows: &mut HashMap<MapData, FlowKey, Flow>, t: Timeouts, now: u32)
             let _ = flows.remove(&rk);
             s.entries_removed += 1;
         }
-        if why == Expiry::Closed {
-            s.closed += 1
-        } else {
-            s.idle += 1
+        match why {
+            Expiry::Closed => s.closed += 1,
+            Expiry::HalfOpen => {
+                s.idle += 1;
+                s.half_open += 1;
+            }
+            Expiry::Idle => s.idle += 1,
         }
     }
     s
@@ -214,6 +219,39 @@ fn latest(a: u32, b: u32) -> u32 {
     }
 }
 
+/// What the sweeps removed since the collector started (status and metrics).
+#[derive(Debug, Default)]
+pub struct ExpiryTotals {
+    closed: AtomicU64,
+    idle: AtomicU64,
+    half_open: AtomicU64,
+    orphans: AtomicU64,
+}
+
+impl ExpiryTotals {
+    /// Adds one sweep.
+    pub fn add(&self, s: &Sweep) {
+        self.closed.fetch_add(s.closed, Ordering::Relaxed);
+        self.idle
+            .fetch_add(s.idle.saturating_sub(s.half_open), Ordering::Relaxed);
+        self.half_open.fetch_add(s.half_open, Ordering::Relaxed);
+        self.orphans.fetch_add(s.orphans, Ordering::Relaxed);
+    }
+
+    /// The totals by why (`closed`, `idle`, `half_open`, `orphan`).
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        [
+            ("closed", &self.closed),
+            ("idle", &self.idle),
+            ("half_open", &self.half_open),
+            ("orphan", &self.orphans),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
 /// A running expiry thread; stops when dropped.
 pub struct Collector {
     stop: Arc<AtomicBool>,
@@ -222,6 +260,8 @@ pub struct Collector {
     pub entries: Arc<AtomicU64>,
     /// Established flows by backend slot at the last sweep.
     pub kept: Arc<ArcSwap<BTreeMap<u32, u64>>>,
+    /// What the sweeps removed so far.
+    pub expired: Arc<ExpiryTotals>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
@@ -240,7 +280,8 @@ impl Collector {
         let stop = Arc::new(AtomicBool::new(false));
         let entries = Arc::new(AtomicU64::new(0));
         let kept: Arc<ArcSwap<BTreeMap<u32, u64>>> = Arc::default();
-        let (st, en, kp) = (stop.clone(), entries.clone(), kept.clone());
+        let expired: Arc<ExpiryTotals> = Arc::default();
+        let (st, en, kp, ex) = (stop.clone(), entries.clone(), kept.clone(), expired.clone());
         let handle = thread::Builder::new()
             .name("flow-gc".into())
             .spawn(move || {
@@ -252,6 +293,7 @@ impl Collector {
                     let mut s = sweep(&mut flows, t, now_secs());
                     // A removed flow took its reply entry too.
                     en.store(s.seen.saturating_sub(s.entries_removed), Ordering::Relaxed);
+                    ex.add(&s);
                     kp.store(Arc::new(std::mem::take(&mut s.kept)));
                     // The pair's active balancer tells its standby what expired.
                     if let Some(tx) = &removed
@@ -279,6 +321,7 @@ impl Collector {
             stop,
             entries,
             kept,
+            expired,
             handle: Some(handle),
         })
     }
@@ -326,6 +369,28 @@ mod tests {
         assert_eq!(expiry(&half, None, PROTO_TCP, T, now), None);
         let closing = flow(FLOW_F_FORWARD | FLOW_F_CLOSING, now + 1);
         assert_eq!(expiry(&closing, None, PROTO_TCP, T, now), None);
+    }
+
+    #[test]
+    fn expiry_totals_split_half_open_from_idle() {
+        let t = ExpiryTotals::default();
+        t.add(&Sweep {
+            closed: 2,
+            idle: 5,
+            half_open: 3,
+            orphans: 4,
+            ..Default::default()
+        });
+        t.add(&Sweep {
+            idle: 1,
+            ..Default::default()
+        });
+        let want: BTreeMap<String, u64> =
+            [("closed", 2), ("idle", 3), ("half_open", 3), ("orphan", 4)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        assert_eq!(t.snapshot(), want);
     }
 
     #[test]

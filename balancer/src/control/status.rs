@@ -38,6 +38,7 @@ pub struct StatusBoard {
     maps: Arc<Mutex<Dataplane>>,
     flows: Arc<AtomicU64>,
     backend_flows: Arc<ArcSwap<BTreeMap<u32, u64>>>,
+    expired: Arc<crate::control::flow_expiry::ExpiryTotals>,
     l7: Option<balancer_l7::MetricsHandle>,
     mllp: Option<balancer_mllp::MetricsHandle>,
     ha: Option<HaSource>,
@@ -70,12 +71,19 @@ impl StatusBoard {
             maps: Arc::new(Mutex::new(maps)),
             flows,
             backend_flows,
+            expired: Arc::default(),
             l7,
             mllp,
             ha: None,
             bgp: None,
             started,
         }
+    }
+
+    /// The same board, also reading what the flow-table sweeps removed.
+    pub fn with_expiry(mut self, expired: Arc<crate::control::flow_expiry::ExpiryTotals>) -> Self {
+        self.expired = expired;
+        self
     }
 
     /// The same board, also reading the pair's role, peer and mirror counters.
@@ -106,6 +114,7 @@ impl StatusBoard {
         let mut s = p.status.clone();
         s.uptime_secs = self.started.elapsed().as_secs();
         s.flows = usize::try_from(self.flows.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        s.flows_expired = self.expired.snapshot();
         // Only readers share this lock; the daemon has maps of its own.
         let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         s.reasons = maps
