@@ -198,8 +198,11 @@ pub const HALF_OPEN_SECS: u32 = 30;
 /// a SYN flood recycles its own ports instead of holding the whole range for 30 s.
 pub const HALF_OPEN_REUSE_SECS: u32 = 2;
 /// Seconds after the last packet before a closing flow's SNAT port may be taken again, when
-/// none of the probed ports is free (the controller also expires closed flows).
-pub const CLOSING_REUSE_SECS: u32 = 10;
+/// none of the probed ports is free (the controller's sweep frees closed flows after 10 s
+/// anyway). Short, because a client's retried SYN probes the same 16 ports each time: with
+/// a busy backend's ports held by recently closed connections, a longer wait outlasts the
+/// client's connect timeout. Three ticks of the whole-second clock: at least 2 s.
+pub const CLOSING_REUSE_SECS: u32 = 3;
 /// Smallest SNAT port range (the probe sequence needs room).
 pub const MIN_SNAT_PORTS: u32 = 1024;
 /// Most SNAT addresses per address family (a pool): each adds `snat_ports` concurrent NAT
