@@ -278,10 +278,8 @@ fn new_flow(
             account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
             return Err(Error::SnatExhausted);
         };
-        let Some(addr) = svc.snat_addrs.get(snat::pool_index(claim.addr) as usize) else {
-            return Err(Error::Map);
-        };
-        snat::copy_addr(&mut scratch.flow.new_src, addr);
+        // The claimed address and port are the reply key's destination.
+        scratch.flow.new_src = scratch.rkey.dst;
         scratch.flow.new_sport = claim.port;
         if FLOWS.insert(&p.key, &scratch.flow, BPF_ANY as u64).is_err() {
             // Roll back: a reply entry without its forward entry would hold the port.

@@ -194,9 +194,7 @@ pub fn copy_addr(dst: &mut Addr, src: &Addr) {
 
 /// A claimed SNAT port.
 pub struct Claim {
-    /// Index of the SNAT address in the service's pool.
-    pub addr: u32,
-    /// The port, network order.
+    /// The port, network order (the address is `rkey.dst`).
     pub port: u16,
     /// The reply entry was inserted by this claim (a failed later step removes it again).
     pub inserted: bool,
@@ -307,7 +305,6 @@ pub fn claim(
         if held.is_none() {
             if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
                 return Some(Claim {
-                    addr: a,
                     port: rkey.dport,
                     inserted: true,
                 });
@@ -338,7 +335,6 @@ pub fn claim(
                 e.mtu = reply.mtu;
                 e.atime = now;
                 return Some(Claim {
-                    addr: a,
                     port: rkey.dport,
                     inserted: false,
                 });
@@ -386,7 +382,6 @@ pub fn claim(
     // Another CPU may take the freed port first: then this flow has none.
     if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
         return Some(Claim {
-            addr: fallback_addr,
             port: rkey.dport,
             inserted: true,
         });
