@@ -158,6 +158,13 @@ impl Testbed {
         })
     }
 
+    /// Runs `ip` in the testbed's namespace (routes, addresses for a row).
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut v = vec!["-n", self.ns.as_str()];
+        v.extend_from_slice(args);
+        run("ip", &v)
+    }
+
     /// Runs one packet through the program: verdict and output bytes.
     pub fn run(&self, pkt: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
         let (v, out, _) = run_prog(self.dp.program()?, pkt, self.ifindex)?;

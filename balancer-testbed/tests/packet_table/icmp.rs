@@ -647,17 +647,10 @@ fn packets_too_big_for_the_route_are_answered() {
             ("-4", 32)
         };
         let dst = format!("{}/{prefix}", be.ip());
-        let out = std::process::Command::new("ip")
-            .args([
-                "-n", &tb.ns, family, "route", "add", &dst, "dev", "t0", "mtu", "lock", "1300",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        tb.ip(&[
+            family, "route", "add", &dst, "dev", "t0", "mtu", "lock", "1300",
+        ])
+        .unwrap();
         nat_flow(&tb, &st, svc, client, vip, PROTO_TCP);
         let l4 = 20 + if vip.is_ipv6() { 40 } else { 20 };
         let segment = |ip_len: usize| {
