@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 14;
+pub const ABI_VERSION: u32 = 15;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -39,8 +39,14 @@ pub const MAP_MIRROR_STATS: &str = "BLB_MIRROR_STATS";
 pub const MAP_IFMACS: &str = "BLB_IFMACS";
 /// Entries of [`MAP_IFMACS`] (interfaces the program may be attached to).
 pub const MAX_IFMACS: u32 = 64;
+/// 802.1Q VLAN device ifindex (`u32`) → [`VlanDev`]: its parent (the trunk) and VLAN id,
+/// written by the controller. A next hop the FIB answers on a VLAN device leaves through the
+/// trunk, tagged.
+pub const MAP_VLANS: &str = "BLB_VLANS";
+/// Entries of [`MAP_VLANS`].
+pub const MAX_VLANS: u32 = 4096;
 /// All maps, for pinning and adoption.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
@@ -52,6 +58,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_MIRROR,
     MAP_MIRROR_STATS,
     MAP_IFMACS,
+    MAP_VLANS,
 ];
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "balancer";
@@ -255,6 +262,13 @@ pub struct Flow {
     /// device's); 0 when the next hop did not come from the FIB (a reply entry's, taken from
     /// the client's packet): the egress device's MTU is checked then.
     pub mtu: u32,
+    /// The 802.1Q VLAN id the flow's packets leave with on `ifindex` (0: untagged). A forward
+    /// entry's comes with its next hop (the FIB's VLAN device, through [`MAP_VLANS`]); a
+    /// reply entry's is the tag the client's frames came in with.
+    pub vlan: u16,
+    /// Reply entries: the VLAN id the backend's packets must arrive with on `peer_ifindex`
+    /// (the forward entry's `vlan`). Zero in forward entries.
+    pub peer_vlan: u16,
 }
 
 /// Seconds a FIB answer is used: the per-backend cache of new flows, and a forward entry's
@@ -333,6 +347,18 @@ pub struct IfMac {
     pub pad: [u8; 2],
 }
 
+/// Value of [`MAP_VLANS`]: an 802.1Q VLAN device's parent and id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VlanDev {
+    /// Ifindex of the parent (the trunk the program is attached to).
+    pub parent: u32,
+    /// VLAN id (1–4094).
+    pub vid: u16,
+    /// Always zero.
+    pub pad: u16,
+}
+
 /// Why a packet got its verdict; the index into the reasons map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -391,10 +417,13 @@ pub enum Reason {
     /// A unicast frame to another MAC than the ingress interface's (a switch flooded it):
     /// passed untouched, as the kernel would drop it (`PACKET_OTHERHOST`).
     PassNotForUs = 23,
+    /// The frame could not be resized to push or pop the 802.1Q tag of its next hop after
+    /// it was rewritten: dropped (never forwarded or passed half-rewritten).
+    DropVlanResize = 24,
 }
 
 /// Number of [`Reason`] values.
-pub const REASONS: u32 = 24;
+pub const REASONS: u32 = 25;
 
 impl Reason {
     /// Every reason, in index order.
@@ -423,6 +452,7 @@ impl Reason {
         Reason::TooBig,
         Reason::DropTooBig,
         Reason::PassNotForUs,
+        Reason::DropVlanResize,
     ];
 
     /// A stable snake_case name for metrics and the CLI.
@@ -452,6 +482,7 @@ impl Reason {
             Reason::TooBig => "too_big",
             Reason::DropTooBig => "drop_too_big",
             Reason::PassNotForUs => "pass_not_for_us",
+            Reason::DropVlanResize => "drop_vlan_resize",
         }
     }
 }
@@ -555,6 +586,7 @@ mod pod {
     unsafe impl aya::Pod for MirrorEvent {}
     unsafe impl aya::Pod for MirrorCounters {}
     unsafe impl aya::Pod for IfMac {}
+    unsafe impl aya::Pod for VlanDev {}
 }
 
 #[cfg(test)]
@@ -577,12 +609,13 @@ mod tests {
         assert_eq!(size_of::<Service>(), 160);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 84);
+        assert_eq!(size_of::<Flow>(), 88);
         assert_eq!(size_of::<Counters>(), 56);
         assert_eq!(size_of::<Globals>(), 20);
-        assert_eq!(size_of::<MirrorEvent>(), 124);
+        assert_eq!(size_of::<MirrorEvent>(), 128);
         assert_eq!(size_of::<MirrorCounters>(), 16);
         assert_eq!(size_of::<IfMac>(), 8);
+        assert_eq!(size_of::<VlanDev>(), 8);
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum Error {
     /// Too big for the egress link, and the answer was rate-limited or could not be built
     /// (the frame may be changed already): dropped.
     TooBig,
+    /// The frame could not be resized for its next hop's 802.1Q tag after the rewrite:
+    /// dropped.
+    VlanResize,
     /// A per-CPU map slot that always exists was missing: passed, not counted.
     Map,
 }
@@ -82,7 +85,8 @@ impl Error {
             | Error::WrongInterface
             | Error::RateLimited
             | Error::TooBigNoDf
-            | Error::TooBig => XDP_DROP,
+            | Error::TooBig
+            | Error::VlanResize => XDP_DROP,
         }
     }
 
@@ -107,6 +111,7 @@ impl Error {
             Error::IcmpUnrelated => Reason::PassIcmp,
             Error::IcmpMalformed => Reason::PassIcmpMalformed,
             Error::TooBigNoDf | Error::TooBig => Reason::DropTooBig,
+            Error::VlanResize => Reason::DropVlanResize,
             Error::Map => return None,
         })
     }
@@ -170,6 +175,7 @@ mod tests {
             Error::BackendDown,
             Error::TooBigNoDf,
             Error::TooBig,
+            Error::VlanResize,
         ] {
             assert_eq!(e.action(), XDP_DROP, "{e:?}");
             assert!(e.reason().is_some_and(|r| r.name().starts_with("drop_")));

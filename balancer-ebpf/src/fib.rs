@@ -15,7 +15,10 @@ use balancer_ebpf::{
     parse::Pkt,
 };
 
-use crate::{maps::NEXTHOPS, xdp::Xdp};
+use crate::{
+    maps::{NEXTHOPS, VLANS},
+    xdp::Xdp,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -48,6 +51,7 @@ pub fn resolve(
         flow.smac = cached.smac;
         flow.dmac = cached.dmac;
         flow.mtu = cached.mtu;
+        flow.vlan = cached.vlan;
         flow.nh_time = cached.time;
         return Ok(());
     }
@@ -60,11 +64,13 @@ pub fn resolve(
     cached.smac = flow.smac;
     cached.dmac = flow.dmac;
     cached.mtu = flow.mtu;
+    cached.vlan = flow.vlan;
     Ok(())
 }
 
-/// Asks the FIB for the next hop towards `flow.new_dst`, and the route's MTU. No neighbour yet: dropped (the
-/// sender retries); no route: passed to the kernel untouched. Nothing is written on failure.
+/// Asks the FIB for the next hop towards `flow.new_dst`, and the route's MTU. An answer on a
+/// VLAN device ([`VLANS`]) is its trunk and VLAN id. No neighbour yet: dropped (the sender
+/// retries); no route: passed to the kernel untouched. Nothing is written on failure.
 #[inline(always)]
 pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
     let src = words(&flow.new_src);
@@ -95,7 +101,19 @@ pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
         )
     } as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        flow.ifindex = fib.ifindex;
+        // A VLAN device cannot send an XDP frame: the frame leaves through its trunk with
+        // the VLAN's tag.
+        // SAFETY: map values stay valid for the whole program run (RCU).
+        match unsafe { VLANS.get(&fib.ifindex) } {
+            Some(v) => {
+                flow.ifindex = v.parent;
+                flow.vlan = v.vid;
+            }
+            None => {
+                flow.ifindex = fib.ifindex;
+                flow.vlan = 0;
+            }
+        }
         flow.smac = fib.smac;
         flow.dmac = fib.dmac;
         // With `tot_len` 0 nothing is too big; on success the kernel returns the route's

@@ -99,8 +99,9 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
 /// Backend → SNAT address: back to the client, from the VIP.
 #[inline(always)]
 pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> {
-    // Zero: installed by the controller; the first reply's interface is learnt below.
-    if flow.peer_ifindex != x.ingress() && flow.peer_ifindex != 0 {
+    // Zero: installed by the controller; the first reply's interface and VLAN are learnt
+    // below.
+    if flow.peer_ifindex != 0 && (flow.peer_ifindex != x.ingress() || flow.peer_vlan != p.vid) {
         return Err(Error::WrongInterface);
     }
     if !backend_live(flow.backend, flow.generation) {
@@ -120,6 +121,7 @@ pub fn reverse(x: &mut Xdp, p: &Pkt, flow: &mut Flow) -> Result<Verdict, Error> 
     }
     if flow.peer_ifindex == 0 {
         flow.peer_ifindex = x.ingress();
+        flow.peer_vlan = p.vid;
     }
     // A backend's SYN-ACK retransmits do not keep a half-open flow alive.
     if flow.flags & FLOW_F_HALF_OPEN == 0 {
@@ -270,7 +272,8 @@ fn new_flow(
             be_idx,
             h,
             now,
-            snat::peer_ifindex(x, p, &scratch.flow),
+            scratch.flow.ifindex,
+            scratch.flow.vlan,
             &mut scratch.reply,
             &mut scratch.rkey,
             &mut scratch.okey,

@@ -20,6 +20,9 @@ pub trait Frame {
     /// Adds `by` bytes in front of the frame (their content is undefined). Pointers from
     /// [`Frame::ptr_at`] are invalid afterwards.
     fn grow_head(&mut self, by: usize) -> Result<(), Error>;
+    /// Removes `by` bytes from the front of the frame. Pointers from [`Frame::ptr_at`] are
+    /// invalid afterwards.
+    fn shrink_head(&mut self, by: usize) -> Result<(), Error>;
     /// One's complement sum (unfolded, memory-order words) of `len` bytes at `offset`;
     /// `len` is a multiple of [`crate::ptb::SUM_CHUNK`], at most
     /// [`crate::ptb::SUM_CHUNKS_MAX`] chunks.
@@ -106,6 +109,17 @@ impl Frame for SliceFrame<'_> {
         self.ptr = unsafe { self.ptr.sub(by) };
         self.head -= by;
         self.len += by;
+        Ok(())
+    }
+
+    fn shrink_head(&mut self, by: usize) -> Result<(), Error> {
+        if by > self.len {
+            return Err(Error::Truncated);
+        }
+        // SAFETY: stays inside the borrowed slice (by <= len).
+        self.ptr = unsafe { self.ptr.add(by) };
+        self.head += by;
+        self.len -= by;
         Ok(())
     }
 

@@ -112,6 +112,8 @@ pub const ETH_P_IP: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
 pub const ETH_P_IPV6: u16 = u16::from_ne_bytes(0x86ddu16.to_be_bytes());
 /// EtherType 802.1Q, wire order.
 pub const ETH_P_8021Q: u16 = u16::from_ne_bytes(0x8100u16.to_be_bytes());
+/// The VLAN id bits of an 802.1Q TCI (host order).
+pub const VLAN_VID_MASK: u16 = 0x0fff;
 /// IPv4 "more fragments" flag and fragment offset mask, wire order.
 pub const IP_MF_OFFSET: u16 = u16::from_ne_bytes(0x3fffu16.to_be_bytes());
 

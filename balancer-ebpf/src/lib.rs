@@ -16,3 +16,4 @@ pub mod ptb;
 pub mod rst;
 #[cfg(test)]
 mod tests;
+pub mod vlan;

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, IfMac, MAX_BACKENDS,
-    MAX_IFMACS, MAX_SERVICES, MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES, Service,
-    ServiceKey,
+    MAX_IFMACS, MAX_SERVICES, MAX_VLANS, MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES,
+    Service, ServiceKey, VlanDev,
 };
 use balancer_ebpf::ptb::TokenBucket;
 
@@ -53,6 +53,9 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     /// The route's MTU (0: unknown).
     pub mtu: u32,
+    /// The VLAN id on `ifindex` (0: untagged).
+    pub vlan: u16,
+    pub pad: u16,
 }
 
 /// Per-CPU second at which each backend slot's SNAT ports were last found all held (0:
@@ -117,3 +120,8 @@ pub static MIRROR_STATS: PerCpuArray<MirrorCounters> = PerCpuArray::with_max_ent
 /// [`IfMac`]): a unicast frame to another MAC is not ours.
 #[map(name = "BLB_IFMACS")]
 pub static IFMACS: HashMap<u32, IfMac> = HashMap::with_max_entries(MAX_IFMACS, 0);
+
+/// Every 802.1Q VLAN device (ifindex → [`VlanDev`]: its trunk and VLAN id), written by the
+/// controller: a FIB answer on a VLAN device becomes the trunk and a tag.
+#[map(name = "BLB_VLANS")]
+pub static VLANS: HashMap<u32, VlanDev> = HashMap::with_max_entries(MAX_VLANS, 0);

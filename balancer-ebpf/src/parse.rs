@@ -23,6 +23,8 @@ pub struct Pkt {
     pub v6: bool,
     /// The frame carries an 802.1Q tag.
     pub vlan: bool,
+    /// The tag's VLAN id (0: untagged, or a priority tag).
+    pub vid: u16,
     /// ICMP (v4) or ICMPv6: `key` has no ports and the L4 header is not read yet.
     pub icmp: bool,
     /// TCP flags (0 for UDP and ICMP).
@@ -43,9 +45,12 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
     // SAFETY (all header reads): bounds-checked by ptr_at.
     let (mut proto, src_mac, dst_mac) = unsafe { ((*eth).proto, (*eth).src, (*eth).dst) };
     let mut vlan = false;
+    let mut vid = 0;
     if proto == ETH_P_8021Q {
         let tag: *const VlanHdr = f.ptr_at(l3off)?;
-        proto = unsafe { (*tag).proto };
+        let tci;
+        (proto, tci) = unsafe { ((*tag).proto, (*tag).tci) };
+        vid = u16::from_be(tci) & VLAN_VID_MASK;
         l3off += size_of::<VlanHdr>();
         vlan = true;
     }
@@ -119,6 +124,7 @@ pub fn parse<F: Frame>(f: &F) -> Result<Pkt, Error> {
         l4off,
         v6,
         vlan,
+        vid,
         icmp,
         tcp_flags,
         key,

@@ -8,6 +8,7 @@ use balancer_ebpf::{
     icmp,
     nat::set_macs,
     parse::Pkt,
+    vlan::retag,
 };
 
 use crate::{
@@ -38,6 +39,7 @@ pub fn icmp(x: &mut Xdp, p: &Pkt) -> Result<Verdict, Error> {
         icmp::translate(x, p, &r, f)?;
         Reason::IcmpNat
     };
+    retag(x, p, f.vlan).map_err(|_| Error::VlanResize)?;
     set_macs(x, f.smac, f.dmac)?;
     let len = x.len() as u64;
     account(&SERVICE_STATS, f.service, |c| {
@@ -48,7 +50,7 @@ pub fn icmp(x: &mut Xdp, p: &Pkt) -> Result<Verdict, Error> {
         c.packets += 1;
         c.bytes += len;
     });
-    if p.vlan || f.ifindex == x.ingress() {
+    if f.ifindex == x.ingress() {
         return Ok(Verdict::IcmpTx(reason));
     }
     Ok(Verdict::IcmpRedirect(reason, f.ifindex))

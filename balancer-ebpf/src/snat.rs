@@ -66,21 +66,23 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
         let ingress = x.ingress();
         if e.flags & FLOW_F_NEXTHOP == 0
             || e.ifindex != ingress
+            || e.vlan != p.vid
             || e.dmac != p.src_mac
             || e.smac != p.dst_mac
         {
             e.ifindex = ingress;
+            e.vlan = p.vid;
             e.smac = p.dst_mac;
             e.dmac = p.src_mac;
             e.nh_time = now;
             e.mtu = 0;
             e.flags |= FLOW_F_NEXTHOP;
         }
-        // Replies come in where the requests go out (that may have changed with the forward
-        // next hop).
-        let peer = peer_ifindex(x, p, f);
-        if e.peer_ifindex != peer {
-            e.peer_ifindex = peer;
+        // Replies come in where the requests go out, on the same VLAN (that may have changed
+        // with the forward next hop).
+        if e.peer_ifindex != f.ifindex || e.peer_vlan != f.vlan {
+            e.peer_ifindex = f.ifindex;
+            e.peer_vlan = f.vlan;
         }
         return Ok(Pair::Intact);
     }
@@ -100,10 +102,12 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
     reply.generation = f.generation;
     reply.service = f.service;
     reply.ifindex = x.ingress();
+    reply.vlan = p.vid;
     reply.smac = p.dst_mac;
     reply.dmac = p.src_mac;
     reply.atime = now;
-    reply.peer_ifindex = peer_ifindex(x, p, f);
+    reply.peer_ifindex = f.ifindex;
+    reply.peer_vlan = f.vlan;
     reply.nh_time = now;
     // The way back came from the client's packet, not the FIB: the device MTU applies.
     reply.mtu = 0;
@@ -111,13 +115,6 @@ pub fn check_pair(x: &Xdp, p: &Pkt, f: &Flow, now: u32) -> Result<Pair, Error> {
         return Ok(Pair::Restored);
     }
     Ok(Pair::Taken)
-}
-
-/// The interface a NAT flow's replies arrive on: the forward next hop's, or for a tagged
-/// frame the trunk it came in on (the FIB answers with the VLAN device).
-#[inline(always)]
-pub fn peer_ifindex(x: &Xdp, p: &Pkt, forward: &Flow) -> u32 {
-    if p.vlan { x.ingress() } else { forward.ifindex }
 }
 
 /// 1 when the packet is a fresh SYN (the flow it makes is half-open), else 0.
@@ -216,6 +213,7 @@ pub fn claim(
     h: u32,
     now: u32,
     peer_ifindex: u32,
+    peer_vlan: u16,
     reply: &mut Flow,
     rkey: &mut FlowKey,
     okey: &mut FlowKey,
@@ -238,7 +236,7 @@ pub fn claim(
     // ports at every step of the port sequence.
     let first_addr = (h >> 24) % naddrs;
     // Replies go back the way the request came: to the MAC it came from, out of the interface
-    // it came in on.
+    // it came in on, with the tag it came with.
     reply.new_src = p.key.dst;
     reply.new_dst = p.key.src;
     reply.new_sport = p.key.dport;
@@ -248,10 +246,12 @@ pub fn claim(
     reply.generation = be.generation;
     reply.service = svc.id;
     reply.ifindex = x.ingress();
+    reply.vlan = p.vid;
     reply.smac = p.dst_mac;
     reply.dmac = p.src_mac;
     reply.atime = now;
     reply.peer_ifindex = peer_ifindex;
+    reply.peer_vlan = peer_vlan;
     reply.nh_time = now;
     // The way back came from the client's packet, not the FIB: the device MTU applies.
     reply.mtu = 0;
@@ -327,6 +327,8 @@ pub fn claim(
                 e.generation = reply.generation;
                 e.service = reply.service;
                 e.ifindex = reply.ifindex;
+                e.vlan = reply.vlan;
+                e.peer_vlan = reply.peer_vlan;
                 e.smac = reply.smac;
                 e.dmac = reply.dmac;
                 e.flags = reply.flags;

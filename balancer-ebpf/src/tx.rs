@@ -1,5 +1,5 @@
-//! Sending a packet of a flow: NAT rewrite (unless DSR), the flow's next-hop MACs, counters,
-//! and out of the flow's interface.
+//! Sending a packet of a flow: NAT rewrite (unless DSR), the flow's VLAN tag and next-hop
+//! MACs, counters, and out of the flow's interface.
 
 use balancer_common::{FLOW_F_DSR, Flow};
 use balancer_ebpf::{
@@ -8,6 +8,7 @@ use balancer_ebpf::{
     headers::words,
     nat::{rewrite, set_macs},
     parse::Pkt,
+    vlan::retag,
 };
 
 use crate::{
@@ -19,7 +20,7 @@ use crate::{
 
 /// Rewrites (NAT) and sends a packet of a flow to the flow's cached next hop.
 #[inline(always)]
-pub fn transmit(x: &Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
+pub fn transmit(x: &mut Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
     // Too big for the egress link: answered by the entry, before anything is rewritten.
     if let Some(mtu) = toobig::exceeds(x, p, flow.ifindex, flow.mtu) {
         return Ok(Verdict::TooBig(mtu));
@@ -34,6 +35,9 @@ pub fn transmit(x: &Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
             flow.new_dport,
         )?;
     }
+    // The tag of the flow's VLAN (or none) on its interface; after the rewrite, whose
+    // offsets it moves. The frame is changed already: a failure drops it.
+    retag(x, p, flow.vlan).map_err(|_| Error::VlanResize)?;
     set_macs(x, flow.smac, flow.dmac)?;
     let len = x.len() as u64;
     account(&SERVICE_STATS, flow.service, |c| {
@@ -44,8 +48,7 @@ pub fn transmit(x: &Xdp, p: &Pkt, flow: &Flow) -> Result<Verdict, Error> {
         c.packets += 1;
         c.bytes += len;
     });
-    // A tagged frame leaves on its trunk: the FIB answers with the VLAN device.
-    if p.vlan || flow.ifindex == x.ingress() {
+    if flow.ifindex == x.ingress() {
         return Ok(Verdict::Tx);
     }
     Ok(Verdict::Redirect(flow.ifindex))

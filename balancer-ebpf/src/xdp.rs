@@ -73,6 +73,15 @@ impl Frame for Xdp<'_> {
     }
 
     #[inline(always)]
+    fn shrink_head(&mut self, by: usize) -> Result<(), Error> {
+        // SAFETY: helper call; callers re-derive every packet pointer afterwards.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.ctx, by as i32) } != 0 {
+            return Err(Error::Truncated);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
     fn sum(&self, offset: usize, len: usize) -> Result<u32, Error> {
         if offset > MAX_HDR_OFFSET {
             return Err(Error::Truncated);

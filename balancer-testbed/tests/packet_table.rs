@@ -23,6 +23,8 @@ mod mac;
 mod mirror;
 #[path = "packet_table/nexthop.rs"]
 mod nexthop;
+#[path = "packet_table/vlan.rs"]
+mod vlan;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -525,48 +527,6 @@ fn what_is_not_balanced_passes_untouched() {
             assert_eq!(out, cut, "cut at {len} (v6 {v6}): changed");
         }
     }
-}
-
-#[test]
-fn vlan_tagged_syn_keeps_its_tag() {
-    let (tb, st) = configured_testbed(65536).unwrap();
-    let vip = sa("10.77.0.100:7002");
-    let client = sa("10.77.0.2:40007");
-    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
-    let tag = |f: Vec<u8>| {
-        let mut t = f[..12].to_vec();
-        t.extend_from_slice(&[0x81, 0x00, 0x00, 0x2a]);
-        t.extend_from_slice(&f[12..]);
-        t
-    };
-    let snat = SocketAddr::new(lb_addr(false), port);
-    run_rows(
-        &tb,
-        &[Row {
-            name: "802.1Q SYN",
-            input: tag(packet::tcp(
-                host_mac(2),
-                LB_MAC,
-                client,
-                vip,
-                1,
-                0,
-                packet::SYN,
-                &[],
-            )),
-            verdict: XDP_TX,
-            output: Some(tag(packet::tcp(
-                LB_MAC,
-                mac_of(be.ip()),
-                snat,
-                be,
-                1,
-                0,
-                packet::SYN,
-                &[],
-            ))),
-        }],
-    );
 }
 
 /// Checks an RST the program built: addresses swapped, flags, seq/ack, checksums.

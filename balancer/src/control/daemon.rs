@@ -171,6 +171,10 @@ impl Daemon {
         }
         // The first choice of an active backend is no failover (failover.rs logs it).
         let state = p.next;
+        // Before the program sees traffic: a flow to a backend on a VLAN must find its trunk.
+        if let Err(e) = sync_vlans(&mut dp) {
+            warn!(error = %format!("{e:#}"), "VLAN devices not read: flows through them are not tagged");
+        }
         for iface in &cfg.interfaces {
             net::enable_forwarding(iface)?;
             dp.attach(iface, cfg.xdp_mode)
@@ -292,6 +296,15 @@ impl Daemon {
     }
 
     /// Resolves backends' neighbours: all of them (`all`), or those no health check touches.
+    /// Records the namespace's 802.1Q VLAN devices in the dataplane (a flow whose next hop
+    /// is one leaves through its trunk, tagged). At start and every 10 s, so a VLAN added or
+    /// removed later is followed; a failure is logged and the old map kept.
+    fn sync_vlans(&mut self) {
+        if let Err(e) = sync_vlans(&mut self.dp) {
+            warn!(error = %format!("{e:#}"), "VLAN devices not read: the recorded ones stay");
+        }
+    }
+
     fn prime_neighbours(&self, all: bool) {
         for s in self.state.services.values() {
             if all || s.spec.health.is_none() {
@@ -1222,7 +1235,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = dog.tick() => crate::host::systemd::watchdog(),
-            _ = neigh.tick() => d.prime_neighbours(false),
+            _ = neigh.tick() => {
+                d.prime_neighbours(false);
+                d.sync_vlans();
+            }
             _ = refresh.tick() => {
                 d.check_dataplane();
                 d.publish();
@@ -1302,5 +1318,33 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         relay.shutdown(Duration::from_secs(10)).await;
     }
     info!("stopping: the dataplane keeps forwarding (balancer teardown removes it)");
+    Ok(())
+}
+
+/// Writes the namespace's 802.1Q VLAN devices (ifindex → trunk and VLAN id) into
+/// `BLB_VLANS`; logs a change. A VLAN whose trunk vanished meanwhile is left out.
+fn sync_vlans(dp: &mut Dataplane) -> anyhow::Result<()> {
+    let mut devs = std::collections::HashMap::new();
+    let found = net::vlan_devices()?;
+    for v in &found {
+        let Ok(parent) = net::ifindex(&v.parent) else {
+            continue;
+        };
+        devs.insert(
+            v.ifindex,
+            balancer_common::VlanDev {
+                parent,
+                vid: v.vid,
+                pad: 0,
+            },
+        );
+    }
+    if dp.set_vlans(&devs)? > 0 {
+        let names: Vec<String> = found
+            .iter()
+            .map(|v| format!("{} (VLAN {} on {})", v.name, v.vid, v.parent))
+            .collect();
+        info!(vlans = ?names, "VLAN devices recorded: flows through them leave through the trunk, tagged");
+    }
     Ok(())
 }

@@ -157,6 +157,8 @@ mod tests {
             peer_ifindex: 0,
             nh_time: 985,
             mtu: 1300,
+            vlan: 20,
+            peer_vlan: 0,
         };
         (key, f)
     }
@@ -221,9 +223,10 @@ mod tests {
                     peer_ifindex: 0,
                     nh_time: 0,
                     mtu: 0,
+                    vlan: 0,
                     ..f
                 },
-                "same rewrite (SNAT port included), this balancer's slot, no next hop"
+                "same rewrite (SNAT port included), this balancer's slot, no next hop (nor VLAN)"
             );
             // The reply entry exactly as the program restores a lost one.
             let (rk, reply) = e[1];

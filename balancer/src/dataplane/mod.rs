@@ -25,8 +25,9 @@ use aya::{
 use balancer_common::{
     ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, IfMac, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_REASONS,
-    MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MirrorCounters,
-    PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey, ring_index,
+    MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_VLANS, MAX_BACKENDS, MAX_SERVICES,
+    MirrorCounters, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey,
+    VlanDev, ring_index,
 };
 use tracing::{info, warn};
 
@@ -316,6 +317,7 @@ pub struct Dataplane {
     mirror: Option<Map>,
     mirror_stats: PerCpuArray<MapData, MirrorCounters>,
     ifmacs: HashMap<MapData, u32, IfMac>,
+    vlans: HashMap<MapData, u32, VlanDev>,
     rings: Rings,
     pin_path: Option<PathBuf>,
     /// True when the maps were adopted from a previous controller.
@@ -496,6 +498,7 @@ impl Dataplane {
             ),
             mirror_stats: take(&mut ebpf, MAP_MIRROR_STATS)?,
             ifmacs: take(&mut ebpf, MAP_IFMACS)?,
+            vlans: take(&mut ebpf, MAP_VLANS)?,
             ebpf: Some(ebpf),
             rings,
             pin_path: opts.pin_path.clone(),
@@ -537,7 +540,7 @@ impl Dataplane {
                 source,
             })?;
             Ok(match n {
-                MAP_SERVICES | MAP_IFMACS => Map::HashMap(data),
+                MAP_SERVICES | MAP_IFMACS | MAP_VLANS => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
                 MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS | MAP_MIRROR_STATS => {
                     Map::PerCpuArray(data)
@@ -568,6 +571,7 @@ impl Dataplane {
             mirror_stats: PerCpuArray::try_from(open(MAP_MIRROR_STATS)?)
                 .map_err(map_type(MAP_MIRROR_STATS))?,
             ifmacs: HashMap::try_from(open(MAP_IFMACS)?).map_err(map_type(MAP_IFMACS))?,
+            vlans: HashMap::try_from(open(MAP_VLANS)?).map_err(map_type(MAP_VLANS))?,
             ebpf: None,
             rings,
             pin_path: Some(dir.to_path_buf()),
@@ -720,6 +724,34 @@ impl Dataplane {
             .filter_map(Result::ok)
             .map(|(k, v)| (k, v.mac))
             .collect()
+    }
+
+    /// Makes `BLB_VLANS` hold exactly `devs` (VLAN device ifindex → trunk and VLAN id):
+    /// new and changed entries are written, stale ones removed. Returns how many entries
+    /// changed.
+    pub fn set_vlans(&mut self, devs: &StdHashMap<u32, VlanDev>) -> Result<usize> {
+        let old: StdHashMap<u32, VlanDev> = self.vlans.iter().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for (ifindex, dev) in devs {
+            if old.get(ifindex) != Some(dev) {
+                self.vlans
+                    .insert(ifindex, dev, 0)
+                    .map_err(map_err("writing a VLAN device"))?;
+                changed += 1;
+            }
+        }
+        for ifindex in old.keys().filter(|i| !devs.contains_key(i)) {
+            match self.vlans.remove(ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => changed += 1,
+                Err(e) => return Err(map_err("removing a VLAN device")(e)),
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The recorded VLAN devices (ifindex → trunk and VLAN id).
+    pub fn vlans(&self) -> StdHashMap<u32, VlanDev> {
+        self.vlans.iter().filter_map(Result::ok).collect()
     }
 
     /// Writes the globals.

@@ -24,6 +24,9 @@ pub enum Error {
         /// What it printed on stderr (trimmed).
         stderr: String,
     },
+    /// `ip` printed something that is not what it documents.
+    #[error("unexpected output of ip: {0}")]
+    IpOutput(String),
     /// A sysctl could not be read.
     #[error("reading {path}")]
     ReadSysctl {

@@ -234,6 +234,83 @@ pub fn interface_mac(interface: &str) -> Result<[u8; 6], MacError> {
     }
 }
 
+/// An 802.1Q VLAN device of this network namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VlanDevice {
+    /// Its name.
+    pub name: String,
+    /// Its ifindex.
+    pub ifindex: u32,
+    /// Its parent (the trunk).
+    pub parent: String,
+    /// The VLAN id.
+    pub vid: u16,
+}
+
+/// Every 802.1Q VLAN device of this network namespace whose parent is here too, from
+/// `ip -details -json link show` (netlink, so under `nsenter --net` it is this namespace's).
+/// 802.1ad (QinQ) devices and VLANs whose parent lives in another namespace are left out:
+/// the XDP program cannot send through them.
+pub fn vlan_devices() -> Result<Vec<VlanDevice>, Error> {
+    let args = ["-details", "-json", "link", "show"];
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(Error::IpSpawn)?;
+    if !out.status.success() {
+        return Err(Error::IpFailed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    parse_vlan_devices(&out.stdout)
+}
+
+/// The VLAN devices in `ip -details -json link show` output.
+fn parse_vlan_devices(json: &[u8]) -> Result<Vec<VlanDevice>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Link {
+        ifindex: Option<u32>,
+        ifname: Option<String>,
+        /// The parent's name, when it is in this namespace.
+        link: Option<String>,
+        /// Set when the parent is in another namespace.
+        link_netnsid: Option<i64>,
+        linkinfo: Option<LinkInfo>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LinkInfo {
+        info_kind: Option<String>,
+        info_data: Option<VlanData>,
+    }
+    #[derive(serde::Deserialize)]
+    struct VlanData {
+        protocol: Option<String>,
+        id: Option<u16>,
+    }
+    let links: Vec<Link> =
+        serde_json::from_slice(json).map_err(|e| Error::IpOutput(e.to_string()))?;
+    Ok(links
+        .into_iter()
+        .filter_map(|l| {
+            let info = l.linkinfo?;
+            let data = info.info_data?;
+            let vid = data.id?;
+            (info.info_kind.as_deref() == Some("vlan")
+                && data.protocol.as_deref() == Some("802.1Q")
+                && l.link_netnsid.is_none()
+                && (1..=4094).contains(&vid))
+            .then_some(())?;
+            Some(VlanDevice {
+                name: l.ifname?,
+                ifindex: l.ifindex?,
+                parent: l.link?,
+                vid,
+            })
+        })
+        .collect())
+}
+
 /// Interface index by name (in this network namespace).
 pub fn ifindex(interface: &str) -> Result<u32, Error> {
     nix::net::if_::if_nametoindex(interface).map_err(|source| Error::NoInterface {
@@ -245,6 +322,37 @@ pub fn ifindex(interface: &str) -> Result<u32, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vlan_devices_are_read_from_ip_json() {
+        // iproute2's shape, trimmed: a trunk, a VLAN on it, a QinQ device, a VLAN whose
+        // parent is in another namespace, and the empty objects iproute2 6.1 prints for
+        // links a `type` filter left out.
+        let json = br#"[
+            {"ifindex":2,"ifname":"eth0","flags":["UP"],"mtu":1500},
+            {"ifindex":5,"link":"eth0","ifname":"eth0.20","mtu":1500,
+             "linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":20,"flags":["REORDER_HDR"]}}},
+            {"ifindex":6,"link":"eth0","ifname":"eth0.30",
+             "linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1ad","id":30}}},
+            {"ifindex":7,"link_index":3,"link_netnsid":0,"ifname":"v40",
+             "linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":40}}},
+            {"ifindex":8,"link":"eth0","ifname":"mv0","linkinfo":{"info_kind":"macvlan","info_data":{"mode":"bridge"}}},
+            {}
+        ]"#;
+        assert_eq!(
+            parse_vlan_devices(json).unwrap(),
+            vec![VlanDevice {
+                name: "eth0.20".into(),
+                ifindex: 5,
+                parent: "eth0".into(),
+                vid: 20
+            }]
+        );
+        assert!(matches!(
+            parse_vlan_devices(b"not json"),
+            Err(Error::IpOutput(_))
+        ));
+    }
 
     #[test]
     fn addr16_round_trips() {
