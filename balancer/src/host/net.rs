@@ -68,7 +68,8 @@ pub fn has_address(interface: &str, ip: IpAddr) -> Result<bool, Error> {
     Ok(false)
 }
 
-fn ip_cmd(args: &[&str]) -> Result<(), Error> {
+/// Runs `ip` with `args`: its standard output, or why it failed.
+fn ip_output(args: &[&str]) -> Result<Vec<u8>, Error> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -79,7 +80,11 @@ fn ip_cmd(args: &[&str]) -> Result<(), Error> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(out.stdout)
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), Error> {
+    ip_output(args).map(drop)
 }
 
 /// Puts a VIP on the interface (as a host address) so the kernel answers ARP / ND for it.
@@ -252,18 +257,7 @@ pub struct VlanDevice {
 /// 802.1ad (QinQ) devices and VLANs whose parent lives in another namespace are left out:
 /// the XDP program cannot send through them.
 pub fn vlan_devices() -> Result<Vec<VlanDevice>, Error> {
-    let args = ["-details", "-json", "link", "show"];
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(Error::IpSpawn)?;
-    if !out.status.success() {
-        return Err(Error::IpFailed {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    parse_vlan_devices(&out.stdout)
+    parse_vlan_devices(&ip_output(&["-details", "-json", "link", "show"])?)
 }
 
 /// The VLAN devices in `ip -details -json link show` output.
