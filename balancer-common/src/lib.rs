@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 15;
+pub const ABI_VERSION: u32 = 16;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -43,10 +43,15 @@ pub const MAX_IFMACS: u32 = 64;
 /// written by the controller. A next hop the FIB answers on a VLAN device leaves through the
 /// trunk, tagged.
 pub const MAP_VLANS: &str = "BLB_VLANS";
-/// Entries of [`MAP_VLANS`].
+/// Entries of [`MAP_VLANS`] and of [`MAP_VLAN_PORTS`].
 pub const MAX_VLANS: u32 = 4096;
+/// The other way round: [`VlanPort`] (trunk ifindex, VLAN id) → [`VlanIn`] (the VLAN
+/// device's ifindex and MAC), written by the controller with [`MAP_VLANS`]. A tagged frame
+/// is checked against its VLAN device's MAC and routed as arriving on that device, as the
+/// kernel would; a tag without a device is treated as arriving on the trunk.
+pub const MAP_VLAN_PORTS: &str = "BLB_VLAN_PORTS";
 /// All maps, for pinning and adoption.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
@@ -59,6 +64,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_MIRROR_STATS,
     MAP_IFMACS,
     MAP_VLANS,
+    MAP_VLAN_PORTS,
 ];
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "balancer";
@@ -347,7 +353,7 @@ pub struct IfMac {
     pub pad: [u8; 2],
 }
 
-/// Value of [`MAP_VLANS`]: an 802.1Q VLAN device's parent and id.
+/// Value of [`MAP_VLANS`]: an 802.1Q VLAN device's parent, id and MAC.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VlanDev {
@@ -355,8 +361,32 @@ pub struct VlanDev {
     pub parent: u32,
     /// VLAN id (1–4094).
     pub vid: u16,
+    /// The VLAN device's MAC (its trunk's unless set otherwise).
+    pub mac: [u8; 6],
+}
+
+/// Key of [`MAP_VLAN_PORTS`]: a VLAN on a trunk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VlanPort {
+    /// The trunk's ifindex (the interface frames arrive on).
+    pub parent: u32,
+    /// VLAN id (1–4094).
+    pub vid: u16,
     /// Always zero.
     pub pad: u16,
+}
+
+/// Value of [`MAP_VLAN_PORTS`]: the VLAN device a tagged frame arrives for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VlanIn {
+    /// The VLAN device's ifindex.
+    pub ifindex: u32,
+    /// The VLAN device's MAC.
+    pub mac: [u8; 6],
+    /// Always zero.
+    pub pad: [u8; 2],
 }
 
 /// Why a packet got its verdict; the index into the reasons map.
@@ -587,6 +617,8 @@ mod pod {
     unsafe impl aya::Pod for MirrorCounters {}
     unsafe impl aya::Pod for IfMac {}
     unsafe impl aya::Pod for VlanDev {}
+    unsafe impl aya::Pod for VlanPort {}
+    unsafe impl aya::Pod for VlanIn {}
 }
 
 #[cfg(test)]
@@ -615,7 +647,9 @@ mod tests {
         assert_eq!(size_of::<MirrorEvent>(), 128);
         assert_eq!(size_of::<MirrorCounters>(), 16);
         assert_eq!(size_of::<IfMac>(), 8);
-        assert_eq!(size_of::<VlanDev>(), 8);
+        assert_eq!(size_of::<VlanDev>(), 12);
+        assert_eq!(size_of::<VlanPort>(), 8);
+        assert_eq!(size_of::<VlanIn>(), 12);
     }
 
     #[test]

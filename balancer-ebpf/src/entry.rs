@@ -7,17 +7,19 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
-use balancer_common::{FLOW_F_FORWARD, ServiceKey};
+use balancer_common::{FLOW_F_FORWARD, ServiceKey, VlanPort};
 use balancer_ebpf::{
     error::{Error, Verdict},
     frame::Frame,
-    headers::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr},
+    headers::{
+        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, Ipv4Hdr, Ipv6Hdr, VLAN_VID_MASK, VlanHdr,
+    },
     parse::{PROTO_ICMP, PROTO_ICMPV6, Pkt, parse},
 };
 
 use crate::{
     flow,
-    maps::{FLOWS, GLOBALS, IFMACS, SERVICES},
+    maps::{FLOWS, GLOBALS, IFMACS, SERVICES, VLAN_PORTS},
     related,
     stats::count,
     toobig,
@@ -65,8 +67,8 @@ pub fn balancer(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Is the frame unicast to another MAC than the ingress interface's (a switch flooded it to
-/// every port)? The kernel would drop it (`PACKET_OTHERHOST`), so it must not be forwarded
+/// Is the frame unicast to another MAC than the ingress interface's, or for a tagged frame
+/// its VLAN device's (a switch flooded it to every port)? The kernel would drop it (`PACKET_OTHERHOST`), so it must not be forwarded
 /// either. Broadcast and multicast frames (I/G bit set) are not refused here, and nor is
 /// anything on an interface the controller recorded no MAC for.
 #[inline(never)]
@@ -81,6 +83,22 @@ fn not_for_us(ctx: &XdpContext) -> bool {
         return false;
     }
     let ifindex = x.ingress();
+    // A tagged frame is for its VLAN device: that device's MAC (a tag without a device is
+    // checked against the trunk's, below).
+    // SAFETY (both reads): bounds-checked by ptr_at.
+    if unsafe { (*eth).proto } == ETH_P_8021Q
+        && let Ok(tag) = x.ptr_at::<VlanHdr>(size_of::<EthHdr>())
+    {
+        let port = VlanPort {
+            parent: ifindex,
+            vid: u16::from_be(unsafe { (*tag).tci }) & VLAN_VID_MASK,
+            pad: 0,
+        };
+        // SAFETY: as below.
+        if let Some(v) = unsafe { VLAN_PORTS.get(&port) } {
+            return v.mac != dst;
+        }
+    }
     // SAFETY: map values stay valid for the whole program run (RCU); an entry is replaced
     // whole.
     match unsafe { IFMACS.get(&ifindex) } {

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::bpf_fib_lookup as fib_lookup,
 };
-use balancer_common::{Backend, Flow, NEXTHOP_TTL_SECS};
+use balancer_common::{Backend, Flow, NEXTHOP_TTL_SECS, VlanPort};
 use balancer_ebpf::{
     error::Error,
     headers::{v4_of, words},
@@ -16,7 +16,7 @@ use balancer_ebpf::{
 };
 
 use crate::{
-    maps::{NEXTHOPS, VLANS},
+    maps::{NEXTHOPS, VLAN_PORTS, VLANS},
     xdp::Xdp,
 };
 
@@ -45,6 +45,7 @@ pub fn resolve(
     if cached.ifindex != 0
         && cached.generation == be.generation
         && cached.ingress == ingress
+        && cached.in_vid == p.vid
         && now.wrapping_sub(cached.time) < NEXTHOP_TTL_SECS
     {
         flow.ifindex = cached.ifindex;
@@ -59,6 +60,7 @@ pub fn resolve(
     flow.nh_time = now;
     cached.generation = be.generation;
     cached.ingress = ingress;
+    cached.in_vid = p.vid;
     cached.time = now;
     cached.ifindex = flow.ifindex;
     cached.smac = flow.smac;
@@ -66,6 +68,27 @@ pub fn resolve(
     cached.mtu = flow.mtu;
     cached.vlan = flow.vlan;
     Ok(())
+}
+
+/// The device the kernel would see a frame arrive on: a tagged frame's VLAN device when
+/// there is one ([`VLAN_PORTS`]), else the interface itself. The FIB is asked as from it, so
+/// rules on `iif`, a VRF and its forwarding setting apply as to the kernel's own forwarding.
+#[inline(always)]
+fn arrival_device(x: &Xdp, p: &Pkt) -> u32 {
+    let ingress = x.ingress();
+    if !p.vlan || p.vid == 0 {
+        return ingress;
+    }
+    let port = VlanPort {
+        parent: ingress,
+        vid: p.vid,
+        pad: 0,
+    };
+    // SAFETY: map values stay valid for the whole program run (RCU).
+    match unsafe { VLAN_PORTS.get(&port) } {
+        Some(v) => v.ifindex,
+        None => ingress,
+    }
 }
 
 /// Asks the FIB for the next hop towards `flow.new_dst`, and the route's MTU. An answer on a
@@ -78,7 +101,7 @@ pub fn lookup(x: &Xdp, p: &Pkt, flow: &mut Flow) -> Result<(), Error> {
     // SAFETY: plain C struct, all-zero is valid.
     let mut fib: bpf_fib_lookup = unsafe { zeroed() };
     fib.l4_protocol = p.key.proto;
-    fib.ifindex = x.ingress();
+    fib.ifindex = arrival_device(x, p);
     // SAFETY: writing plain-data union fields.
     unsafe {
         if p.v6 {

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use balancer_common::{
     Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, IfMac, MAX_BACKENDS,
     MAX_IFMACS, MAX_SERVICES, MAX_VLANS, MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES,
-    Service, ServiceKey, VlanDev,
+    Service, ServiceKey, VlanDev, VlanIn, VlanPort,
 };
 use balancer_ebpf::ptb::TokenBucket;
 
@@ -45,7 +45,8 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BA
 #[repr(C)]
 pub struct NextHop {
     pub generation: u32,
-    /// The interface the flow came in on: the FIB answer depends on it.
+    /// The interface the flow came in on, and its VLAN id below: the FIB answer depends on
+    /// them.
     pub ingress: u32,
     pub time: u32,
     pub ifindex: u32,
@@ -55,7 +56,8 @@ pub struct NextHop {
     pub mtu: u32,
     /// The VLAN id on `ifindex` (0: untagged).
     pub vlan: u16,
-    pub pad: u16,
+    /// The VLAN id the flow came in with (0: untagged).
+    pub in_vid: u16,
 }
 
 /// Per-CPU second at which each backend slot's SNAT ports were last found all held (0:
@@ -121,7 +123,12 @@ pub static MIRROR_STATS: PerCpuArray<MirrorCounters> = PerCpuArray::with_max_ent
 #[map(name = "BLB_IFMACS")]
 pub static IFMACS: HashMap<u32, IfMac> = HashMap::with_max_entries(MAX_IFMACS, 0);
 
-/// Every 802.1Q VLAN device (ifindex → [`VlanDev`]: its trunk and VLAN id), written by the
+/// Every 802.1Q VLAN device (ifindex → [`VlanDev`]: its trunk, VLAN id and MAC), written by the
 /// controller: a FIB answer on a VLAN device becomes the trunk and a tag.
 #[map(name = "BLB_VLANS")]
 pub static VLANS: HashMap<u32, VlanDev> = HashMap::with_max_entries(MAX_VLANS, 0);
+
+/// The same VLAN devices the other way round ((trunk, VLAN id) → [`VlanIn`]: the device and
+/// its MAC): a tagged frame is for its VLAN device's MAC and arrives, for the FIB, on it.
+#[map(name = "BLB_VLAN_PORTS")]
+pub static VLAN_PORTS: HashMap<VlanPort, VlanIn> = HashMap::with_max_entries(MAX_VLANS, 0);

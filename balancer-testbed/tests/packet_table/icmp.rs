@@ -16,9 +16,9 @@ use etherparse::{
 use super::{XDP_DROP, XDP_PASS, XDP_TX, lb_addr, mac_of, predict, sa, set_health};
 
 /// A router on the segment (it has a permanent neighbour entry in the testbed).
-const ROUTER: u8 = 50;
+pub(super) const ROUTER: u8 = 50;
 
-fn router(v6: bool) -> IpAddr {
+pub(super) fn router(v6: bool) -> IpAddr {
     if v6 {
         "fd77::32".parse().unwrap()
     } else {
@@ -28,7 +28,7 @@ fn router(v6: bool) -> IpAddr {
 
 /// What an ICMP error says.
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     FragNeeded(u16),
     PortUnreachable,
     TimeExceeded,
@@ -36,7 +36,7 @@ enum Kind {
 }
 
 /// An ICMP error frame from `src` to `dst` quoting `quote` (an IP packet, maybe cut).
-fn icmp_error(
+pub(super) fn icmp_error(
     smac: [u8; 6],
     dmac: [u8; 6],
     src: IpAddr,
@@ -87,7 +87,7 @@ fn icmp_error(
 }
 
 /// The IP packet inside a frame, cut to `len` bytes (`None`: whole).
-fn ip_of(frame: &[u8], len: Option<usize>) -> Vec<u8> {
+pub(super) fn ip_of(frame: &[u8], len: Option<usize>) -> Vec<u8> {
     let ip = &frame[14..];
     ip[..len.unwrap_or(ip.len()).min(ip.len())].to_vec()
 }
@@ -127,19 +127,19 @@ fn assert_icmp_checksums(frame: &[u8]) {
 
 /// One row: input, expected verdict, expected output (`None`: untouched), the reason counter
 /// it must bump (exactly one, by one).
-struct IcmpRow {
-    name: &'static str,
-    input: Vec<u8>,
-    verdict: u32,
-    output: Option<Vec<u8>>,
-    reason: Reason,
+pub(super) struct IcmpRow {
+    pub(super) name: &'static str,
+    pub(super) input: Vec<u8>,
+    pub(super) verdict: u32,
+    pub(super) output: Option<Vec<u8>>,
+    pub(super) reason: Reason,
 }
 
 fn reasons(tb: &Testbed) -> Vec<u64> {
     tb.dp.reasons().into_iter().map(|(_, v)| v).collect()
 }
 
-fn run_icmp_rows(tb: &Testbed, rows: &[IcmpRow]) {
+pub(super) fn run_icmp_rows(tb: &Testbed, rows: &[IcmpRow]) {
     for r in rows {
         let before = reasons(tb);
         let (v, out) = tb.run(&r.input).unwrap();

@@ -172,7 +172,7 @@ impl Daemon {
         // The first choice of an active backend is no failover (failover.rs logs it).
         let state = p.next;
         // Before the program sees traffic: a flow to a backend on a VLAN must find its trunk.
-        if let Err(e) = sync_vlans(&mut dp) {
+        if let Err(e) = sync_vlans(&mut dp, &cfg.interfaces) {
             warn!(error = %format!("{e:#}"), "VLAN devices not read: flows through them are not tagged");
         }
         for iface in &cfg.interfaces {
@@ -295,16 +295,16 @@ impl Daemon {
         Ok(d)
     }
 
-    /// Resolves backends' neighbours: all of them (`all`), or those no health check touches.
     /// Records the namespace's 802.1Q VLAN devices in the dataplane (a flow whose next hop
     /// is one leaves through its trunk, tagged). At start and every 10 s, so a VLAN added or
     /// removed later is followed; a failure is logged and the old map kept.
     fn sync_vlans(&mut self) {
-        if let Err(e) = sync_vlans(&mut self.dp) {
+        if let Err(e) = sync_vlans(&mut self.dp, &self.cfg.interfaces) {
             warn!(error = %format!("{e:#}"), "VLAN devices not read: the recorded ones stay");
         }
     }
 
+    /// Resolves backends' neighbours: all of them (`all`), or those no health check touches.
     fn prime_neighbours(&self, all: bool) {
         for s in self.state.services.values() {
             if all || s.spec.health.is_none() {
@@ -1321,9 +1321,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the namespace's 802.1Q VLAN devices (ifindex → trunk and VLAN id) into
-/// `BLB_VLANS`; logs a change. A VLAN whose trunk vanished meanwhile is left out.
-fn sync_vlans(dp: &mut Dataplane) -> anyhow::Result<()> {
+/// Writes the namespace's 802.1Q VLAN devices (ifindex → trunk, VLAN id and MAC) into
+/// `BLB_VLANS` and `BLB_VLAN_PORTS`; logs a change. A VLAN whose trunk vanished meanwhile is
+/// left out. A tagged frame on an attached trunk is routed as arriving on its VLAN device,
+/// so a new VLAN device of an attached interface gets forwarding turned on, as the attached
+/// interfaces do.
+fn sync_vlans(dp: &mut Dataplane, interfaces: &[String]) -> anyhow::Result<()> {
     let mut devs = std::collections::HashMap::new();
     let found = net::vlan_devices()?;
     for v in &found {
@@ -1335,7 +1338,7 @@ fn sync_vlans(dp: &mut Dataplane) -> anyhow::Result<()> {
             balancer_common::VlanDev {
                 parent,
                 vid: v.vid,
-                pad: 0,
+                mac: v.mac,
             },
         );
     }
@@ -1345,6 +1348,11 @@ fn sync_vlans(dp: &mut Dataplane) -> anyhow::Result<()> {
             .map(|v| format!("{} (VLAN {} on {})", v.name, v.vid, v.parent))
             .collect();
         info!(vlans = ?names, "VLAN devices recorded: flows through them leave through the trunk, tagged");
+        for v in found.iter().filter(|v| interfaces.contains(&v.parent)) {
+            if let Err(e) = net::enable_forwarding(&v.name) {
+                warn!(vlan = %v.name, error = %e, "tagged frames arriving on this VLAN are passed to the kernel");
+            }
+        }
     }
     Ok(())
 }

@@ -25,9 +25,9 @@ use aya::{
 use balancer_common::{
     ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, IfMac, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_REASONS,
-    MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_VLANS, MAX_BACKENDS, MAX_SERVICES,
-    MirrorCounters, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey,
-    VlanDev, ring_index,
+    MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_VLAN_PORTS, MAP_VLANS, MAX_BACKENDS,
+    MAX_SERVICES, MirrorCounters, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service,
+    ServiceKey, VlanDev, VlanIn, VlanPort, ring_index,
 };
 use tracing::{info, warn};
 
@@ -221,6 +221,34 @@ fn map_err(what: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { what, source }
 }
 
+/// Makes the hash map `map` hold exactly `want`: new and changed entries written, stale ones
+/// removed (one already gone counts as removed). Returns how many entries changed.
+fn sync_hash<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    want: &StdHashMap<K, V>,
+    what: &'static str,
+) -> Result<usize>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let old: StdHashMap<K, V> = map.iter().filter_map(Result::ok).collect();
+    let mut changed = 0;
+    for (k, v) in want {
+        if old.get(k) != Some(v) {
+            map.insert(k, v, 0).map_err(map_err(what))?;
+            changed += 1;
+        }
+    }
+    for k in old.keys().filter(|k| !want.contains_key(k)) {
+        match map.remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => changed += 1,
+            Err(e) => return Err(map_err(what)(e)),
+        }
+    }
+    Ok(changed)
+}
+
 fn map_type(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
     move |source| Error::MapType {
         name: name.to_string(),
@@ -318,6 +346,7 @@ pub struct Dataplane {
     mirror_stats: PerCpuArray<MapData, MirrorCounters>,
     ifmacs: HashMap<MapData, u32, IfMac>,
     vlans: HashMap<MapData, u32, VlanDev>,
+    vlan_ports: HashMap<MapData, VlanPort, VlanIn>,
     rings: Rings,
     pin_path: Option<PathBuf>,
     /// True when the maps were adopted from a previous controller.
@@ -499,6 +528,7 @@ impl Dataplane {
             mirror_stats: take(&mut ebpf, MAP_MIRROR_STATS)?,
             ifmacs: take(&mut ebpf, MAP_IFMACS)?,
             vlans: take(&mut ebpf, MAP_VLANS)?,
+            vlan_ports: take(&mut ebpf, MAP_VLAN_PORTS)?,
             ebpf: Some(ebpf),
             rings,
             pin_path: opts.pin_path.clone(),
@@ -540,7 +570,7 @@ impl Dataplane {
                 source,
             })?;
             Ok(match n {
-                MAP_SERVICES | MAP_IFMACS | MAP_VLANS => Map::HashMap(data),
+                MAP_SERVICES | MAP_IFMACS | MAP_VLANS | MAP_VLAN_PORTS => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
                 MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS | MAP_MIRROR_STATS => {
                     Map::PerCpuArray(data)
@@ -572,6 +602,8 @@ impl Dataplane {
                 .map_err(map_type(MAP_MIRROR_STATS))?,
             ifmacs: HashMap::try_from(open(MAP_IFMACS)?).map_err(map_type(MAP_IFMACS))?,
             vlans: HashMap::try_from(open(MAP_VLANS)?).map_err(map_type(MAP_VLANS))?,
+            vlan_ports: HashMap::try_from(open(MAP_VLAN_PORTS)?)
+                .map_err(map_type(MAP_VLAN_PORTS))?,
             ebpf: None,
             rings,
             pin_path: Some(dir.to_path_buf()),
@@ -726,27 +758,29 @@ impl Dataplane {
             .collect()
     }
 
-    /// Makes `BLB_VLANS` hold exactly `devs` (VLAN device ifindex → trunk and VLAN id):
-    /// new and changed entries are written, stale ones removed. Returns how many entries
-    /// changed.
+    /// Makes `BLB_VLANS` hold exactly `devs` (VLAN device ifindex → trunk, VLAN id and MAC)
+    /// and `BLB_VLAN_PORTS` the same devices by (trunk, VLAN id): new and changed entries are
+    /// written, stale ones removed. Returns how many devices changed.
     pub fn set_vlans(&mut self, devs: &StdHashMap<u32, VlanDev>) -> Result<usize> {
-        let old: StdHashMap<u32, VlanDev> = self.vlans.iter().filter_map(Result::ok).collect();
-        let mut changed = 0;
-        for (ifindex, dev) in devs {
-            if old.get(ifindex) != Some(dev) {
-                self.vlans
-                    .insert(ifindex, dev, 0)
-                    .map_err(map_err("writing a VLAN device"))?;
-                changed += 1;
-            }
-        }
-        for ifindex in old.keys().filter(|i| !devs.contains_key(i)) {
-            match self.vlans.remove(ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => changed += 1,
-                Err(e) => return Err(map_err("removing a VLAN device")(e)),
-            }
-        }
-        Ok(changed)
+        let ports: StdHashMap<VlanPort, VlanIn> = devs
+            .iter()
+            .map(|(ifindex, d)| {
+                let port = VlanPort {
+                    parent: d.parent,
+                    vid: d.vid,
+                    pad: 0,
+                };
+                let dev = VlanIn {
+                    ifindex: *ifindex,
+                    mac: d.mac,
+                    pad: [0; 2],
+                };
+                (port, dev)
+            })
+            .collect();
+        // Ports first: a device is looked up by its tag only once it is known by its index.
+        sync_hash(&mut self.vlan_ports, &ports, "a VLAN port")?;
+        sync_hash(&mut self.vlans, devs, "a VLAN device")
     }
 
     /// The recorded VLAN devices (ifindex → trunk and VLAN id).

@@ -250,6 +250,8 @@ pub struct VlanDevice {
     pub parent: String,
     /// The VLAN id.
     pub vid: u16,
+    /// Its MAC (its trunk's unless set otherwise).
+    pub mac: [u8; 6],
 }
 
 /// Every 802.1Q VLAN device of this network namespace whose parent is here too, from
@@ -270,6 +272,8 @@ fn parse_vlan_devices(json: &[u8]) -> Result<Vec<VlanDevice>, Error> {
         link: Option<String>,
         /// Set when the parent is in another namespace.
         link_netnsid: Option<i64>,
+        /// The MAC, `aa:bb:cc:dd:ee:ff`.
+        address: Option<String>,
         linkinfo: Option<LinkInfo>,
     }
     #[derive(serde::Deserialize)]
@@ -300,9 +304,24 @@ fn parse_vlan_devices(json: &[u8]) -> Result<Vec<VlanDevice>, Error> {
                 ifindex: l.ifindex?,
                 parent: l.link?,
                 vid,
+                mac: parse_mac(l.address.as_deref()?)?,
             })
         })
         .collect())
+}
+
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// Interface index by name (in this network namespace).
@@ -324,11 +343,11 @@ mod tests {
         // links a `type` filter left out.
         let json = br#"[
             {"ifindex":2,"ifname":"eth0","flags":["UP"],"mtu":1500},
-            {"ifindex":5,"link":"eth0","ifname":"eth0.20","mtu":1500,
+            {"ifindex":5,"link":"eth0","ifname":"eth0.20","mtu":1500,"address":"02:00:00:0a:0B:14",
              "linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":20,"flags":["REORDER_HDR"]}}},
-            {"ifindex":6,"link":"eth0","ifname":"eth0.30",
+            {"ifindex":6,"link":"eth0","ifname":"eth0.30","address":"02:00:00:00:00:1e",
              "linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1ad","id":30}}},
-            {"ifindex":7,"link_index":3,"link_netnsid":0,"ifname":"v40",
+            {"ifindex":7,"link_index":3,"link_netnsid":0,"ifname":"v40","address":"02:00:00:00:00:28",
              "linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":40}}},
             {"ifindex":8,"link":"eth0","ifname":"mv0","linkinfo":{"info_kind":"macvlan","info_data":{"mode":"bridge"}}},
             {}
@@ -339,9 +358,26 @@ mod tests {
                 name: "eth0.20".into(),
                 ifindex: 5,
                 parent: "eth0".into(),
-                vid: 20
+                vid: 20,
+                mac: [2, 0, 0, 0x0a, 0x0b, 0x14],
             }]
         );
+        // A VLAN device without a readable MAC is left out.
+        for address in [
+            r#""#,
+            r#","address":"02:00:00:00:00""#,
+            r#","address":"02:00:00:00:00:1:5""#,
+        ] {
+            let json = format!(
+                r#"[{{"ifindex":5,"link":"eth0","ifname":"eth0.20"{address},
+                   "linkinfo":{{"info_kind":"vlan","info_data":{{"protocol":"802.1Q","id":20}}}}}}]"#
+            );
+            assert_eq!(
+                parse_vlan_devices(json.as_bytes()).unwrap(),
+                vec![],
+                "{address}"
+            );
+        }
         assert!(matches!(
             parse_vlan_devices(b"not json"),
             Err(Error::IpOutput(_))
