@@ -218,7 +218,9 @@ pub struct PoolConfig {
     /// After a failed connect a backend is skipped for this long (unless nothing else is left).
     #[serde(default = "default_fail_cooldown", with = "humantime_serde")]
     pub fail_cooldown: Duration,
-    /// Idle HTTP/1.1 connections kept per backend.
+    /// Idle HTTP/1.1 connections kept per backend (default 256): a connection coming back to
+    /// a full pool is closed, so this is sized for a backend's concurrency; idle ones go after
+    /// `idle_timeout`.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_backend: usize,
     /// An idle pooled backend connection older than this is closed.
@@ -341,7 +343,7 @@ fn default_fail_cooldown() -> Duration {
     Duration::from_secs(5)
 }
 fn default_max_idle() -> usize {
-    32
+    256
 }
 fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(60)

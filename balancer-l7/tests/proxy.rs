@@ -964,3 +964,47 @@ async fn reload_swaps_routes_and_pools_atomically() {
     assert!(body.starts_with("id=B"), "{body}");
     l7.shutdown(T).await;
 }
+
+/// `n` requests for `path` at once, over `n` HTTP/1.1 connections (curl `--parallel`); their
+/// status codes.
+async fn burst(lab: &Lab, path: &str, n: usize) -> Vec<u16> {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sS", "--http1.1", "--max-time", "20", "--cacert"])
+        .arg(&lab.ca_path)
+        .args(["--resolve", &format!("a.test:{}:127.0.0.1", lab.port)])
+        .args(["--parallel", "--parallel-immediate", "--parallel-max"])
+        .arg(n.to_string())
+        .args(["-w", "%{http_code}\n"]);
+    for _ in 0..n {
+        // `-o` applies to one URL: each gets its own.
+        c.args(["-o", "/dev/null"])
+            .arg(format!("https://a.test:{}{path}", lab.port));
+    }
+    let out = run_async(c, Duration::from_secs(30)).await;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_backend_connections_are_kept_for_the_next_burst() {
+    // 40 slow requests at once need 40 backend connections. Once answered, all 40 wait in
+    // the pool (the default keeps 256 per backend, purged by age), and the next burst takes
+    // them again: no backend connection is closed and reopened between bursts. A small cap
+    // (the old default, 32) closed the extra ones at once, and every burst opened them
+    // again: connection churn for the backend, and a TLS handshake each for https pools.
+    let a = backend("A", None).await;
+    let lab = lab("burst", &[a.addr], "", "").await;
+    let first = burst(&lab, "/slow", 40).await;
+    assert_eq!(first, vec![200; 40], "first burst");
+    let opened = a.accepted();
+    assert!(
+        opened > 32,
+        "the burst was concurrent: {opened} backend connections"
+    );
+    let second = burst(&lab, "/slow", 40).await;
+    assert_eq!(second, vec![200; 40], "second burst");
+    assert_eq!(a.accepted(), opened, "the second burst reused the pool");
+    lab.l7.shutdown(T).await;
+}

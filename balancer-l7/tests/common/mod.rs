@@ -103,12 +103,19 @@ impl Ca {
 /// Dropping it (or `kill`) closes the listener and every open connection.
 pub struct Backend {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Backend {
     pub fn kill(&self) {
         self.task.abort();
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -184,12 +191,15 @@ pub fn backend_on(
 ) -> Backend {
     let addr = listener.local_addr().unwrap();
     let id: Arc<str> = Arc::from(id);
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let id = id.clone();
             let tls = tls.clone();
             conns.spawn(async move {
@@ -211,7 +221,11 @@ pub fn backend_on(
             });
         }
     });
-    Backend { addr, task }
+    Backend {
+        addr,
+        accepted,
+        task,
+    }
 }
 
 /// A rustls server config for a TLS backend, from PEM files.
