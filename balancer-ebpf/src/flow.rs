@@ -44,6 +44,14 @@ pub fn backend_live(idx: u32, generation: u32) -> bool {
 /// Client → VIP.
 #[inline(always)]
 pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
+    // A TCP SYN asks for a new flow: past the service's new-flow limit it is dropped before
+    // the flow table is read, so a flood costs a per-CPU array read per SYN, not a lookup
+    // in a full table. (A retransmitted SYN of a flow made earlier is dropped too, and the
+    // client tries again; every other packet of a flow is looked up as always.)
+    if p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && saturated(svc) {
+        account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
+        return Err(Error::RateLimited);
+    }
     if let Some(f) = FLOWS.get_ptr_mut(&p.key) {
         // SAFETY: valid for this run; read before any removal.
         let f = unsafe { &mut *f };
@@ -161,8 +169,9 @@ fn forward_nexthop(x: &Xdp, p: &Pkt, f: &mut Flow, now: u32) -> Result<(), Error
 }
 
 /// The new-flow rate limit (per service and CPU, one-second windows): false past
-/// `new_flow_rate` new flows in the current window. Checked before anything is looked up, so a
-/// flood past the limit costs one per-CPU array access per packet.
+/// `new_flow_rate` new flows in the current window; counts the new flow otherwise. Checked
+/// when the flow table has no flow for the packet, before the ring and the SNAT ports (a TCP
+/// SYN past the limit is refused earlier still, by [`saturated`]).
 #[inline(always)]
 fn admit(svc: &Service) -> bool {
     if svc.new_flow_rate == 0 {
@@ -184,6 +193,21 @@ fn admit(svc: &Service) -> bool {
     }
     r.count += 1;
     true
+}
+
+/// Has the service made `new_flow_rate` new flows on this CPU in the current one-second
+/// window? Reads only; [`admit`] counts.
+#[inline(always)]
+fn saturated(svc: &Service) -> bool {
+    if svc.new_flow_rate == 0 {
+        return false;
+    }
+    let Some(r) = RATES.get(svc.id) else {
+        return false;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    now.wrapping_sub(r.start_ns) < 1_000_000_000 && r.count >= svc.new_flow_rate
 }
 
 /// Records activity on a flow entry: the time (at most one write a second) and a FIN or RST.

@@ -58,6 +58,15 @@ pub fn configured_testbed_with(
     flow_entries: u32,
     dataplane: &str,
 ) -> anyhow::Result<(Testbed, State)> {
+    configured_testbed_more(flow_entries, dataplane, "")
+}
+
+/// As [`configured_testbed_with`], with `services` (more `[[service]]` tables) appended.
+pub fn configured_testbed_more(
+    flow_entries: u32,
+    dataplane: &str,
+    services: &str,
+) -> anyhow::Result<(Testbed, State)> {
     let mut tb = Testbed::new(flow_entries)?;
     let backends: Vec<String> = (11..=74)
         .map(|h| format!("{{ address = \"10.77.0.{h}:7010\" }}"))
@@ -67,7 +76,8 @@ pub fn configured_testbed_with(
         .replace(
             "interface = \"t0\"\n",
             &format!("interface = \"t0\"\n{dataplane}\n"),
-        );
+        )
+        + services;
     let cfg =
         config::parse(&text, Path::new("testbed.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let p = balancer::control::reconcile(
@@ -86,7 +96,18 @@ fn sa(s: &str) -> SocketAddr {
 
 /// Runs the XDP benches and returns a table.
 pub fn xdp(calls: u32) -> anyhow::Result<String> {
-    let (mut tb, _st) = configured_testbed(balancer_common::DEFAULT_FLOW_ENTRIES)?;
+    // A service whose new-flow limit is always reached: the cost of the flood limiter.
+    let (mut tb, _st) = configured_testbed_more(
+        balancer_common::DEFAULT_FLOW_ENTRIES,
+        "",
+        r#"
+[[service]]
+name = "limited"
+vip = "10.77.0.100:7011"
+new_flow_rate = 1
+backends = [ { address = "10.77.0.11:7011" }, { address = "10.77.0.12:7011" }, { address = "10.77.0.13:7011" } ]
+"#,
+    )?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -151,6 +172,20 @@ pub fn xdp(calls: u32) -> anyhow::Result<String> {
     );
     let (ns, v) = time(prog, &mut syn, ifindex, true)?;
     rows.push(("new TCP flow (SYN, full NAT)", ns, v));
+    // Past the service's new-flow limit (1 a second per CPU): each SYN is a new client, and
+    // dropped before its flow is made.
+    let mut limited = packet::tcp(
+        host_mac(2),
+        LB_MAC,
+        client,
+        sa("10.77.0.100:7011"),
+        1000,
+        0,
+        packet::SYN,
+        &[],
+    );
+    let (ns, v) = time(prog, &mut limited, ifindex, true)?;
+    rows.push(("SYN past new_flow_rate (flood limiter)", ns, v));
     let mut ack = packet::tcp(host_mac(2), LB_MAC, client, vip, 1001, 1, packet::ACK, &[]);
     let (v0, out0) = tb.run(&ack)?;
     let (ns, v) = time(prog, &mut ack, ifindex, false)?;

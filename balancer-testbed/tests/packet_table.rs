@@ -1386,8 +1386,9 @@ fn new_flow_rate_limit_stops_new_state_while_established_flows_work() {
     // A burst of SYNs from new clients (an unrouted lab prefix): past the limit, dropped.
     let mut limited = 0;
     let mut admitted = 0;
-    for i in 0..2000u32 {
-        let c = SocketAddr::new(
+    let mut last_admitted = None;
+    let new_client = |i: u32| {
+        SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(
                 10,
                 77,
@@ -1395,7 +1396,10 @@ fn new_flow_rate_limit_stops_new_state_while_established_flows_work() {
                 (i % 250) as u8 + 1,
             )),
             20000,
-        );
+        )
+    };
+    for i in 0..2000u32 {
+        let c = new_client(i);
         let (v, _) = tb
             .run(&packet::tcp(
                 host_mac(2),
@@ -1410,7 +1414,10 @@ fn new_flow_rate_limit_stops_new_state_while_established_flows_work() {
             .unwrap();
         match v {
             XDP_DROP => limited += 1,
-            XDP_TX => admitted += 1,
+            XDP_TX => {
+                admitted += 1;
+                last_admitted = Some(c);
+            }
             other => panic!("unexpected verdict {other}"),
         }
         if limited >= 100 {
@@ -1423,6 +1430,31 @@ fn new_flow_rate_limit_stops_new_state_while_established_flows_work() {
         tb.dp.flows().len(),
         flows_before + 2 * admitted,
         "a limited SYN makes no state"
+    );
+    // Past the limit a SYN is refused before the flow table is read: a retransmitted SYN of
+    // a flow admitted earlier is refused too (its client tries again), and makes nothing.
+    // Each try sits between two SYNs of new clients refused in the same window (a window
+    // may end between them: bounded retries).
+    let again = last_admitted.expect("some SYN was admitted");
+    let syn_of = |c| packet::tcp(host_mac(2), LB_MAC, c, vip, 1, 0, packet::SYN, &[]);
+    let flows = tb.dp.flows().len();
+    let mut seen = false;
+    for t in 0..5u32 {
+        let outer = [new_client(1000 + 2 * t), new_client(1001 + 2 * t)];
+        let (a, _) = tb.run(&syn_of(outer[0])).unwrap();
+        let (r, out) = tb.run(&syn_of(again)).unwrap();
+        let (b, _) = tb.run(&syn_of(outer[1])).unwrap();
+        if (a, b) == (XDP_DROP, XDP_DROP) {
+            assert_eq!(r, XDP_DROP, "a retransmitted SYN past the limit");
+            assert_eq!(out, syn_of(again), "dropped untouched");
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "five windows ended between three packets");
+    assert!(
+        tb.dp.flows().len() <= flows + 4,
+        "only the admitted of those made state"
     );
     // The established flow keeps working both ways.
     run_counted(
