@@ -68,9 +68,10 @@ pub fn balancer(ctx: XdpContext) -> u32 {
 }
 
 /// Is the frame unicast to another MAC than the ingress interface's, or for a tagged frame
-/// its VLAN device's (a switch flooded it to every port)? The kernel would drop it (`PACKET_OTHERHOST`), so it must not be forwarded
-/// either. Broadcast and multicast frames (I/G bit set) are not refused here, and nor is
-/// anything on an interface the controller recorded no MAC for.
+/// its VLAN device's (a switch flooded it to every port)? The kernel would drop it
+/// (`PACKET_OTHERHOST`), so it must not be forwarded either. Broadcast and multicast frames
+/// (I/G bit set) are not refused here, and nor is anything on an interface the controller
+/// recorded no MAC for.
 #[inline(never)]
 fn not_for_us(ctx: &XdpContext) -> bool {
     let x = Xdp::new(ctx);
