@@ -17,7 +17,7 @@ use balancer_ebpf::{
 
 use crate::{
     fib,
-    maps::{BACKEND_STATS, BACKENDS, FLOWS, RATES, RINGS, SCRATCH, SERVICE_STATS},
+    maps::{BACKEND_STATS, BACKENDS, FLOWS, RATES, RINGS, Rate, SCRATCH, SERVICE_STATS},
     mirror,
     snat::{self, Pair},
     stats::account,
@@ -168,18 +168,14 @@ fn forward_nexthop(x: &Xdp, p: &Pkt, f: &mut Flow, now: u32) -> Result<(), Error
     }
 }
 
-/// The new-flow rate limit (per service and CPU, one-second windows): false past
-/// `new_flow_rate` new flows in the current window; counts the new flow otherwise. Checked
-/// when the flow table has no flow for the packet, before the ring and the SNAT ports (a TCP
-/// SYN past the limit is refused earlier still, by [`saturated`]).
+/// The service's new-flow window on this CPU (one-second windows, begun again when the last
+/// one is over); `None` when the service has no `new_flow_rate`.
 #[inline(always)]
-fn admit(svc: &Service) -> bool {
+fn rate_window(svc: &Service) -> Option<&'static mut Rate> {
     if svc.new_flow_rate == 0 {
-        return true;
+        return None;
     }
-    let Some(r) = RATES.get_ptr_mut(svc.id) else {
-        return true;
-    };
+    let r = RATES.get_ptr_mut(svc.id)?;
     // SAFETY: per-CPU value, no concurrent writer.
     let r = unsafe { &mut *r };
     // SAFETY: plain helper call.
@@ -188,6 +184,18 @@ fn admit(svc: &Service) -> bool {
         r.start_ns = now;
         r.count = 0;
     }
+    Some(r)
+}
+
+/// The new-flow rate limit: false past `new_flow_rate` new flows in the current window;
+/// counts the new flow otherwise. Checked when the flow table has no flow for the packet,
+/// before the ring and the SNAT ports (a TCP SYN past the limit is refused earlier still,
+/// by [`saturated`]).
+#[inline(always)]
+fn admit(svc: &Service) -> bool {
+    let Some(r) = rate_window(svc) else {
+        return true;
+    };
     if r.count >= svc.new_flow_rate {
         return false;
     }
@@ -195,19 +203,11 @@ fn admit(svc: &Service) -> bool {
     true
 }
 
-/// Has the service made `new_flow_rate` new flows on this CPU in the current one-second
-/// window? Reads only; [`admit`] counts.
+/// Has the service made `new_flow_rate` new flows on this CPU in the current window? Does
+/// not count; [`admit`] does.
 #[inline(always)]
 fn saturated(svc: &Service) -> bool {
-    if svc.new_flow_rate == 0 {
-        return false;
-    }
-    let Some(r) = RATES.get(svc.id) else {
-        return false;
-    };
-    // SAFETY: plain helper call.
-    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
-    now.wrapping_sub(r.start_ns) < 1_000_000_000 && r.count >= svc.new_flow_rate
+    rate_window(svc).is_some_and(|r| r.count >= svc.new_flow_rate)
 }
 
 /// Records activity on a flow entry: the time (at most one write a second) and a FIN or RST.
