@@ -12,7 +12,11 @@ use balancer::{
     host::net::addr16,
 };
 use balancer_common::{Flow, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
-use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet, run_prog};
+use balancer_testbed::{
+    LB_MAC, Testbed,
+    bench::{configured_testbed, configured_testbed_with},
+    host_mac, packet, run_prog,
+};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 #[path = "packet_table/icmp.rs"]
@@ -167,6 +171,15 @@ fn predict(
     vip: SocketAddr,
     proto: u8,
 ) -> (SocketAddr, u16) {
+    predictor(tb, st, svc)(client, vip, proto)
+}
+
+/// [`predict`] for many clients: the service's ring is read once.
+fn predictor<'a>(
+    tb: &Testbed,
+    st: &'a State,
+    svc: &str,
+) -> impl Fn(SocketAddr, SocketAddr, u8) -> (SocketAddr, u16) + 'a {
     let s = &st.services[svc];
     let seed = tb
         .dp
@@ -176,25 +189,27 @@ fn predict(
         .unwrap()
         .1
         .seed;
-    let h = reference_hash(
-        client.ip(),
-        vip.ip(),
-        client.port(),
-        vip.port(),
-        proto,
-        seed,
-    );
     let ring = tb.dp.read_ring(s.id, s.half, s.spec.ring_size);
-    let slot = ring[reference_reduce(h, s.spec.ring_size) as usize];
-    let be = s
-        .backends
-        .iter()
-        .find(|b| b.slot == slot)
-        .expect("ring points at a backend of the service");
-    let (lo, hi) = (st.globals.snat_port_lo, st.globals.snat_port_hi);
-    let range = u32::from(hi) - u32::from(lo) + 1;
-    let port = u32::from(lo) + reference_reduce(h.rotate_left(16) ^ 0x9e37_79b9, range);
-    (be.address, u16::try_from(port).unwrap())
+    move |client, vip, proto| {
+        let h = reference_hash(
+            client.ip(),
+            vip.ip(),
+            client.port(),
+            vip.port(),
+            proto,
+            seed,
+        );
+        let slot = ring[reference_reduce(h, s.spec.ring_size) as usize];
+        let be = s
+            .backends
+            .iter()
+            .find(|b| b.slot == slot)
+            .expect("ring points at a backend of the service");
+        let (lo, hi) = (st.globals.snat_port_lo, st.globals.snat_port_hi);
+        let range = u32::from(hi) - u32::from(lo) + 1;
+        let port = u32::from(lo) + reference_reduce(h.rotate_left(16) ^ 0x9e37_79b9, range);
+        (be.address, u16::try_from(port).unwrap())
+    }
 }
 
 fn lb_addr(v6: bool) -> IpAddr {
@@ -1162,6 +1177,75 @@ fn nat_flow_reply_state_is_restored_or_the_flow_reset_never_shared() {
         snat_port_of(&out),
         port,
         "never two clients on one backend tuple"
+    );
+}
+
+#[test]
+fn a_port_freed_by_eviction_and_claimed_by_the_program_for_another_client_resets_the_first() {
+    // A narrow SNAT range, so another client whose first probe is the first client's port is
+    // found among a few thousand.
+    let (mut tb, st) = configured_testbed_with(65536, "snat_ports = [61000, 62023]").unwrap();
+    let vip = sa("10.77.0.100:7002");
+    let client = sa("10.77.0.2:40070");
+    let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
+    let fkey = FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    let from_client = |seq, flags, data: &[u8]| {
+        packet::tcp(host_mac(2), LB_MAC, client, vip, seq, 5001, flags, data)
+    };
+    let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1000, 0, packet::SYN, &[]);
+    assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
+    assert_eq!(
+        tb.run(&from_client(1001, packet::ACK, b"")).unwrap().0,
+        XDP_TX
+    );
+    let rkey = reply_key(be, port, false);
+    assert_eq!(tb.dp.flows()[&rkey].new_dst, addr16(client.ip()));
+    // The reply half is evicted, and another client's first probe is exactly that port: the
+    // program's own claim (not an entry written from outside) takes it.
+    tb.dp.remove_flow(&rkey).unwrap();
+    let first_probe = predictor(&tb, &st, "web");
+    let other = (1024..=u16::MAX)
+        .map(|p| SocketAddr::new("10.77.0.3".parse().unwrap(), p))
+        .find(|c| first_probe(*c, vip, PROTO_TCP) == (be, port))
+        .expect("a client whose first probe is the same backend and port");
+    let (v, out) = tb
+        .run(&packet::tcp(
+            host_mac(3),
+            LB_MAC,
+            other,
+            vip,
+            7000,
+            0,
+            packet::SYN,
+            &[],
+        ))
+        .unwrap();
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        snat_port_of(&out),
+        port,
+        "the free port goes to the other client"
+    );
+    // The first client's next segment: its reply entry is now the other client's, so this
+    // client is reset instead of being forwarded into the other client's connection.
+    let (v, out) = tb.run(&from_client(1002, packet::ACK, b"phi")).unwrap();
+    assert_eq!(
+        v, XDP_TX,
+        "reset, not forwarded into the other client's connection"
+    );
+    assert_rst(&out, vip, client, 5001, None);
+    assert_eq!(reason_count(&tb, Reason::PortTaken), 1);
+    assert_eq!(tb.dp.flows()[&rkey].new_dst, addr16(other.ip()));
+    assert!(
+        tb.dp.flow(&fkey).is_none(),
+        "the first client's flow is over"
     );
 }
 
