@@ -280,6 +280,24 @@ pub fn claim(
         }
     };
     unsettled(0);
+    // The first port is inserted at once, without a lookup: it is nearly always free (held
+    // only on a collision in the backend's whole port space), and the lookup would walk the
+    // bucket the insert walks anyway. Not for a backend found full a moment ago: there it
+    // is nearly always held, and a failed LRU insert costs an eviction (below). When it is
+    // held, the probe below finds it so.
+    if !short {
+        let Some(addr) = svc.snat_addrs.get(pool_index(first_addr) as usize) else {
+            return None;
+        };
+        copy_addr(&mut rkey.dst, addr);
+        rkey.dport = (port as u16).to_be();
+        if FLOWS.insert(&*rkey, &*reply, BPF_NOEXIST as u64).is_ok() {
+            return Some(Claim {
+                port: rkey.dport,
+                inserted: true,
+            });
+        }
+    }
     for i in 0..SNAT_PROBES {
         if short && i >= SHORT_PROBES {
             break;
