@@ -1649,6 +1649,11 @@ fn refused_and_unanswered_syns_are_counted_per_backend() {
     let after = tb.dp.backend_counters(slot_of(be));
     assert_eq!(after.syn_retries - before.syn_retries, 1);
     assert_eq!(after.refused - before.refused, 1);
+    assert_eq!(
+        after.new_flows - before.new_flows,
+        1,
+        "a retransmitted SYN is not a new flow"
+    );
 
     // An established flow's RST (the application closing) and its ACKs count as neither.
     let c2 = sa("10.77.0.2:40071");
