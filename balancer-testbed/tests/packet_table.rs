@@ -855,14 +855,7 @@ fn closed_and_idle_flows_expire_with_their_reply_entries() {
         2,
         "the closed flow left with its reply entry"
     );
-    let key_of = |c: SocketAddr| FlowKey {
-        src: addr16(c.ip()),
-        dst: addr16(vip.ip()),
-        sport: c.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let key_of = |c: SocketAddr| forward_key(c, vip);
     assert_eq!(
         s.removed_forward,
         vec![key_of(closed)],
@@ -948,6 +941,18 @@ fn run_counted(tb: &Testbed, row: Row, reason: Reason) {
     }
 }
 
+/// The forward entry's key of a TCP flow from `client` to `vip`.
+fn forward_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {
+    FlowKey {
+        src: addr16(client.ip()),
+        dst: addr16(vip.ip()),
+        sport: client.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    }
+}
+
 /// The reply entry of a NAT flow from `be` to SNAT port `port` (the key a backend's reply has).
 fn reply_key(be: SocketAddr, port: u16, v6: bool) -> FlowKey {
     FlowKey {
@@ -1024,22 +1029,8 @@ fn a_snat_pool_spreads_flows_over_its_addresses_and_replies_come_back_on_each() 
     );
     // With the flow's first (address, port) held by a live flow, the next probe is the same
     // port on the pool's other address: each address offers the whole port range.
-    let fkey = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
-    let rkey = FlowKey {
-        src: addr16(be.ip()),
-        dst: addr16(snat.ip()),
-        sport: be.port().to_be(),
-        dport: snat.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let fkey = forward_key(client, vip);
+    let rkey = forward_key(be, snat);
     tb.dp.remove_flow(&fkey).unwrap();
     let now = balancer::control::flow_expiry::now_secs();
     hold_at(&mut tb, vip, be, snat, 1, 0, now);
@@ -1188,14 +1179,7 @@ fn a_port_freed_by_eviction_and_claimed_by_the_program_for_another_client_resets
     let vip = sa("10.77.0.100:7002");
     let client = sa("10.77.0.2:40070");
     let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
-    let fkey = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let fkey = forward_key(client, vip);
     let from_client = |seq, flags, data: &[u8]| {
         packet::tcp(host_mac(2), LB_MAC, client, vip, seq, 5001, flags, data)
     };
@@ -1311,14 +1295,7 @@ fn half_open_flows_are_not_kept_by_backend_retransmits() {
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     assert_eq!(tb.run(&syn).unwrap().0, XDP_TX);
     let rkey = reply_key(be, port, false);
-    let fkey = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let fkey = forward_key(client, vip);
     let half = balancer_common::FLOW_F_HALF_OPEN;
     let flows = tb.dp.flows();
     let (fwd, mut reply) = (flows[&fkey], flows[&rkey]);
@@ -1770,14 +1747,7 @@ fn a_probed_port_whose_flow_is_gone_is_free_at_once() {
     }
     // The same client again, with probe 1 held by a live flow once more and probe 3's
     // client now on another port: that client's forward entry stays, its old port is free.
-    let fkey = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let fkey = forward_key(client, vip);
     tb.dp.remove_flow(&fkey).unwrap();
     hold(&mut tb, vip, be, &probes, 1, 0, then);
     let mut moved = tb.dp.flows()[&forward[3]];
@@ -1891,14 +1861,7 @@ fn hold_at(
     atime: u32,
 ) -> FlowKey {
     let spoofed = SocketAddr::new(format!("10.99.0.{client}").parse().unwrap(), 5000);
-    let rk = FlowKey {
-        src: addr16(be.ip()),
-        dst: addr16(snat.ip()),
-        sport: be.port().to_be(),
-        dport: snat.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let rk = forward_key(be, snat);
     let reply = Flow {
         new_src: addr16(vip.ip()),
         new_dst: addr16(spoofed.ip()),
@@ -1909,14 +1872,7 @@ fn hold_at(
         ..Default::default()
     };
     tb.dp.put_flow(&rk, &reply).unwrap();
-    let fk = FlowKey {
-        src: addr16(spoofed.ip()),
-        dst: addr16(vip.ip()),
-        sport: spoofed.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let fk = forward_key(spoofed, vip);
     let fwd = Flow {
         new_src: addr16(snat.ip()),
         new_dst: addr16(be.ip()),

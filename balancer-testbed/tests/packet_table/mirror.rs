@@ -19,19 +19,9 @@ use balancer_common::{
 use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet, run_prog};
 
 use super::{
-    Row, XDP_DROP, XDP_TX, lb_addr, mac_of, predict, reason_count, reply_key, run_counted, sa,
+    Row, XDP_DROP, XDP_TX, forward_key, lb_addr, mac_of, predict, reason_count, reply_key,
+    run_counted, sa,
 };
-
-fn fkey(client: SocketAddr, vip: SocketAddr) -> FlowKey {
-    FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    }
-}
 
 /// A backend of `svc` that the ring would NOT give this client: the installed entry, not the
 /// ring, must decide.
@@ -151,7 +141,7 @@ fn mirror_events_report_each_new_flow_only_while_on() {
         assert_eq!(tb.run(&syn(c, vip)).unwrap().0, XDP_TX);
         got.clear();
         assert_eq!(reader.drain(&mut got), 1, "{c}: one event");
-        let k = fkey(c, vip);
+        let k = forward_key(c, vip);
         assert_eq!(got[0].0, k);
         assert_eq!(got[0].1, tb.dp.flows()[&k], "{c}: the forward entry");
         assert_eq!(got[0].1.flags & FLOW_F_DSR != 0, dsr);
@@ -212,7 +202,7 @@ fn an_installed_nat_flow_resolves_its_next_hops_from_the_clients_packet() {
             Reason::Tx,
         );
         let flows = tb.dp.flows();
-        let f = flows[&fkey(client, vip)];
+        let f = flows[&forward_key(client, vip)];
         assert_ne!(f.flags & FLOW_F_NEXTHOP, 0, "{svc}: next hop stored");
         assert_eq!(
             (f.ifindex, f.smac, f.dmac),
@@ -316,7 +306,10 @@ fn an_installed_reply_entry_finds_the_way_back_to_the_client_and_learns_its_inte
         assert_eq!(v, XDP_DROP, "{svc}: a reply from another interface");
         assert_eq!(reason_count(&tb, Reason::DropWrongInterface), before + 1);
         // The forward entry is still without a next hop until the client sends.
-        assert_eq!(tb.dp.flows()[&fkey(client, vip)].flags & FLOW_F_NEXTHOP, 0);
+        assert_eq!(
+            tb.dp.flows()[&forward_key(client, vip)].flags & FLOW_F_NEXTHOP,
+            0
+        );
     }
 }
 
@@ -356,7 +349,7 @@ fn an_installed_dsr_flow_goes_to_its_backends_mac() {
         },
         Reason::Tx,
     );
-    let f = tb.dp.flows()[&fkey(client, vip)];
+    let f = tb.dp.flows()[&forward_key(client, vip)];
     assert_ne!(f.flags & FLOW_F_NEXTHOP, 0);
     assert_eq!(f.dmac, mac_of(be.ip()));
 }
@@ -407,7 +400,7 @@ fn an_installed_flow_without_a_neighbour_is_dropped_never_sent_with_zero_macs() 
         Reason::DropNoNeighbour,
     );
     let flows = tb.dp.flows();
-    assert_eq!(flows[&fkey(client, vip)].flags & FLOW_F_NEXTHOP, 0);
+    assert_eq!(flows[&forward_key(client, vip)].flags & FLOW_F_NEXTHOP, 0);
     assert_eq!(flows[&reply_key(be, port, false)].flags & FLOW_F_NEXTHOP, 0);
     assert_eq!(
         flows[&reply_key(be, port, false)].peer_ifindex,
@@ -511,11 +504,14 @@ fn the_sweep_names_the_forward_keys_it_removes_for_the_standby() {
         install(&mut tb, &m);
     }
     // The lone flow's forward entry is gone already (evicted): its reply entry is swept.
-    tb.dp.remove_flow(&fkey(lone, vip)).unwrap();
+    tb.dp.remove_flow(&forward_key(lone, vip)).unwrap();
     let s = tb.dp.sweep_flows(t, now);
     let mut removed = s.removed_forward.clone();
     removed.sort_by_key(|k| u16::from_be(k.sport));
-    assert_eq!(removed, vec![fkey(nat, vip), fkey(dsr, dsr_vip)]);
+    assert_eq!(
+        removed,
+        vec![forward_key(nat, vip), forward_key(dsr, dsr_vip)]
+    );
     assert_eq!(s.idle, 2, "two idle flows");
     assert_eq!(
         s.orphans, 1,
@@ -523,7 +519,7 @@ fn the_sweep_names_the_forward_keys_it_removes_for_the_standby() {
     );
     let flows = tb.dp.flows();
     assert_eq!(flows.len(), 2, "the busy flow stays, both halves");
-    assert!(flows.contains_key(&fkey(busy, vip)));
+    assert!(flows.contains_key(&forward_key(busy, vip)));
 }
 
 #[test]
@@ -534,7 +530,7 @@ fn the_mirror_maps_are_pinned_and_adopted_by_a_restarted_controller() {
         pin_path: Some(dir.clone()),
         flow_entries: 4096,
     };
-    let key = fkey(sa("10.77.0.2:47001"), sa("10.77.0.100:7002"));
+    let key = forward_key(sa("10.77.0.2:47001"), sa("10.77.0.100:7002"));
     let flow = Flow {
         flags: FLOW_F_FORWARD,
         backend: 1,

@@ -8,12 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_common::{FlowKey, NEXTHOP_TTL_SECS, PROTO_TCP, Reason};
+use balancer_common::{NEXTHOP_TTL_SECS, PROTO_TCP, Reason};
 use balancer_testbed::{LB_MAC, bench::configured_testbed, host_mac, packet};
 
-use balancer::host::net::addr16;
-
-use super::{Row, XDP_TX, lb_addr, mac_of, predict, reply_key, run_counted, sa};
+use super::{Row, XDP_TX, forward_key, lb_addr, mac_of, predict, reply_key, run_counted, sa};
 
 #[test]
 fn an_established_flow_follows_a_changed_backend_mac_within_the_ttl() {
@@ -22,14 +20,7 @@ fn an_established_flow_follows_a_changed_backend_mac_within_the_ttl() {
     let client = sa("10.77.0.2:48001");
     let (be, port) = predict(&tb, &st, "web", client, vip, PROTO_TCP);
     let snat = SocketAddr::new(lb_addr(false), port);
-    let fkey = FlowKey {
-        src: addr16(client.ip()),
-        dst: addr16(vip.ip()),
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let fkey = forward_key(client, vip);
     let syn = packet::tcp(host_mac(2), LB_MAC, client, vip, 1, 0, packet::SYN, &[]);
     let (v, out) = tb.run(&syn).unwrap();
     assert_eq!((v, &out[0..6]), (XDP_TX, &mac_of(be.ip())[..]));
