@@ -156,6 +156,12 @@ backends = [ { address = "10.77.0.11:7011" }, { address = "10.77.0.12:7011" }, {
         rows.push(("baseline XDP_PASS program", ns, v));
     }
     let prog = tb.dp.program()?;
+    // The verifier's work on the program: its limit is 1,000,000 instructions, and a load
+    // that takes long is more likely to be interrupted by a signal (EAGAIN, retried).
+    let verified = prog
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
     let mut p = nonvip.clone();
     let (ns, v) = time(prog, &mut p, ifindex, false)?;
     rows.push(("non-VIP packet (pass)", ns, v));
@@ -237,6 +243,9 @@ backends = [ { address = "10.77.0.11:7011" }, { address = "10.77.0.12:7011" }, {
         .map(|(r, n)| format!("{}={n}", r.name()))
         .collect();
     let _ = writeln!(out, "verdict reasons over the run: {}", reasons.join(" "));
+    if let Some(n) = verified {
+        let _ = writeln!(out, "verifier: {n} instructions processed (limit 1000000)");
+    }
     drop(tb);
 
     let _ = writeln!(out, "\nMaglev table build, M=65537 (median of 15)");

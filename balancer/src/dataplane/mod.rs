@@ -290,7 +290,7 @@ pub fn attach_pass(interface: &str, pin: &Path) -> Result<()> {
         .ok_or(Error::ProgramMissing("pass"))?
         .try_into()
         .map_err(prog_err("pass is not an XDP program"))?;
-    prog.load().map_err(prog_err("loading the pass program"))?;
+    load_xdp(prog).map_err(prog_err("loading the pass program"))?;
     let id = prog
         .attach(interface, XdpMode::Driver)
         .map_err(prog_err(format!("attaching pass to {interface}")))?;
@@ -393,6 +393,29 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Loads an XDP program into the kernel, trying again when the verifier was interrupted: it
+/// gives up with `EAGAIN` when a signal reaches the loading thread (a SIGHUP to the daemon,
+/// a child exiting), and our program takes it seconds on a busy host. libbpf retries the
+/// same way.
+fn load_xdp(prog: &mut Xdp) -> std::result::Result<(), ProgramError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match prog.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+                warn!(
+                    attempt,
+                    "the verifier was interrupted: loading the program again"
+                );
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Why pinned state cannot be adopted, if it cannot.
 fn pinned_mismatch(dir: &Path, flow_entries: u32) -> Option<String> {
     let g = dir.join(MAP_GLOBALS);
@@ -489,7 +512,7 @@ impl Dataplane {
                 .ok_or(Error::ProgramMissing(PROGRAM_NAME))?
                 .try_into()
                 .map_err(prog_err(format!("{PROGRAM_NAME} is not an XDP program")))?;
-            if let Err(e) = prog.load() {
+            if let Err(e) = load_xdp(prog) {
                 return Err(match e {
                     ProgramError::LoadError {
                         io_error,
@@ -620,8 +643,7 @@ impl Dataplane {
             .try_into()
             .map_err(prog_err("pass_baseline is not an XDP program"))?;
         if prog.fd().is_err() {
-            prog.load()
-                .map_err(prog_err("loading the pass_baseline program"))?;
+            load_xdp(prog).map_err(prog_err("loading the pass_baseline program"))?;
         }
         Ok(prog)
     }
