@@ -235,3 +235,50 @@ fn udp_vip() {
     let c = lab.counters().unwrap();
     assert!(c["services"][0]["packets"].as_u64().unwrap() >= 200, "{c}");
 }
+
+/// The balancer's interface gets a new MAC while it runs: the controller records it from the
+/// rtnetlink link message (the backstop poll is a minute away), so frames to the new MAC are
+/// balanced at once instead of being passed to the kernel as another host's (which would
+/// answer the VIP's SYNs with resets: nothing listens there).
+#[test]
+fn interface_mac_change_is_followed_at_once() {
+    const NEW_MAC: &str = "02:77:00:00:00:a1";
+    let lab = Lab::new(2).unwrap();
+    let _echo = lab.spawn_echo_all().unwrap();
+    let mut b = lab.start_balancer(&sample_config(&lab, "nat")).unwrap();
+    let r = lab.client_conns(vip4(ECHO_PORT), 20, 512, 4).unwrap();
+    assert_eq!((r.ok, r.failed), (20, 0), "errors: {:?}", r.errors);
+    let passed_before = lab.counters().unwrap()["reasons"]["pass_not_for_us"]
+        .as_u64()
+        .unwrap();
+    lab.exec(
+        Host::Lb,
+        &["ip", "link", "set", "dev", "eth0", "address", NEW_MAC],
+    )
+    .unwrap();
+    // The neighbours learn it (as a gratuitous ARP with arp_notify would teach them).
+    let lb = Host::Lb.v4().unwrap().to_string();
+    let vip = vip4(ECHO_PORT).ip().to_string();
+    for (host, addr) in [(Host::Client, &vip), (Host::Client, &lb)]
+        .into_iter()
+        .chain(lab.backend_hosts().into_iter().map(|h| (h, &lb)))
+    {
+        lab.exec(
+            host,
+            &[
+                "ip", "neigh", "replace", addr, "lladdr", NEW_MAC, "dev", "eth0",
+            ],
+        )
+        .unwrap();
+    }
+    b.wait_for_log("interface MAC changed", Duration::from_secs(10))
+        .unwrap();
+    let r = lab.client_conns(vip4(ECHO_PORT), 20, 512, 4).unwrap();
+    assert_eq!((r.ok, r.failed), (20, 0), "errors: {:?}", r.errors);
+    let c = lab.counters().unwrap();
+    assert_eq!(
+        c["reasons"]["pass_not_for_us"].as_u64().unwrap(),
+        passed_before,
+        "no frame to the new MAC was passed as another host's: {c}"
+    );
+}

@@ -295,10 +295,23 @@ impl Daemon {
         Ok(d)
     }
 
-    /// Records the namespace's 802.1Q VLAN devices in the dataplane (a flow whose next hop
-    /// is one leaves through its trunk, tagged). At start and every 10 s, so a VLAN added or
-    /// removed later is followed; a failure is logged and the old map kept.
-    fn sync_vlans(&mut self) {
+    /// Follows the links of the namespace: the attached interfaces' MACs (a unicast frame to
+    /// another MAC is passed, so a changed MAC must be recorded at once) and the 802.1Q VLAN
+    /// devices (a flow whose next hop is one leaves through its trunk, tagged). At start, on
+    /// every rtnetlink link change (coalesced, [`net::LINK_SETTLE`] apart) and every minute as
+    /// a backstop; a failure is logged and the old entries kept.
+    fn sync_links(&mut self) {
+        for iface in &self.cfg.interfaces {
+            match self.dp.refresh_interface_mac(iface) {
+                Ok(Some(mac)) => {
+                    info!(interface = %iface, mac = %crate::dataplane::fmt_mac(&mac), "interface MAC changed: frames to it are balanced, frames to the old one passed")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(interface = %iface, error = %e, "interface MAC not read: the recorded one stays")
+                }
+            }
+        }
         if let Err(e) = sync_vlans(&mut self.dp, &self.cfg.interfaces) {
             warn!(error = %format!("{e:#}"), "VLAN devices not read: the recorded ones stay");
         }
@@ -1224,6 +1237,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut neigh = tokio::time::interval(Duration::from_secs(10));
+    let mut links_poll = tokio::time::interval(Duration::from_secs(60));
+    let mut links = match net::LinkWatch::open() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %format!("{:#}", anyhow::Error::from(e)), "link changes not watched: MACs and VLAN devices are read every minute");
+            None
+        }
+    };
     // Check latencies change without events: refresh the published status now and then.
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
     // The watchdog is fed from this loop, so a stuck loop gets the daemon restarted.
@@ -1235,10 +1256,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = dog.tick() => crate::host::systemd::watchdog(),
-            _ = neigh.tick() => {
-                d.prime_neighbours(false);
-                d.sync_vlans();
-            }
+            _ = neigh.tick() => d.prime_neighbours(false),
+            _ = links_poll.tick() => d.sync_links(),
+            r = async {
+                match links.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => match r {
+                Ok(()) => d.sync_links(),
+                Err(e) => {
+                    warn!(error = %format!("{:#}", anyhow::Error::from(e)), "link changes no longer watched: MACs and VLAN devices are read every minute");
+                    links = None;
+                }
+            },
             _ = refresh.tick() => {
                 d.check_dataplane();
                 d.publish();

@@ -771,6 +771,21 @@ impl Dataplane {
         }
     }
 
+    /// Reads `interface`'s MAC again and records it when it changed since [`Self::attach`]
+    /// (or the last call): returns the new MAC then. An interface whose MAC cannot be read
+    /// keeps its entry (it is gone, or going: no frames come in on it).
+    pub fn refresh_interface_mac(&mut self, interface: &str) -> Result<Option<[u8; 6]>> {
+        let ifindex = crate::host::net::ifindex(interface)?;
+        let Ok(mac) = crate::host::net::interface_mac(interface) else {
+            return Ok(None);
+        };
+        if self.ifmacs.get(&ifindex, 0).is_ok_and(|m| m.mac == mac) {
+            return Ok(None);
+        }
+        self.set_interface_mac(ifindex, Some(mac))?;
+        Ok(Some(mac))
+    }
+
     /// The recorded interface MACs (ifindex → MAC).
     pub fn interface_macs(&self) -> StdHashMap<u32, [u8; 6]> {
         self.ifmacs
@@ -971,7 +986,7 @@ impl Dataplane {
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
-fn fmt_mac(m: &[u8; 6]) -> String {
+pub(crate) fn fmt_mac(m: &[u8; 6]) -> String {
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]

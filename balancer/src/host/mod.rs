@@ -53,6 +53,9 @@ pub enum Error {
     /// `net.ipv4.ip_local_port_range` holds something else than two ports.
     #[error("cannot parse ip_local_port_range '{0}'")]
     ParsePortRange(String),
+    /// The rtnetlink socket for link changes could not be opened or read.
+    #[error("watching link changes (rtnetlink)")]
+    LinkWatch(#[source] std::io::Error),
     /// No interface of that name in this network namespace.
     #[error("no interface '{interface}'")]
     NoInterface {

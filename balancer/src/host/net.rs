@@ -324,6 +324,99 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
+/// The least time between two link reads that [`LinkWatch::changed`] asks for: a burst of
+/// link messages (a hundred containers' veths) costs one read, not a hundred.
+pub const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The link changes of this network namespace, from rtnetlink (`RTMGRP_LINK`): a device
+/// added, removed or changed (its MAC, its state, a VLAN on a trunk). The messages are not
+/// parsed: any of them is a reason to read the links again, and reading them is what the
+/// caller does anyway.
+pub struct LinkWatch {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    buf: Vec<u8>,
+    last: Option<tokio::time::Instant>,
+}
+
+impl LinkWatch {
+    /// Subscribes to the link messages (needs a Tokio runtime).
+    pub fn open() -> Result<Self, Error> {
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+        };
+        use std::os::fd::AsRawFd as _;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .map_err(|e| Error::LinkWatch(e.into()))?;
+        bind(
+            fd.as_raw_fd(),
+            &NetlinkAddr::new(0, libc::RTMGRP_LINK as u32),
+        )
+        .map_err(|e| Error::LinkWatch(e.into()))?;
+        // SAFETY: the `OwnedFd` is open and owned by the `AsyncFd` from here on, so its raw
+        // descriptor stays the same open socket for the `AsyncFd`'s whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| Error::LinkWatch(e.into()))?;
+        Ok(Self {
+            fd,
+            buf: vec![0; 32 * 1024],
+            last: None,
+        })
+    }
+
+    /// Returns once a link changed, at least [`LINK_SETTLE`] after the last return. Every
+    /// message queued by then is read, so a burst is one change. Messages lost because the
+    /// socket's buffer ran over (`ENOBUFS`) are a change too: the caller reads everything.
+    pub async fn changed(&mut self) -> Result<(), Error> {
+        self.drain(true).await?;
+        if let Some(last) = self.last {
+            tokio::time::sleep_until(last + LINK_SETTLE).await;
+        }
+        // What came in while settling belongs to this change.
+        self.drain(false).await?;
+        self.last = Some(tokio::time::Instant::now());
+        Ok(())
+    }
+
+    /// Reads every queued message, after waiting for one when `wait`; true when any was
+    /// there (or lost).
+    async fn drain(&mut self, wait: bool) -> Result<bool, Error> {
+        use nix::{errno::Errno, sys::socket::MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        let mut any = false;
+        loop {
+            let mut guard = if wait && !any {
+                Some(self.fd.readable().await.map_err(Error::LinkWatch)?)
+            } else {
+                None
+            };
+            match nix::sys::socket::recv(
+                self.fd.get_ref().as_raw_fd(),
+                &mut self.buf,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(_) | Err(Errno::ENOBUFS) => any = true,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    if let Some(g) = guard.as_mut() {
+                        g.clear_ready();
+                    }
+                    if any || !wait {
+                        return Ok(any);
+                    }
+                }
+                Err(e) => return Err(Error::LinkWatch(e.into())),
+            }
+        }
+    }
+}
+
 /// Interface index by name (in this network namespace).
 pub fn ifindex(interface: &str) -> Result<u32, Error> {
     nix::net::if_::if_nametoindex(interface).map_err(|source| Error::NoInterface {
