@@ -48,7 +48,12 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
     // the flow table is read, so a flood costs a per-CPU array read per SYN, not a lookup
     // in a full table. (A retransmitted SYN of a flow made earlier is dropped too, and the
     // client tries again; every other packet of a flow is looked up as always.)
-    if p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && saturated(svc) {
+    let syn = p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Read once per SYN: the same window decides here and, if no flow is found, in admit.
+    let window = if syn { rate_window(svc) } else { None };
+    if let Some(r) = &window
+        && r.count >= svc.new_flow_rate
+    {
         account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
         return Err(Error::RateLimited);
     }
@@ -92,7 +97,8 @@ pub fn forward(x: &mut Xdp, p: &Pkt, svc: &Service) -> Result<Verdict, Error> {
             }
         }
     }
-    if !admit(svc) {
+    let window = if syn { window } else { rate_window(svc) };
+    if !admit(svc, window) {
         account(&SERVICE_STATS, svc.id, |c| c.drops += 1);
         return Err(Error::RateLimited);
     }
@@ -187,13 +193,13 @@ fn rate_window(svc: &Service) -> Option<&'static mut Rate> {
     Some(r)
 }
 
-/// The new-flow rate limit: false past `new_flow_rate` new flows in the current window;
-/// counts the new flow otherwise. Checked when the flow table has no flow for the packet,
-/// before the ring and the SNAT ports (a TCP SYN past the limit is refused earlier still,
-/// by [`saturated`]).
+/// The new-flow rate limit over the service's `window` ([`rate_window`]): false past
+/// `new_flow_rate` new flows in it; counts the new flow otherwise. Checked when the flow
+/// table has no flow for the packet, before the ring and the SNAT ports (a TCP SYN past the
+/// limit is refused earlier still, before the flow lookup).
 #[inline(always)]
-fn admit(svc: &Service) -> bool {
-    let Some(r) = rate_window(svc) else {
+fn admit(svc: &Service, window: Option<&mut Rate>) -> bool {
+    let Some(r) = window else {
         return true;
     };
     if r.count >= svc.new_flow_rate {
@@ -201,13 +207,6 @@ fn admit(svc: &Service) -> bool {
     }
     r.count += 1;
     true
-}
-
-/// Has the service made `new_flow_rate` new flows on this CPU in the current window? Does
-/// not count; [`admit`] does.
-#[inline(always)]
-fn saturated(svc: &Service) -> bool {
-    rate_window(svc).is_some_and(|r| r.count >= svc.new_flow_rate)
 }
 
 /// Records activity on a flow entry: the time (at most one write a second) and a FIN or RST.
