@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 16;
+pub const ABI_VERSION: u32 = 17;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -50,8 +50,15 @@ pub const MAX_VLANS: u32 = 4096;
 /// is checked against its VLAN device's MAC and routed as arriving on that device, as the
 /// kernel would; a tag without a device is treated as arriving on the trunk.
 pub const MAP_VLAN_PORTS: &str = "BLB_VLAN_PORTS";
+/// The destination ports the program looks at, one bit each (word `port / 64` of the array,
+/// bit `port % 64`): every service's port and the SNAT port range, written by the controller
+/// (a superset while it changes). A TCP/UDP frame to any other port is passed before it is
+/// parsed, without a service lookup.
+pub const MAP_PORTS: &str = "BLB_PORTS";
+/// Entries (`u64` words) of [`MAP_PORTS`]: 65,536 bits.
+pub const PORT_WORDS: u32 = 1024;
 /// All maps, for pinning and adoption.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
@@ -65,6 +72,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_IFMACS,
     MAP_VLANS,
     MAP_VLAN_PORTS,
+    MAP_PORTS,
 ];
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "balancer";

@@ -7,19 +7,20 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
-use balancer_common::{FLOW_F_FORWARD, ServiceKey, VlanPort};
+use balancer_common::{FLOW_F_FORWARD, PROTO_TCP, PROTO_UDP, ServiceKey, VlanPort};
 use balancer_ebpf::{
     error::{Error, Verdict},
     frame::Frame,
     headers::{
-        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, Ipv4Hdr, Ipv6Hdr, VLAN_VID_MASK, VlanHdr,
+        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, Ipv4Hdr, Ipv6Hdr, VLAN_VID_MASK,
+        VlanHdr,
     },
     parse::{PROTO_ICMP, PROTO_ICMPV6, Pkt, parse},
 };
 
 use crate::{
     flow,
-    maps::{FLOWS, GLOBALS, IFMACS, SERVICES, VLAN_PORTS},
+    maps::{FLOWS, GLOBALS, IFMACS, PORTS, SERVICES, VLAN_PORTS},
     related,
     stats::count,
     toobig,
@@ -33,17 +34,14 @@ pub fn balancer(ctx: XdpContext) -> u32 {
     // The destination MAC is checked only before a frame would be acted on (a VIP, a reply,
     // an ICMP error): anything else is passed, and the kernel drops another host's frames
     // itself, so the common non-VIP path does not pay for the lookup.
-    let r = if is_icmp(&ctx) {
-        if not_for_us(&ctx) {
-            Err(Error::NotForUs)
-        } else {
-            icmp_path(&ctx)
-        }
-    } else {
-        match flow_path(&ctx) {
+    let r = match triage(&ctx) {
+        Triage::Quiet => Err(Error::NotVip),
+        Triage::Icmp if not_for_us(&ctx) => Err(Error::NotForUs),
+        Triage::Icmp => icmp_path(&ctx),
+        Triage::Flow => match flow_path(&ctx) {
             Ok(Verdict::TooBig(mtu)) => too_big_path(&ctx, mtu),
             r => r,
-        }
+        },
     };
     match r {
         Ok(v) => {
@@ -108,36 +106,69 @@ fn not_for_us(ctx: &XdpContext) -> bool {
     }
 }
 
-/// Does the frame carry ICMP (IPv4) or ICMPv6, as [`parse`] would find? Reads two or three
-/// bytes at fixed offsets, nothing on the stack.
+/// What a frame's first headers say, read at fixed offsets with nothing on the stack.
+enum Triage {
+    /// ICMP (IPv4) or ICMPv6, as [`parse`] would find: the ICMP path.
+    Icmp,
+    /// TCP or UDP (IPv4 without options and not a fragment, or IPv6) to a destination port
+    /// that no service uses and that is not a SNAT port (`BLB_PORTS`): not ours, passed
+    /// unparsed (`pass_not_vip`) without a service lookup.
+    Quiet,
+    /// Anything else: the flow path parses it.
+    Flow,
+}
+
 #[inline(always)]
-fn is_icmp(ctx: &XdpContext) -> bool {
+fn triage(ctx: &XdpContext) -> Triage {
     let x = Xdp::new(ctx);
     let Ok(eth) = x.ptr_at::<EthHdr>(0) else {
-        return false;
+        return Triage::Flow;
     };
     // SAFETY (all reads): bounds-checked by ptr_at.
     let mut proto = unsafe { (*eth).proto };
     let mut l3 = size_of::<EthHdr>();
     if proto == ETH_P_8021Q {
         let Ok(tag) = x.ptr_at::<VlanHdr>(l3) else {
-            return false;
+            return Triage::Flow;
         };
         proto = unsafe { (*tag).proto };
         l3 += size_of::<VlanHdr>();
     }
-    if proto == ETH_P_IP {
-        match x.ptr_at::<Ipv4Hdr>(l3) {
-            Ok(ip) => unsafe { (*ip).proto == PROTO_ICMP },
-            Err(_) => false,
+    let (l4proto, l4) = if proto == ETH_P_IP {
+        let Ok(ip) = x.ptr_at::<Ipv4Hdr>(l3) else {
+            return Triage::Flow;
+        };
+        let ip = unsafe { &*ip };
+        if ip.proto == PROTO_ICMP {
+            return Triage::Icmp;
         }
+        if ip.version_ihl != 0x45 || ip.frag & IP_MF_OFFSET != 0 {
+            return Triage::Flow;
+        }
+        (ip.proto, l3 + size_of::<Ipv4Hdr>())
     } else if proto == ETH_P_IPV6 {
-        match x.ptr_at::<Ipv6Hdr>(l3) {
-            Ok(ip) => unsafe { (*ip).next_hdr == PROTO_ICMPV6 },
-            Err(_) => false,
+        let Ok(ip) = x.ptr_at::<Ipv6Hdr>(l3) else {
+            return Triage::Flow;
+        };
+        let next = unsafe { (*ip).next_hdr };
+        if next == PROTO_ICMPV6 {
+            return Triage::Icmp;
         }
+        (next, l3 + size_of::<Ipv6Hdr>())
     } else {
-        false
+        return Triage::Flow;
+    };
+    if l4proto != PROTO_TCP && l4proto != PROTO_UDP {
+        return Triage::Flow;
+    }
+    // TCP and UDP both start with the source and destination ports.
+    let Ok(ports) = x.ptr_at::<[u16; 2]>(l4) else {
+        return Triage::Flow;
+    };
+    let dport = u16::from_be(unsafe { (*ports)[1] });
+    match PORTS.get(u32::from(dport >> 6)) {
+        Some(w) if *w & (1u64 << (dport & 63)) == 0 => Triage::Quiet,
+        _ => Triage::Flow,
     }
 }
 

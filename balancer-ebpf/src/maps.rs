@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, IfMac, MAX_BACKENDS,
-    MAX_IFMACS, MAX_SERVICES, MAX_VLANS, MIRROR_RING_BYTES, MirrorCounters, REASONS, RING_VALUES,
-    Service, ServiceKey, VlanDev, VlanIn, VlanPort,
+    MAX_IFMACS, MAX_SERVICES, MAX_VLANS, MIRROR_RING_BYTES, MirrorCounters, PORT_WORDS, REASONS,
+    RING_VALUES, Service, ServiceKey, VlanDev, VlanIn, VlanPort,
 };
 use balancer_ebpf::ptb::TokenBucket;
 
@@ -132,3 +132,9 @@ pub static VLANS: HashMap<u32, VlanDev> = HashMap::with_max_entries(MAX_VLANS, 0
 /// its MAC): a tagged frame is for its VLAN device's MAC and arrives, for the FIB, on it.
 #[map(name = "BLB_VLAN_PORTS")]
 pub static VLAN_PORTS: HashMap<VlanPort, VlanIn> = HashMap::with_max_entries(MAX_VLANS, 0);
+
+/// The destination ports the program looks at, one bit per port (word `port / 64`, bit
+/// `port % 64`): every service's port and the SNAT range. A TCP/UDP frame to another port is
+/// passed before it is parsed.
+#[map(name = "BLB_PORTS")]
+pub static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);

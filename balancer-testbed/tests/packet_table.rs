@@ -544,6 +544,75 @@ fn what_is_not_balanced_passes_untouched() {
     }
 }
 
+/// The port filter (`BLB_PORTS`) passes a TCP/UDP frame to a port of no service and outside
+/// the SNAT range before parsing it, so such a frame with an IP length that overruns it is
+/// counted `pass_not_vip`; to a service's port or a SNAT port the full parse sees the bad
+/// length (`pass_truncated`). Either way the frame is passed untouched.
+#[test]
+fn the_port_filter_passes_other_ports_unparsed_and_parses_service_and_snat_ports() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let snat_port = st.globals.snat_port_lo;
+    assert!(snat_port > 1024, "{:?}", st.globals);
+    let overrun = |v6: bool, dport: u16, udp: bool| {
+        let (c, d) = if v6 {
+            (
+                sa("[fd77::2]:40007"),
+                SocketAddr::new("fd77::100".parse().unwrap(), dport),
+            )
+        } else {
+            (
+                sa("10.77.0.2:40007"),
+                SocketAddr::new("10.77.0.100".parse().unwrap(), dport),
+            )
+        };
+        let mut f = if udp {
+            packet::udp(host_mac(2), LB_MAC, c, d, b"x")
+        } else {
+            packet::tcp(host_mac(2), LB_MAC, c, d, 1, 0, packet::SYN, &[])
+        };
+        // IPv4 total length / IPv6 payload length: 100 bytes more than the frame holds.
+        let at = if v6 { 18 } else { 16 };
+        let len = u16::from_be_bytes([f[at], f[at + 1]]) + 100;
+        f[at..at + 2].copy_from_slice(&len.to_be_bytes());
+        f
+    };
+    for v6 in [false, true] {
+        for (name, dport, udp, reason) in [
+            ("TCP to port 22", 22, false, Reason::PassNotVip),
+            ("UDP to port 53", 53, true, Reason::PassNotVip),
+            (
+                "TCP to the service's port",
+                7002,
+                false,
+                Reason::PassTruncated,
+            ),
+            (
+                "TCP to a SNAT port",
+                snat_port,
+                false,
+                Reason::PassTruncated,
+            ),
+        ] {
+            run_counted(
+                &tb,
+                Row {
+                    name: Box::leak(
+                        format!(
+                            "IPv{} {name}, IP length past the frame",
+                            if v6 { 6 } else { 4 }
+                        )
+                        .into_boxed_str(),
+                    ),
+                    input: overrun(v6, dport, udp),
+                    verdict: XDP_PASS,
+                    output: None,
+                },
+                reason,
+            );
+        }
+    }
+}
+
 /// Checks an RST the program built: addresses swapped, flags, seq/ack, checksums.
 fn assert_rst(out: &[u8], from: SocketAddr, to: SocketAddr, seq: u32, ack: Option<u32>) {
     assert_eq!(

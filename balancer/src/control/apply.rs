@@ -1,10 +1,12 @@
 //! Applying a [`Plan`]: addresses first, then the maps in an order that never lets a new flow
 //! meet a backend that is not ready, then the addresses no longer used.
 //!
-//! Order: new VIPs; services no longer configured leave the map; counters of fresh ids and
-//! slots are zeroed; globals; then per service the ring into the spare half, the usable
-//! backends, the flip, the backends that go down; then slots no longer used are freed (after
-//! every flip, so no live ring points at them); last, old VIPs. If a map write fails, the
+//! Order: new VIPs; the port filter gains the new ports (it is a superset of old and new
+//! while the rest changes); services no longer configured leave the map; counters of fresh
+//! ids and slots are zeroed; globals; then per service the ring into the spare half, the
+//! usable backends, the flip, the backends that go down; then slots no longer used are freed
+//! (after every flip, so no live ring points at them); the port filter loses the old ports;
+//! last, old VIPs. If a map write fails, the
 //! maps touched are written back as they were (rings need no undo: only spare halves were
 //! written, and the plan hands no id or slot in use to anyone else) and the added VIPs are
 //! removed, so the state in force still describes the dataplane.
@@ -15,7 +17,7 @@ use balancer_common::{Backend, Globals, Service, ServiceKey};
 use tracing::warn;
 
 use crate::control::{
-    maps::{MapError, Maps, VipError, Vips},
+    maps::{MapError, Maps, PortSet, VipError, Vips},
     plan::Plan,
     state::ServiceWrite,
 };
@@ -26,6 +28,9 @@ pub enum ApplyError {
     /// An address could not be added; no map was written.
     #[error("{0}; nothing changed")]
     Vip(#[source] VipError),
+    /// The maps could not be read before writing; nothing was written.
+    #[error("{0}; nothing changed")]
+    Read(#[source] MapError),
     /// A map write failed; the maps were written back as they were.
     #[error("{0}; the previous state was restored")]
     RolledBack(#[source] MapError),
@@ -68,27 +73,46 @@ pub fn write_service(w: &ServiceWrite, maps: &mut impl Maps) -> Result<(), MapEr
     Ok(())
 }
 
+/// The ports the program must look at once `plan` is in force: every written service's
+/// port and the SNAT range.
+pub fn plan_ports(plan: &Plan) -> PortSet {
+    let mut ports = PortSet::default();
+    for w in plan.writes.iter().filter(|w| !w.relay) {
+        ports.insert(u16::from_be(w.key.port));
+    }
+    let g = &plan.globals;
+    if g.snat_port_hi != 0 && g.snat_port_lo <= g.snat_port_hi {
+        ports.insert_range(g.snat_port_lo, g.snat_port_hi);
+    }
+    ports
+}
+
 /// The maps a plan touches, as they were before it.
 struct Snapshot {
     services: Vec<(ServiceKey, Service)>,
     slots: BTreeMap<u32, Backend>,
     globals: Option<Globals>,
+    ports: PortSet,
 }
 
 impl Snapshot {
-    fn take(maps: &impl Maps, plan: &Plan) -> Self {
+    fn take(maps: &impl Maps, plan: &Plan) -> Result<Self, MapError> {
         let all: BTreeMap<u32, Backend> = maps.backends().into_iter().collect();
         let slots = touched_slots(plan)
             .map(|s| (s, all.get(&s).copied().unwrap_or_default()))
             .collect();
-        Snapshot {
+        Ok(Snapshot {
             services: maps.services(),
             slots,
             globals: maps.globals().ok(),
-        }
+            ports: maps.ports()?,
+        })
     }
 
     fn restore(&self, maps: &mut impl Maps) -> Result<(), MapError> {
+        // Old and current ports while the services go back, then the old ones.
+        let now = maps.ports()?;
+        maps.set_ports(&self.ports.union(&now))?;
         for (k, _) in maps.services() {
             if !self.services.iter().any(|(o, _)| *o == k) {
                 maps.remove_service(&k)?;
@@ -103,7 +127,7 @@ impl Snapshot {
         if let Some(g) = self.globals {
             maps.set_globals(g)?;
         }
-        Ok(())
+        maps.set_ports(&self.ports)
     }
 }
 
@@ -114,7 +138,13 @@ fn touched_slots(plan: &Plan) -> impl Iterator<Item = u32> + '_ {
         .chain(plan.free_slots.iter().map(|(s, _)| *s))
 }
 
-fn write_maps(plan: &Plan, maps: &mut impl Maps) -> Result<(), MapError> {
+fn write_maps(plan: &Plan, old_ports: &PortSet, maps: &mut impl Maps) -> Result<(), MapError> {
+    // A new service's port is looked at before the service is in the map; an old one's until
+    // the service is gone.
+    let ports = plan_ports(plan);
+    if ports != *old_ports {
+        maps.set_ports(&ports.union(old_ports))?;
+    }
     // Removed services leave the map first: their VIPs go back to the kernel.
     for k in &plan.removed {
         maps.remove_service(k)?;
@@ -131,6 +161,9 @@ fn write_maps(plan: &Plan, maps: &mut impl Maps) -> Result<(), MapError> {
     }
     for (slot, b) in &plan.free_slots {
         maps.put_backend(*slot, b)?;
+    }
+    if ports != *old_ports {
+        maps.set_ports(&ports)?;
     }
     Ok(())
 }
@@ -160,8 +193,14 @@ pub fn apply(
             }
         }
     }
-    let snapshot = Snapshot::take(maps, plan);
-    if let Err(e) = write_maps(plan, maps) {
+    let snapshot = match Snapshot::take(maps, plan) {
+        Ok(s) => s,
+        Err(e) => {
+            undo_vips(&mut |ip| vips.remove_vip(ip), &added);
+            return Err(ApplyError::Read(e));
+        }
+    };
+    if let Err(e) = write_maps(plan, &snapshot.ports, maps) {
         let restored = snapshot.restore(maps);
         undo_vips(&mut |ip| vips.remove_vip(ip), &added);
         return Err(match restored {
@@ -301,6 +340,53 @@ backends = [ { address = "10.77.0.21:104" } ]
     }
 
     #[test]
+    fn the_port_filter_holds_the_services_ports_and_the_snat_range() {
+        let mut rig = Rig::new();
+        rig.reload(TWO_SERVICES).unwrap();
+        let g = rig.maps.globals;
+        assert!(
+            g.snat_port_lo > 1024 && g.snat_port_hi > g.snat_port_lo,
+            "{g:?}"
+        );
+        let p = rig.maps.ports.clone();
+        assert!(p.contains(80) && p.contains(6661), "{p:?}");
+        assert!(
+            !p.contains(104) && !p.contains(22) && !p.contains(443),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(g.snat_port_lo) && p.contains(g.snat_port_hi),
+            "{p:?}"
+        );
+        assert!(!p.contains(g.snat_port_lo - 1), "{p:?}");
+        assert!(
+            g.snat_port_hi == u16::MAX || !p.contains(g.snat_port_hi + 1),
+            "{p:?}"
+        );
+        let start = rig.maps.log.len();
+        rig.reload(CHANGED).unwrap();
+        let p = &rig.maps.ports;
+        assert!(
+            p.contains(80) && p.contains(104) && !p.contains(6661),
+            "{p:?}"
+        );
+        // Widened before the first write of the reload, narrowed after the last (the fake
+        // also refuses a service written or removed while its port is not in the filter).
+        let log = &rig.maps.log[start..];
+        assert_eq!(log.first(), Some(&Op::Ports), "{log:?}");
+        assert_eq!(log.last(), Some(&Op::Ports), "{log:?}");
+        assert_eq!(
+            log.iter().filter(|o| **o == Op::Ports).count(),
+            2,
+            "{log:?}"
+        );
+        // Nothing changes, nothing is written to it.
+        let start = rig.maps.log.len();
+        rig.reload(CHANGED).unwrap();
+        assert!(!rig.maps.log[start..].contains(&Op::Ports));
+    }
+
+    #[test]
     fn a_refused_vip_changes_no_map() {
         let mut rig = Rig::new();
         rig.reload(TWO_SERVICES).unwrap();
@@ -389,8 +475,10 @@ backends = [ { address = "10.77.0.21:104" } ]
                 }
             );
         }
-        // The removed service leaves the map before anything else is written.
-        assert!(matches!(log[0], Op::RemoveService { .. }), "{log:?}");
+        // The port filter is widened first (dicom's port 104 is new), then the removed service
+        // leaves the map before anything else is written.
+        assert_eq!(log[0], Op::Ports, "{log:?}");
+        assert!(matches!(log[1], Op::RemoveService { .. }), "{log:?}");
         assert_eq!(
             rig.ring_addrs("web"),
             addrs(&["10.77.0.11:80", "10.77.0.14:80"])

@@ -9,12 +9,13 @@ use std::{
 
 use balancer_common::{Backend, Globals, RING_MAX, Service, ServiceKey};
 
-use crate::control::maps::{MapError, Maps, VipError, Vips};
+use crate::control::maps::{MapError, Maps, PortSet, VipError, Vips};
 
 /// One logged write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Globals,
+    Ports,
     PutService { id: u32, half: u32 },
     RemoveService { key: ServiceKey },
     PutBackend { slot: u32, state: u32, used: bool },
@@ -30,6 +31,7 @@ pub struct Forwarding {
     pub slots: BTreeMap<u32, Backend>,
     pub live_rings: BTreeMap<u32, Vec<u32>>,
     pub globals: Globals,
+    pub ports: PortSet,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -39,6 +41,7 @@ pub struct FakeMaps {
     pub slots: BTreeMap<u32, Backend>,
     pub rings: HashMap<(u32, u32), Vec<u32>>,
     pub globals: Globals,
+    pub ports: PortSet,
     pub log: Vec<Op>,
     /// The write with this index (counted from 0 over the fake's life) fails.
     pub fail_at: Option<usize>,
@@ -67,6 +70,7 @@ impl FakeMaps {
                 })
                 .collect(),
             globals: self.globals,
+            ports: self.ports.clone(),
         }
     }
 
@@ -124,7 +128,22 @@ impl Maps for FakeMaps {
         self.globals = g;
         Ok(())
     }
+    fn ports(&self) -> Result<PortSet, MapError> {
+        Ok(self.ports.clone())
+    }
+    fn set_ports(&mut self, ports: &PortSet) -> Result<(), MapError> {
+        self.write(Op::Ports)?;
+        self.ports = ports.clone();
+        Ok(())
+    }
     fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), MapError> {
+        // The program must look at a service's port before the service is in the map.
+        assert!(
+            self.ports.contains(u16::from_be(key.port)),
+            "service port {} written before the port filter has it ({:?})",
+            u16::from_be(key.port),
+            self.ports
+        );
         self.write(Op::PutService {
             id: svc.id,
             half: svc.ring_half,
@@ -133,6 +152,15 @@ impl Maps for FakeMaps {
         Ok(())
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        // ... and until it has left the map.
+        if self.services.contains_key(key) {
+            assert!(
+                self.ports.contains(u16::from_be(key.port)),
+                "service port {} left the port filter before the service ({:?})",
+                u16::from_be(key.port),
+                self.ports
+            );
+        }
         self.write(Op::RemoveService { key: *key })?;
         self.services.remove(key);
         Ok(())

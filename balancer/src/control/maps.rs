@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use balancer_common::{Backend, Globals, Service, ServiceKey};
+use balancer_common::{Backend, Globals, PORT_WORDS, Service, ServiceKey};
 
 use crate::dataplane::Dataplane;
 
@@ -32,6 +32,70 @@ impl MapError {
     }
 }
 
+/// The destination ports the program looks at (`BLB_PORTS`), one bit per port: the services'
+/// ports and the SNAT range. A TCP/UDP frame to any other port is passed unparsed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet(Vec<u64>);
+
+impl Default for PortSet {
+    fn default() -> Self {
+        PortSet(vec![0; PORT_WORDS as usize])
+    }
+}
+
+impl PortSet {
+    /// The set held by the map's words (missing words are empty).
+    pub fn from_words(mut words: Vec<u64>) -> Self {
+        words.resize(PORT_WORDS as usize, 0);
+        PortSet(words)
+    }
+    /// The map's words.
+    pub fn words(&self) -> &[u64] {
+        &self.0
+    }
+    /// Adds `port`.
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+    /// Adds every port of `lo..=hi`.
+    pub fn insert_range(&mut self, lo: u16, hi: u16) {
+        for p in lo..=hi {
+            self.insert(p);
+        }
+    }
+    /// Is `port` in the set?
+    pub fn contains(&self, port: u16) -> bool {
+        self.0[usize::from(port >> 6)] & (1 << (port & 63)) != 0
+    }
+    /// Every port of either set.
+    pub fn union(&self, other: &PortSet) -> PortSet {
+        PortSet(self.0.iter().zip(&other.0).map(|(a, b)| a | b).collect())
+    }
+}
+
+impl std::fmt::Debug for PortSet {
+    /// The ports as ranges, `[80, 443, 32768-60999]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ranges = Vec::new();
+        let mut p = 0u32;
+        while p <= u32::from(u16::MAX) {
+            if self.contains(p as u16) {
+                let lo = p;
+                while p < u32::from(u16::MAX) && self.contains(p as u16 + 1) {
+                    p += 1;
+                }
+                ranges.push(if lo == p {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{p}")
+                });
+            }
+            p += 1;
+        }
+        write!(f, "[{}]", ranges.join(", "))
+    }
+}
+
 /// The dataplane's maps as the controller reads and writes them.
 pub trait Maps {
     /// True when the maps were adopted from a previous controller.
@@ -46,6 +110,10 @@ pub trait Maps {
     fn globals(&self) -> Result<Globals, MapError>;
     /// Writes the globals.
     fn set_globals(&mut self, g: Globals) -> Result<(), MapError>;
+    /// The port filter.
+    fn ports(&self) -> Result<PortSet, MapError>;
+    /// Writes the port filter.
+    fn set_ports(&mut self, ports: &PortSet) -> Result<(), MapError>;
     /// Inserts or replaces a service (its `ring_half` must already hold a ring).
     fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), MapError>;
     /// Removes a service (absent is fine).
@@ -99,6 +167,15 @@ impl Maps for Dataplane {
     }
     fn set_globals(&mut self, g: Globals) -> Result<(), MapError> {
         Dataplane::set_globals(self, g).map_err(|e| MapError::new("writing globals", e))
+    }
+    fn ports(&self) -> Result<PortSet, MapError> {
+        self.port_words()
+            .map(PortSet::from_words)
+            .map_err(|e| MapError::new("reading the port filter", e))
+    }
+    fn set_ports(&mut self, ports: &PortSet) -> Result<(), MapError> {
+        self.set_port_words(ports.words())
+            .map_err(|e| MapError::new("writing the port filter", e))
     }
     fn put_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), MapError> {
         Dataplane::put_service(self, key, svc).map_err(|e| MapError::new("writing a service", e))

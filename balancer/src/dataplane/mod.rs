@@ -24,10 +24,10 @@ use aya::{
 };
 use balancer_common::{
     ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, IfMac, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_REASONS,
-    MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_VLAN_PORTS, MAP_VLANS, MAX_BACKENDS,
-    MAX_SERVICES, MirrorCounters, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service,
-    ServiceKey, VlanDev, VlanIn, VlanPort, ring_index,
+    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_PORTS,
+    MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_VLAN_PORTS, MAP_VLANS,
+    MAX_BACKENDS, MAX_SERVICES, MirrorCounters, PORT_WORDS, PROGRAM_NAME, REASONS, RING_MAX,
+    RING_WORDS, Reason, Service, ServiceKey, VlanDev, VlanIn, VlanPort, ring_index,
 };
 use tracing::{info, warn};
 
@@ -347,6 +347,7 @@ pub struct Dataplane {
     ifmacs: HashMap<MapData, u32, IfMac>,
     vlans: HashMap<MapData, u32, VlanDev>,
     vlan_ports: HashMap<MapData, VlanPort, VlanIn>,
+    ports: Array<MapData, u64>,
     rings: Rings,
     pin_path: Option<PathBuf>,
     /// True when the maps were adopted from a previous controller.
@@ -552,6 +553,7 @@ impl Dataplane {
             ifmacs: take(&mut ebpf, MAP_IFMACS)?,
             vlans: take(&mut ebpf, MAP_VLANS)?,
             vlan_ports: take(&mut ebpf, MAP_VLAN_PORTS)?,
+            ports: take(&mut ebpf, MAP_PORTS)?,
             ebpf: Some(ebpf),
             rings,
             pin_path: opts.pin_path.clone(),
@@ -627,6 +629,7 @@ impl Dataplane {
             vlans: HashMap::try_from(open(MAP_VLANS)?).map_err(map_type(MAP_VLANS))?,
             vlan_ports: HashMap::try_from(open(MAP_VLAN_PORTS)?)
                 .map_err(map_type(MAP_VLAN_PORTS))?,
+            ports: Array::try_from(open(MAP_PORTS)?).map_err(map_type(MAP_PORTS))?,
             ebpf: None,
             rings,
             pin_path: Some(dir.to_path_buf()),
@@ -830,6 +833,32 @@ impl Dataplane {
         self.globals
             .set(0, g, 0)
             .map_err(map_err("writing globals"))
+    }
+
+    /// The words of `BLB_PORTS` (bit `port % 64` of word `port / 64`: the program looks at
+    /// TCP/UDP frames to that destination port).
+    pub fn port_words(&self) -> Result<Vec<u64>> {
+        (0..PORT_WORDS)
+            .map(|i| {
+                self.ports
+                    .get(&i, 0)
+                    .map_err(map_err("reading the port filter"))
+            })
+            .collect()
+    }
+
+    /// Writes the words of `BLB_PORTS` that differ from `words` (one word at a time: a
+    /// reader sees each word old or new).
+    pub fn set_port_words(&mut self, words: &[u64]) -> Result<()> {
+        let old = self.port_words()?;
+        for (i, (w, o)) in (0u32..).zip(words.iter().zip(&old)) {
+            if w != o {
+                self.ports
+                    .set(i, *w, 0)
+                    .map_err(map_err("writing the port filter"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads the globals.
