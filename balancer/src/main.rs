@@ -451,7 +451,7 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("{}: {e}", config.display());
                     std::process::exit(1);
                 }
-                for w in v.capacity_warnings() {
+                for w in v.warnings() {
                     eprintln!("{}: warning: {w}", config.display());
                 }
                 println!("{}: ok ({} services)", config.display(), v.services.len());

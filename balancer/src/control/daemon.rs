@@ -145,7 +145,7 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| cfg.pin_path.clone());
         cfg.check_host()?;
-        for w in cfg.capacity_warnings() {
+        for w in cfg.warnings() {
             warn!("{w}");
         }
         let mut dp = Dataplane::load(&LoadOptions {
@@ -596,7 +596,7 @@ impl Daemon {
     fn try_reload(&mut self) -> Result<usize, ReloadError> {
         let new = config::load(&self.opts.config)?;
         new.check_host()?;
-        for w in new.capacity_warnings() {
+        for w in new.warnings() {
             warn!("{w}");
         }
         if new.interfaces != self.cfg.interfaces {
