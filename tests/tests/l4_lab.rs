@@ -239,7 +239,8 @@ fn udp_vip() {
 /// The balancer's interface gets a new MAC while it runs: the controller records it from the
 /// rtnetlink link message (the backstop poll is a minute away), so frames to the new MAC are
 /// balanced at once instead of being passed to the kernel as another host's (which would
-/// answer the VIP's SYNs with resets: nothing listens there).
+/// answer the VIP's SYNs with resets: nothing listens there), and the backends' neighbours,
+/// which the kernel forgot with the old MAC, are resolved again at once.
 #[test]
 fn interface_mac_change_is_followed_at_once() {
     const NEW_MAC: &str = "02:77:00:00:00:a1";
@@ -273,6 +274,38 @@ fn interface_mac_change_is_followed_at_once() {
     }
     b.wait_for_log("interface MAC changed", Duration::from_secs(10))
         .unwrap();
+    // The kernel forgot eth0's neighbours with its old MAC; the controller primes them again
+    // at once (its periodic refresh is 10 s away), so the FIB has every backend's MAC before
+    // the next SYN needs it.
+    let backends: Vec<String> = lab
+        .backend_hosts()
+        .into_iter()
+        .filter_map(|h| h.v4())
+        .map(|a| a.to_string())
+        .collect();
+    let mut table = String::new();
+    for _ in 0..30 {
+        table = lab
+            .exec(Host::Lb, &["ip", "-4", "neigh", "show", "dev", "eth0"])
+            .unwrap();
+        let resolved = |a: &String| {
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{a} ")) && l.contains("lladdr"))
+        };
+        if backends.iter().all(resolved) {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    for a in &backends {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{a} ")) && l.contains("lladdr")),
+            "backend {a} not resolved again within 3 s:\n{table}"
+        );
+    }
     let r = lab.client_conns(vip4(ECHO_PORT), 20, 512, 4).unwrap();
     assert_eq!((r.ok, r.failed), (20, 0), "errors: {:?}", r.errors);
     let c = lab.counters().unwrap();
@@ -281,4 +314,5 @@ fn interface_mac_change_is_followed_at_once() {
         passed_before,
         "no frame to the new MAC was passed as another host's: {c}"
     );
+    assert_eq!(c["reasons"]["drop_no_neighbour"], 0, "{c}");
 }

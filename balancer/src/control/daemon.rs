@@ -301,9 +301,11 @@ impl Daemon {
     /// every rtnetlink link change (coalesced, [`net::LINK_SETTLE`] apart) and every minute as
     /// a backstop; a failure is logged and the old entries kept.
     fn sync_links(&mut self) {
+        let mut changed = false;
         for iface in &self.cfg.interfaces {
             match self.dp.refresh_interface_mac(iface) {
                 Ok(Some(mac)) => {
+                    changed = true;
                     info!(interface = %iface, mac = %crate::dataplane::fmt_mac(&mac), "interface MAC changed: frames to it are balanced, frames to the old one passed")
                 }
                 Ok(None) => {}
@@ -311,6 +313,12 @@ impl Daemon {
                     warn!(interface = %iface, error = %e, "interface MAC not read: the recorded one stays")
                 }
             }
+        }
+        // The kernel forgets a device's neighbours when its MAC changes, and the program cannot
+        // resolve one: without this, new flows to backends no health check touches would be
+        // dropped (`drop_no_neighbour`) until the next 10 s refresh.
+        if changed {
+            self.prime_neighbours(true);
         }
         if let Err(e) = sync_vlans(&mut self.dp, &self.cfg.interfaces) {
             warn!(error = %format!("{e:#}"), "VLAN devices not read: the recorded ones stay");
