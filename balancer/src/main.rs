@@ -627,6 +627,15 @@ fn ha(cmd: HaCmd) -> anyhow::Result<()> {
         }
         HaCmd::Notify { socket, args } => {
             let role = balancer::host::keepalived::role_of_notify(&args)?;
+            // Recorded first: a controller whose socket is not up yet (it is starting) takes
+            // the role from the file.
+            let file = balancer::control::ha::role_file(&socket);
+            if let Err(e) = balancer::control::ha::save_role(&file, role) {
+                eprintln!(
+                    "balancer: cannot record the role in {}: {e}",
+                    file.display()
+                );
+            }
             std::process::exit(balancer::api::cli(
                 &socket,
                 &balancer::api::Command::HaRole(role),

@@ -730,6 +730,20 @@ impl Daemon {
         )
     }
 
+    /// keepalived's last word as `balancer ha notify` recorded it in the role file (before it
+    /// calls the socket): a notify that came while this controller was starting, its socket
+    /// not up yet, is taken from the file within a second instead of being lost (the
+    /// controller would stay in the role it read at start, say active beside a standby
+    /// keepalived).
+    async fn follow_role_file(&mut self) {
+        let Some(ha) = &self.ha else { return };
+        let recorded = crate::control::ha::load_role(&ha.role_file);
+        if recorded != crate::control::ha::Role::Unknown && recorded != ha.role {
+            info!(role = %recorded, "ha role taken from the role file: keepalived's notify did not reach the control socket");
+            let _ = self.on_role(recorded).await;
+        }
+    }
+
     /// keepalived's word on this balancer's role.
     async fn on_role(
         &mut self,
@@ -1279,6 +1293,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             },
             _ = refresh.tick() => {
+                d.follow_role_file().await;
                 d.check_dataplane();
                 d.publish();
             }
