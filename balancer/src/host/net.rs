@@ -336,6 +336,9 @@ pub struct LinkWatch {
     fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
     buf: Vec<u8>,
     last: Option<tokio::time::Instant>,
+    /// Messages were read and the change not reported yet (the caller's `select!` dropped
+    /// [`LinkWatch::changed`] while it settled): the next call reports it.
+    pending: bool,
 }
 
 impl LinkWatch {
@@ -367,19 +370,27 @@ impl LinkWatch {
             fd,
             buf: vec![0; 32 * 1024],
             last: None,
+            pending: false,
         })
     }
 
     /// Returns once a link changed, at least [`LINK_SETTLE`] after the last return. Every
     /// message queued by then is read, so a burst is one change. Messages lost because the
     /// socket's buffer ran over (`ENOBUFS`) are a change too: the caller reads everything.
+    /// Cancel-safe (for `select!`): a change read but not yet reported is reported by the next
+    /// call.
     pub async fn changed(&mut self) -> Result<(), Error> {
-        self.drain(true).await?;
+        if !self.pending {
+            // Reads only once the socket is readable, and returns without another wait.
+            self.drain(true).await?;
+            self.pending = true;
+        }
         if let Some(last) = self.last {
             tokio::time::sleep_until(last + LINK_SETTLE).await;
         }
         // What came in while settling belongs to this change.
         self.drain(false).await?;
+        self.pending = false;
         self.last = Some(tokio::time::Instant::now());
         Ok(())
     }
@@ -428,6 +439,54 @@ pub fn ifindex(interface: &str) -> Result<u32, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::time::Duration;
+
+    /// A link change read while [`LinkWatch::changed`] settled, and the call dropped there
+    /// (as `select!` drops a branch that lost), is reported by the next call. In a network
+    /// namespace of the test's own (a thread that unshared it; `ip` inherits it), on a paused
+    /// clock: timers fire in order, no wall-clock time is measured.
+    #[test]
+    fn a_link_change_read_before_a_cancel_is_reported_by_the_next_call() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root (a network namespace)");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let ip = |args: &[&str]| {
+                let s = Command::new("ip").args(args).status().expect("ip");
+                assert!(s.success(), "ip {args:?}");
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut w = LinkWatch::open().expect("link watch");
+                ip(&[
+                    "link", "add", "blbt0", "type", "veth", "peer", "name", "blbt0p",
+                ]);
+                // The first change: no read before it, so no settling.
+                w.changed().await.expect("first change");
+                ip(&[
+                    "link", "add", "blbt1", "type", "veth", "peer", "name", "blbt1p",
+                ]);
+                // Read, then settling until 250 ms after the first: dropped at 50 ms.
+                let cut = tokio::time::timeout(Duration::from_millis(50), w.changed()).await;
+                assert!(cut.is_err(), "reported before it settled");
+                // No new message: the change read before the drop is reported all the same
+                // (before the fix this waited for the next message: the 10 s bound fired).
+                tokio::time::timeout(Duration::from_secs(10), w.changed())
+                    .await
+                    .expect("the change read before the drop")
+                    .expect("no error");
+            });
+        })
+        .join()
+        .expect("the namespace thread");
+    }
 
     #[test]
     fn vlan_devices_are_read_from_ip_json() {
