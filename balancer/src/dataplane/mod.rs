@@ -348,6 +348,10 @@ pub struct Dataplane {
     vlans: HashMap<MapData, u32, VlanDev>,
     vlan_ports: HashMap<MapData, VlanPort, VlanIn>,
     ports: Array<MapData, u64>,
+    /// What `ports` holds, read when the controller loads or adopts the maps (it is their only
+    /// writer) and kept up to date, so a plan compares and writes without reading 1024 words
+    /// each time. Empty for readers ([`Dataplane::open_pinned`]): they read the map.
+    port_cache: Vec<u64>,
     rings: Rings,
     pin_path: Option<PathBuf>,
     /// True when the maps were adopted from a previous controller.
@@ -553,12 +557,15 @@ impl Dataplane {
             ifmacs: take(&mut ebpf, MAP_IFMACS)?,
             vlans: take(&mut ebpf, MAP_VLANS)?,
             vlan_ports: take(&mut ebpf, MAP_VLAN_PORTS)?,
+            port_cache: Vec::new(),
             ports: take(&mut ebpf, MAP_PORTS)?,
             ebpf: Some(ebpf),
             rings,
             pin_path: opts.pin_path.clone(),
             adopted,
         };
+        // The controller's copy of the port filter (readers of open_pinned read the map).
+        dp.port_cache = dp.port_words()?;
         if !adopted {
             dp.set_globals(Globals {
                 abi_version: ABI_VERSION,
@@ -629,6 +636,7 @@ impl Dataplane {
             vlans: HashMap::try_from(open(MAP_VLANS)?).map_err(map_type(MAP_VLANS))?,
             vlan_ports: HashMap::try_from(open(MAP_VLAN_PORTS)?)
                 .map_err(map_type(MAP_VLAN_PORTS))?,
+            port_cache: Vec::new(),
             ports: Array::try_from(open(MAP_PORTS)?).map_err(map_type(MAP_PORTS))?,
             ebpf: None,
             rings,
@@ -836,8 +844,11 @@ impl Dataplane {
     }
 
     /// The words of `BLB_PORTS` (bit `port % 64` of word `port / 64`: the program looks at
-    /// TCP/UDP frames to that destination port).
+    /// TCP/UDP frames to that destination port), as last read or written.
     pub fn port_words(&self) -> Result<Vec<u64>> {
+        if self.port_cache.len() == PORT_WORDS as usize {
+            return Ok(self.port_cache.clone());
+        }
         (0..PORT_WORDS)
             .map(|i| {
                 self.ports
@@ -850,12 +861,17 @@ impl Dataplane {
     /// Writes the words of `BLB_PORTS` that differ from `words` (one word at a time: a
     /// reader sees each word old or new).
     pub fn set_port_words(&mut self, words: &[u64]) -> Result<()> {
-        let old = self.port_words()?;
-        for (i, (w, o)) in (0u32..).zip(words.iter().zip(&old)) {
-            if w != o {
+        if self.port_cache.len() != PORT_WORDS as usize {
+            self.port_cache = self.port_words()?;
+        }
+        for (i, w) in (0u32..).zip(words) {
+            if self.port_cache.get(i as usize) != Some(w) {
                 self.ports
                     .set(i, *w, 0)
                     .map_err(map_err("writing the port filter"))?;
+                if let Some(c) = self.port_cache.get_mut(i as usize) {
+                    *c = *w;
+                }
             }
         }
         Ok(())
