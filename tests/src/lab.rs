@@ -554,6 +554,16 @@ impl Lab {
         self.balancer_started.store(true, Ordering::Relaxed);
         let mut child = self.spawn_command(cmd, &format!("[{host}] balancer run"))?;
         child.wait_for_output("balancer ready", READY_TIMEOUT)?;
+        // The promise behind every `balancer status` a test makes right after this: ready
+        // means the control socket is listening (no retry here, so a race shows).
+        if let Some(socket) = control_socket(&config)?
+            && !socket.exists()
+        {
+            bail!(
+                "[{host}] balancer said ready before its control socket {} existed",
+                socket.display()
+            );
+        }
         Ok(BalancerProc { child, config })
     }
 
@@ -904,6 +914,19 @@ pub(crate) fn ensure_bpffs() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The `[controller] socket` a config file names, if it names one.
+fn control_socket(config: &Path) -> Result<Option<PathBuf>> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let value: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    Ok(value
+        .get("controller")
+        .and_then(|c| c.get("socket"))
+        .and_then(|s| s.as_str())
+        .map(PathBuf::from))
 }
 
 #[cfg(test)]

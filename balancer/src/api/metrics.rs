@@ -850,11 +850,16 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `GET /metrics` on `addr` until the listener fails; everything else is 404.
 pub async fn serve(addr: SocketAddr, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
+    serve_on(bind(addr).await?, tx).await
+}
+
+/// Binds the metrics endpoint (the daemon binds before it reports ready).
+pub async fn bind(addr: SocketAddr) -> crate::api::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| crate::api::Error::BindMetrics { addr, source })?;
     info!(addr = %listener.local_addr().unwrap_or(addr), "metrics listening");
-    serve_on(listener, tx).await
+    Ok(listener)
 }
 
 /// Serves metrics on an already bound listener (tests bind port 0 first).

@@ -34,8 +34,13 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// connection's peer credentials are checked as well: only uid 0 is served, anyone else
 /// gets 403.
 pub async fn serve(path: &Path, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
-    let listener = bind(path)?;
-    info!(socket = %path.display(), "control socket listening");
+    serve_on(bind(path)?, tx).await
+}
+
+/// Serves the control API on a socket bound before with [`bind`]: the daemon binds before it
+/// reports ready, so a `balancer status` right after `balancer ready` (or systemd's
+/// `READY=1`) finds the socket.
+pub async fn serve_on(listener: UnixListener, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -81,7 +86,7 @@ fn is_transient(e: &std::io::Error) -> bool {
 }
 
 /// Prepares the directory, removes a stale socket, binds and restricts the socket.
-pub(crate) fn bind(path: &Path) -> crate::api::Result<UnixListener> {
+pub fn bind(path: &Path) -> crate::api::Result<UnixListener> {
     let owned = || path.to_path_buf();
     if let Some(dir) = path
         .parent()
@@ -138,6 +143,7 @@ pub(crate) fn bind(path: &Path) -> crate::api::Result<UnixListener> {
             source,
         })?;
     }
+    info!(socket = %path.display(), "control socket listening");
     Ok(listener)
 }
 

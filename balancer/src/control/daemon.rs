@@ -1094,7 +1094,16 @@ impl Daemon {
 /// Starts the control socket and the metrics endpoint. Status requests are answered from
 /// the published snapshot, off the daemon loop; the others go to the loop. Returns the
 /// channel they share (the console asks on it too).
-fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) -> mpsc::Sender<Message> {
+async fn start_endpoints(
+    d: &Daemon,
+    daemon_tx: &mpsc::Sender<Message>,
+) -> anyhow::Result<mpsc::Sender<Message>> {
+    // Bound here, before `balancer ready`: whoever waits for ready finds both listening.
+    let control = crate::api::server::bind(&d.cfg.socket).context("control socket")?;
+    let metrics = match d.cfg.metrics {
+        Some(addr) => Some(crate::api::metrics::bind(addr).await?),
+        None => None,
+    };
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let board = d.board.clone();
     let to_daemon = daemon_tx.clone();
@@ -1115,22 +1124,21 @@ fn start_endpoints(d: &Daemon, daemon_tx: &mpsc::Sender<Message>) -> mpsc::Sende
             }
         }
     });
-    let socket = d.cfg.socket.clone();
     let t = tx.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::api::server::serve(&socket, t).await {
+        if let Err(e) = crate::api::server::serve_on(control, t).await {
             error!(error = %e, "control socket failed");
         }
     });
-    if let Some(addr) = d.cfg.metrics {
+    if let Some(listener) = metrics {
         let t = tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::api::metrics::serve(addr, t).await {
+            if let Err(e) = crate::api::metrics::serve_on(listener, t).await {
                 error!(error = %e, "metrics endpoint failed");
             }
         });
     }
-    tx
+    Ok(tx)
 }
 
 /// Where operator overrides are kept across controller restarts: beside the control socket
@@ -1239,7 +1247,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     let mut mllp_rx = d.mllp_failures.take();
     let mut peer_rx = d.peer_control.take();
-    let endpoints = start_endpoints(&d, &ctl_tx);
+    let endpoints = start_endpoints(&d, &ctl_tx).await?;
     let console = match &d.cfg.console {
         Some(c) => Some(
             crate::api::console::start(c.clone(), d.board.clone(), endpoints)
