@@ -3,8 +3,13 @@
 //! with the same client (wrk), for HTTPS keep-alive and one connection per request.
 //!
 //! `cargo run --release -p balancer-l7 --bin l7-bench -- [--duration 10] [--connections 50]
-//! [--threads 1] [--workers 1]` needs `openssl`, `haproxy` and `wrk` on PATH. Everything
-//! runs on 127.0.0.1 and stops by itself.
+//! [--threads 1] [--workers 1] [--trials 3]` needs `openssl`, `haproxy` and `wrk` on PATH.
+//! Everything runs on 127.0.0.1 and stops by itself.
+//!
+//! Each mode runs `trials` times, balancer and HAProxy interleaved; the medians are printed,
+//! and beside them each proxy's CPU time per request (user + system time of its threads over
+//! the run, divided by the requests): on a small machine where the client, the backends and
+//! the proxy share the cores, that is the steadier of the two numbers.
 
 #![allow(clippy::print_stdout)]
 
@@ -25,6 +30,7 @@ struct Args {
     connections: u32,
     threads: u32,
     workers: usize,
+    trials: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -33,6 +39,7 @@ fn args() -> anyhow::Result<Args> {
         connections: 50,
         threads: 1,
         workers: 1,
+        trials: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -42,6 +49,7 @@ fn args() -> anyhow::Result<Args> {
             "--connections" => a.connections = v.parse()?,
             "--threads" => a.threads = v.parse()?,
             "--workers" => a.workers = v.parse()?,
+            "--trials" => a.trials = v.parse::<usize>()?.max(1),
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -181,6 +189,59 @@ struct Result {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// CPU time of the proxy per request, microseconds.
+    cpu_us: f64,
+}
+
+/// User + system time, in clock ticks, of the threads of process `pid` (those named `comm`
+/// when given), from `/proc/<pid>/task/*/stat`.
+fn cpu_ticks(pid: u32, comm: Option<&str>) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // `tid (comm) state ...`: comm may hold spaces, so split at the last parenthesis.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if comm.is_some_and(|c| &stat[open + 1..close] != c) {
+            continue;
+        }
+        // After `)`: state is field 3, utime field 14, stime field 15.
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += tick(11) + tick(12);
+    }
+    total
+}
+
+/// Clock ticks per second of `/proc/*/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// The median of `v` by requests/s (the upper one of an even count).
+fn median(mut v: Vec<Result>) -> Result {
+    v.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    v[v.len() / 2]
+}
+
+/// Runs wrk against `port` while counting the CPU time of the proxy's threads.
+fn measured(
+    a: &Args,
+    port: u16,
+    close: bool,
+    pid: u32,
+    comm: Option<&str>,
+) -> anyhow::Result<Result> {
+    let before = cpu_ticks(pid, comm);
+    let mut r = wrk(a, port, close)?;
+    let ticks = cpu_ticks(pid, comm).saturating_sub(before);
+    let requests = r.rps * a.duration as f64;
+    r.cpu_us = ticks as f64 / USER_HZ * 1e6 / requests.max(1.0);
+    Ok(r)
 }
 
 fn parse_latency(v: &str) -> Option<f64> {
@@ -269,32 +330,59 @@ fn main() -> anyhow::Result<()> {
     let l7 = rt.block_on(balancer_l7::L7::start(cfg))?;
     let l7_port = l7.listener_addr("bench").context("listener")?.port();
     let hap_port = free_port()?;
-    let _haproxy = start_haproxy(&dir, &both, hap_port, &backends, a.workers)?;
+    let haproxy = start_haproxy(&dir, &both, hap_port, &backends, a.workers)?;
+    let hap_pid = haproxy.0.id();
 
     println!(
-        "wrk -t{} -c{} -d{}s, {} proxy thread(s), 2 backends, TLS on 127.0.0.1",
-        a.threads, a.connections, a.duration, a.workers
+        "wrk -t{} -c{} -d{}s, {} proxy thread(s), 2 backends, TLS on 127.0.0.1; median of {} \
+         interleaved trials",
+        a.threads, a.connections, a.duration, a.workers, a.trials
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}",
-        "mode", "balancer r/s", "haproxy r/s", "ratio", "bal p50", "hap p50", "bal p99", "hap p99"
+        "{:<20} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "mode",
+        "bal r/s",
+        "hap r/s",
+        "ratio",
+        "bal cpu",
+        "hap cpu",
+        "ratio",
+        "bal p50",
+        "hap p50",
+        "bal p99",
+        "hap p99"
     );
+    let me = std::process::id();
     for (name, close) in [("https keep-alive", false), ("https conn/request", true)] {
-        let b = wrk(&a, l7_port, close)?;
-        let h = wrk(&a, hap_port, close)?;
+        let (mut bs, mut hs) = (Vec::new(), Vec::new());
+        for _ in 0..a.trials {
+            bs.push(measured(&a, l7_port, close, me, Some("l7"))?);
+            hs.push(measured(&a, hap_port, close, hap_pid, None)?);
+        }
+        let trials: Vec<String> = bs
+            .iter()
+            .zip(&hs)
+            .map(|(b, h)| format!("{:.2}", b.rps / h.rps))
+            .collect();
+        let errors: u64 = bs.iter().chain(&hs).map(|r| r.errors).sum();
+        let (b, h) = (median(bs), median(hs));
         println!(
-            "{:<22} {:>12.0} {:>12.0} {:>7.2} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
+            "{:<20} {:>9.0} {:>9.0} {:>6.2} {:>6.1}us {:>6.1}us {:>6.2} {:>6.2}ms {:>6.2}ms {:>6.2}ms {:>6.2}ms",
             name,
             b.rps,
             h.rps,
             b.rps / h.rps,
+            b.cpu_us,
+            h.cpu_us,
+            h.cpu_us / b.cpu_us,
             b.p50_ms,
             h.p50_ms,
             b.p99_ms,
             h.p99_ms
         );
-        if b.errors + h.errors > 0 {
-            println!("  errors: balancer {} haproxy {}", b.errors, h.errors);
+        println!("  r/s ratio per trial: {}", trials.join(" "));
+        if errors > 0 {
+            println!("  errors (all trials): {errors}");
         }
     }
     rt.block_on(l7.shutdown(Duration::from_secs(2)));
