@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 17;
+pub const ABI_VERSION: u32 = 18;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -458,10 +458,15 @@ pub enum Reason {
     /// The frame could not be resized to push or pop the 802.1Q tag of its next hop after
     /// it was rewritten: dropped (never forwarded or passed half-rewritten).
     DropVlanResize = 24,
+    /// A TCP or UDP packet to a port of the SNAT range that matches no reply entry: its NAT
+    /// flow ended, was expired or was evicted from a full flow table. Passed (the kernel
+    /// answers a TCP segment with a reset). Past a few, the flow table is too small for the
+    /// traffic.
+    PassNoReplyFlow = 25,
 }
 
 /// Number of [`Reason`] values.
-pub const REASONS: u32 = 25;
+pub const REASONS: u32 = 26;
 
 impl Reason {
     /// Every reason, in index order.
@@ -491,6 +496,7 @@ impl Reason {
         Reason::DropTooBig,
         Reason::PassNotForUs,
         Reason::DropVlanResize,
+        Reason::PassNoReplyFlow,
     ];
 
     /// A stable snake_case name for metrics and the CLI.
@@ -521,6 +527,7 @@ impl Reason {
             Reason::DropTooBig => "drop_too_big",
             Reason::PassNotForUs => "pass_not_for_us",
             Reason::DropVlanResize => "drop_vlan_resize",
+            Reason::PassNoReplyFlow => "pass_no_reply_flow",
         }
     }
 }

@@ -247,6 +247,8 @@ fn flow_path(ctx: &XdpContext) -> Result<Verdict, Error> {
                 }
                 return flow::reverse(x, &p, f);
             }
+        } else {
+            return Err(Error::NoReplyFlow);
         }
     }
     Err(Error::NotVip)

@@ -26,6 +26,8 @@ pub enum Error {
     Truncated,
     /// Not for a VIP nor a reply to a NAT flow.
     NotVip,
+    /// To a port of the SNAT range, but no reply entry matches (the flow is gone).
+    NoReplyFlow,
     /// The FIB has no route for the rewritten packet.
     NoRoute,
     /// The next hop's neighbour is not resolved yet.
@@ -72,6 +74,7 @@ impl Error {
             | Error::NotTcpUdp
             | Error::Truncated
             | Error::NotVip
+            | Error::NoReplyFlow
             | Error::NoRoute
             | Error::IcmpUnrelated
             | Error::IcmpMalformed
@@ -99,6 +102,7 @@ impl Error {
             Error::NotTcpUdp => Reason::PassNotTcpUdp,
             Error::Truncated => Reason::PassTruncated,
             Error::NotVip => Reason::PassNotVip,
+            Error::NoReplyFlow => Reason::PassNoReplyFlow,
             Error::NoRoute => Reason::PassNoRoute,
             Error::NoNeighbour => Reason::DropNoNeighbour,
             Error::SnatExhausted => Reason::DropSnatExhausted,
@@ -161,6 +165,7 @@ mod tests {
             Error::NotTcpUdp,
             Error::Truncated,
             Error::NotVip,
+            Error::NoReplyFlow,
             Error::NoRoute,
             Error::IcmpUnrelated,
             Error::IcmpMalformed,

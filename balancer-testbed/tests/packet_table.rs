@@ -613,6 +613,50 @@ fn the_port_filter_passes_other_ports_unparsed_and_parses_service_and_snat_ports
     }
 }
 
+/// A backend's segment to a port of the SNAT range that matches no reply entry (its flow
+/// ended, expired or was evicted) is passed untouched and counted `pass_no_reply_flow`, not
+/// `pass_not_vip`: the counter that shows a flow table too small for its traffic.
+#[test]
+fn a_backend_segment_to_a_snat_port_of_no_flow_is_passed_and_counted() {
+    let (tb, st) = configured_testbed(65536).unwrap();
+    let port = st.globals.snat_port_lo;
+    for (v6, svc, client, vip) in [
+        (false, "web", sa("10.77.0.2:40011"), sa("10.77.0.100:7002")),
+        (true, "web6", sa("[fd77::2]:40011"), sa("[fd77::100]:7002")),
+    ] {
+        let (be, _) = predict(&tb, &st, svc, client, vip, PROTO_TCP);
+        let snat = SocketAddr::new(lb_addr(v6), port);
+        let syn_ack = packet::tcp(
+            mac_of(be.ip()),
+            LB_MAC,
+            be,
+            snat,
+            5000,
+            1001,
+            packet::Flags {
+                ack: true,
+                ..packet::SYN
+            },
+            &[],
+        );
+        assert!(tb.dp.flow(&reply_key(be, port, v6)).is_none());
+        run_counted(
+            &tb,
+            Row {
+                name: if v6 {
+                    "IPv6 SYN-ACK to a SNAT port of no flow"
+                } else {
+                    "IPv4 SYN-ACK to a SNAT port of no flow"
+                },
+                input: syn_ack,
+                verdict: XDP_PASS,
+                output: None,
+            },
+            Reason::PassNoReplyFlow,
+        );
+    }
+}
+
 /// Checks an RST the program built: addresses swapped, flags, seq/ack, checksums.
 fn assert_rst(out: &[u8], from: SocketAddr, to: SocketAddr, seq: u32, ack: Option<u32>) {
     assert_eq!(

@@ -903,6 +903,19 @@ fn bench_wide(opts: &Options) -> Result<()> {
             r.failed,
             r.by_backend.len()
         );
+        if path == Path::Balancer {
+            // Where a lost handshake went: a backend's SYN-ACK to a SNAT port whose reply
+            // entry was evicted is passed (the kernel resets it) and counted here.
+            let reasons = lab.counters()?["reasons"].clone();
+            let n = |k: &str| reasons[k].as_u64().unwrap_or(0);
+            println!(
+                "    reasons: pass_no_reply_flow {}, drop_flow_table {}, drop_snat_exhausted {}, port_taken {}",
+                n("pass_no_reply_flow"),
+                n("drop_flow_table"),
+                n("drop_snat_exhausted"),
+                n("port_taken")
+            );
+        }
         rates.push(r.conns_per_sec);
     }
     if let [b, n] = rates[..] {
