@@ -766,8 +766,33 @@ impl BalancerProc {
     }
 }
 
+/// Lines of the balancer's own log a failing test prints (its last ones).
+const LOG_TAIL_ON_FAILURE: usize = 60;
+
 impl Drop for BalancerProc {
     fn drop(&mut self) {
+        // A failing test shows what the daemon said last (metadata only: it never logs a
+        // payload), so a failure seen only in CI's output can be read without a rerun.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL_ON_FAILURE);
+            eprintln!(
+                "--- balancer (pid {}, {}) log, last {} of {} lines{} ---",
+                self.child.id(),
+                self.config.display(),
+                lines.len() - from,
+                lines.len(),
+                if self.child.is_running() {
+                    ""
+                } else {
+                    ", exited"
+                }
+            );
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
         if self.child.is_running() {
             let _ = self.child.signal(libc::SIGTERM);
             if self.child.wait_timeout(Duration::from_secs(5)).is_none() {
