@@ -503,6 +503,16 @@ impl Lab {
         Ok(())
     }
 
+    /// A `[controller]` table naming this lab's own control socket, for configs that need no
+    /// other controller setting: every lab's balancer has its own socket (see
+    /// [`Lab::start_balancer_file`]).
+    pub fn controller_section(&self) -> String {
+        format!(
+            "\n[controller]\nsocket = \"{}\"\n",
+            self.dir.join("control.sock").display()
+        )
+    }
+
     /// Writes `contents` to a new file in [`Lab::dir`] and returns its path.
     pub fn write_file(&self, name_hint: &str, contents: &str) -> Result<PathBuf> {
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
@@ -543,6 +553,14 @@ impl Lab {
     ) -> Result<BalancerProc> {
         let bin = balancer_bin()?;
         let config = config.to_path_buf();
+        // Labs run in parallel: a balancer on the default socket would find another lab's
+        // there and refuse to start (or, on a developer's box, the real one).
+        if control_socket(&config)?.is_none() {
+            bail!(
+                "{}: a lab's config must name its own [controller] socket (Lab::controller_section)",
+                config.display()
+            );
+        }
         let pin = self.pin_path_of(host);
         let mut cmd = self.command(host, &bin);
         cmd.arg("run")

@@ -89,7 +89,8 @@ protocol = "tcp"
 forwarding = "{forwarding}"
 scheduler = "maglev"
 backends = [ {} ]
-"#,
-        backends.join(", ")
+{}"#,
+        backends.join(", "),
+        lab.controller_section()
     )
 }

@@ -678,3 +678,51 @@ fn a_refused_reload_keeps_every_old_backend_serving() {
     assert!(backends.iter().all(|b| b["state"] == "up"), "{st}");
     spread("after the refused reload");
 }
+
+/// A second `balancer run` on the same control socket (an operator starting one by hand
+/// beside the service, here with a config that drops a backend and the same pins) stops at
+/// the socket with a clear error, before it touches the pinned maps or the interface: the
+/// running balancer keeps every backend, its socket and its program.
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_to_start_and_changes_nothing() {
+    let lab = Lab::new(2).unwrap();
+    let _echo = lab.spawn_echo_all().unwrap();
+    let cfg = header(&lab) + &web_service(&lab, "");
+    let mut first = lab.start_balancer(&cfg).unwrap();
+    let spread = |what: &str| {
+        let r = lab.client_conns(vip4(ECHO_PORT), 80, 200, 4).unwrap();
+        assert_eq!(r.failed, 0, "{what}: {:?}", r.errors);
+        for be in ["be1", "be2"] {
+            assert!(r.by_backend.contains_key(be), "{what}: {:?}", r.by_backend);
+        }
+    };
+    spread("before");
+    let one_backend = cfg.replace(&format!(", {{ address = \"10.77.0.12:{ECHO_PORT}\" }}"), "");
+    assert_ne!(one_backend, cfg);
+    let second = lab.write_file("second.toml", &one_backend).unwrap();
+    let out = lab
+        .exec(
+            Host::Lb,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "timeout 20 {} run --config {} --pin-path {} 2>&1; echo rc=$?",
+                    balancer_bin().unwrap().display(),
+                    second.display(),
+                    lab.pin_path().display()
+                ),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.contains("is in use: is another balancer running?") && out.contains("rc=1"),
+        "{out}"
+    );
+    assert!(!out.contains("xdp attached"), "{out}");
+    assert!(first.is_running(), "{}", first.logs());
+    let st = status(&lab);
+    let backends = st["services"][0]["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2, "{st}");
+    spread("after the refused second daemon");
+}

@@ -212,8 +212,9 @@ fn ipv6_vip() {
         .map(|a| format!("{{ address = \"[{a}]:{ECHO_PORT}\" }}"))
         .collect();
     let cfg = format!(
-        "[dataplane]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web6\"\nvip = \"[fd77::100]:{ECHO_PORT}\"\nbackends = [ {} ]\n",
-        backends.join(", ")
+        "[dataplane]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web6\"\nvip = \"[fd77::100]:{ECHO_PORT}\"\nbackends = [ {} ]\n{}",
+        backends.join(", "),
+        lab.controller_section()
     );
     let _b = lab.start_balancer(&cfg).unwrap();
     let r = lab.client_conns(vip6(ECHO_PORT), 150, 2000, 6).unwrap();
@@ -226,8 +227,9 @@ fn udp_vip() {
     let lab = Lab::new(3).unwrap();
     let _echo = lab.spawn_echo_all().unwrap();
     let cfg = format!(
-        "[dataplane]\ninterface = \"eth0\"\n\n[[service]]\nname = \"udp\"\nvip = \"10.77.0.100:{ECHO_PORT}\"\nprotocol = \"udp\"\nbackends = [ {} ]\n",
-        backends_v4(&lab, ECHO_PORT)
+        "[dataplane]\ninterface = \"eth0\"\n\n[[service]]\nname = \"udp\"\nvip = \"10.77.0.100:{ECHO_PORT}\"\nprotocol = \"udp\"\nbackends = [ {} ]\n{}",
+        backends_v4(&lab, ECHO_PORT),
+        lab.controller_section()
     );
     let _b = lab.start_balancer(&cfg).unwrap();
     let r = lab.client_udp(vip4(ECHO_PORT), 100).unwrap();

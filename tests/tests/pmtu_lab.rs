@@ -152,7 +152,7 @@ fn build_routers(lab: &Lab) {
     }
 }
 
-fn config() -> String {
+fn config(lab: &Lab) -> String {
     format!(
         r#"[dataplane]
 interface = "eth0"
@@ -167,9 +167,10 @@ backends = [ {{ address = "10.88.2.2:{ECHO_PORT}" }} ]
 name = "far6"
 vip = "{}"
 backends = [ {{ address = "[fd88:2::2]:{ECHO_PORT}" }} ]
-"#,
+{}"#,
         vip4(ECHO_PORT),
-        vip6(ECHO_PORT)
+        vip6(ECHO_PORT),
+        lab.controller_section()
     )
 }
 
@@ -178,7 +179,7 @@ backends = [ {{ address = "[fd88:2::2]:{ECHO_PORT}" }} ]
 /// balancer's counters.
 fn upload_through_the_balancer(lab: &Lab) -> serde_json::Value {
     let _echo = lab.spawn_echo(3).unwrap();
-    let _b = lab.start_balancer(&config()).unwrap();
+    let _b = lab.start_balancer(&config(lab)).unwrap();
     for vip in [vip4(ECHO_PORT), vip6(ECHO_PORT)] {
         // One connection at a time: each starts at the full MTU until it learns the path's.
         let r = lab.client_conns(vip, CONNS, UPLOAD, 1).unwrap();

@@ -859,8 +859,9 @@ protocol = "tcp"
 forwarding = "nat"
 scheduler = "maglev"
 backends = [ {{ address = "10.77.0.11:{IPERF_PORT}" }} ]
-"#,
-        echo.join(", ")
+{}"#,
+        echo.join(", "),
+        lab.controller_section()
     )
 }
 

@@ -75,6 +75,15 @@ pub struct Daemon {
     pair: Option<crate::control::pair::Pair>,
     /// The active peer's control states (a standby follows them); taken by [`run`].
     peer_control: Option<mpsc::UnboundedReceiver<Vec<balancer_sync::ServiceControl>>>,
+    /// The control socket and metrics endpoint, bound first thing in [`Daemon::start`];
+    /// taken by [`run`], which serves them.
+    listeners: Option<Listeners>,
+}
+
+/// The operator endpoints, bound before anything else is touched.
+struct Listeners {
+    control: tokio::net::UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 /// This balancer's part of a pair.
@@ -123,6 +132,16 @@ impl Daemon {
         bursts: mpsc::UnboundedSender<passive::Burst>,
     ) -> anyhow::Result<Self> {
         let cfg = config::load(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // First of all: a second daemon on the same socket (another balancer answers there)
+        // stops here, before it touches the keepalived track file, the pinned maps or the
+        // interfaces of the one that runs; so does one whose metrics port is taken.
+        let listeners = Listeners {
+            control: crate::api::server::bind(&cfg.socket).context("control socket")?,
+            metrics: match cfg.metrics {
+                Some(addr) => Some(crate::api::metrics::bind(addr).await?),
+                None => None,
+            },
+        };
         let ha = cfg.ha.clone().map(|h| {
             let role_file = crate::control::ha::role_file(&cfg.socket);
             let role = crate::control::ha::load_role(&role_file);
@@ -286,6 +305,7 @@ impl Daemon {
             ha,
             pair,
             peer_control: Some(peer_rx),
+            listeners: Some(listeners),
         };
         d.l7_config = d.cfg.l7.clone().map(std::sync::Arc::new);
         d.register_checks();
@@ -1091,19 +1111,16 @@ impl Daemon {
     }
 }
 
-/// Starts the control socket and the metrics endpoint. Status requests are answered from
-/// the published snapshot, off the daemon loop; the others go to the loop. Returns the
-/// channel they share (the console asks on it too).
-async fn start_endpoints(
+/// Serves the control socket and the metrics endpoint bound in [`Daemon::start`] (so both
+/// listen before `balancer ready`). Status requests are answered from the published
+/// snapshot, off the daemon loop; the others go to the loop. Returns the channel they share
+/// (the console asks on it too).
+fn start_endpoints(
     d: &Daemon,
+    listeners: Listeners,
     daemon_tx: &mpsc::Sender<Message>,
-) -> anyhow::Result<mpsc::Sender<Message>> {
-    // Bound here, before `balancer ready`: whoever waits for ready finds both listening.
-    let control = crate::api::server::bind(&d.cfg.socket).context("control socket")?;
-    let metrics = match d.cfg.metrics {
-        Some(addr) => Some(crate::api::metrics::bind(addr).await?),
-        None => None,
-    };
+) -> mpsc::Sender<Message> {
+    let Listeners { control, metrics } = listeners;
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let board = d.board.clone();
     let to_daemon = daemon_tx.clone();
@@ -1138,7 +1155,7 @@ async fn start_endpoints(
             }
         });
     }
-    Ok(tx)
+    tx
 }
 
 /// Where operator overrides are kept across controller restarts: beside the control socket
@@ -1247,7 +1264,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Message>(64);
     let mut mllp_rx = d.mllp_failures.take();
     let mut peer_rx = d.peer_control.take();
-    let endpoints = start_endpoints(&d, &ctl_tx).await?;
+    let listeners = d
+        .listeners
+        .take()
+        .context("the endpoints were served already")?;
+    let endpoints = start_endpoints(&d, listeners, &ctl_tx);
     let console = match &d.cfg.console {
         Some(c) => Some(
             crate::api::console::start(c.clone(), d.board.clone(), endpoints)
