@@ -5,7 +5,7 @@
 
 use std::{
     os::unix::net::UnixDatagram,
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -84,6 +84,34 @@ fn spawn_tool(lab: &Lab, host: Host, tool: &str, args: &[&str]) -> LabChild {
     cmd.args(args);
     lab.spawn_command(cmd, &format!("[{host}] {tool} {}", args.join(" ")))
         .unwrap()
+}
+
+/// Runs `balancer run --config <config>` on the lb host with the lab's pins and returns its
+/// output followed by `rc=<exit code>` (for a run that must stop by itself; killed after 20 s).
+fn run_to_exit(lab: &Lab, config: &Path) -> String {
+    lab.exec(
+        Host::Lb,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "timeout 20 {} run --config {} --pin-path {} 2>&1; echo rc=$?",
+                balancer_bin().unwrap().display(),
+                config.display(),
+                lab.pin_path().display()
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+/// `count` connections to the web VIP: none fails and each of `backends` takes some.
+fn assert_spread(lab: &Lab, count: usize, backends: &[&str], what: &str) {
+    let r = lab.client_conns(vip4(ECHO_PORT), count, 200, 4).unwrap();
+    assert_eq!(r.failed, 0, "{what}: {:?}", r.errors);
+    for be in backends {
+        assert!(r.by_backend.contains_key(*be), "{what}: {:?}", r.by_backend);
+    }
 }
 
 /// No wall-clock bound: the order of events is asserted. be2 goes down once, by its active
@@ -587,22 +615,7 @@ fn a_bad_file_attaches_nothing_and_a_layout_change_replaces_the_pins() {
     let bad = lab
         .write_file("bad.toml", &good.replace("vip = ", "vipp = "))
         .unwrap();
-    let bin = balancer_bin().unwrap();
-    let out = lab
-        .exec(
-            Host::Lb,
-            &[
-                "sh",
-                "-c",
-                &format!(
-                    "{} run --config {} --pin-path {} 2>&1; echo rc=$?",
-                    bin.display(),
-                    bad.display(),
-                    lab.pin_path().display()
-                ),
-            ],
-        )
-        .unwrap();
+    let out = run_to_exit(&lab, &bad);
     assert!(
         out.contains("bad.toml:") && out.contains("vipp") && out.contains("rc=1"),
         "{out}"
@@ -635,13 +648,7 @@ fn a_refused_reload_keeps_every_old_backend_serving() {
     let _echo = lab.spawn_echo_all().unwrap();
     let cfg = header(&lab) + &web_service(&lab, "");
     let b = lab.start_balancer(&cfg).unwrap();
-    let spread = |what: &str| {
-        let r = lab.client_conns(vip4(ECHO_PORT), 120, 200, 4).unwrap();
-        assert_eq!(r.failed, 0, "{what}: {:?}", r.errors);
-        for be in ["be1", "be2", "be3"] {
-            assert!(r.by_backend.contains_key(be), "{what}: {:?}", r.by_backend);
-        }
-    };
+    let spread = |what: &str| assert_spread(&lab, 120, &["be1", "be2", "be3"], what);
     spread("before");
     let lb6 = Host::Lb.v6().unwrap();
     lab.exec(
@@ -689,32 +696,12 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start_and_changes_nothing() {
     let _echo = lab.spawn_echo_all().unwrap();
     let cfg = header(&lab) + &web_service(&lab, "");
     let mut first = lab.start_balancer(&cfg).unwrap();
-    let spread = |what: &str| {
-        let r = lab.client_conns(vip4(ECHO_PORT), 80, 200, 4).unwrap();
-        assert_eq!(r.failed, 0, "{what}: {:?}", r.errors);
-        for be in ["be1", "be2"] {
-            assert!(r.by_backend.contains_key(be), "{what}: {:?}", r.by_backend);
-        }
-    };
+    let spread = |what: &str| assert_spread(&lab, 80, &["be1", "be2"], what);
     spread("before");
     let one_backend = cfg.replace(&format!(", {{ address = \"10.77.0.12:{ECHO_PORT}\" }}"), "");
     assert_ne!(one_backend, cfg);
     let second = lab.write_file("second.toml", &one_backend).unwrap();
-    let out = lab
-        .exec(
-            Host::Lb,
-            &[
-                "sh",
-                "-c",
-                &format!(
-                    "timeout 20 {} run --config {} --pin-path {} 2>&1; echo rc=$?",
-                    balancer_bin().unwrap().display(),
-                    second.display(),
-                    lab.pin_path().display()
-                ),
-            ],
-        )
-        .unwrap();
+    let out = run_to_exit(&lab, &second);
     assert!(
         out.contains("is in use: is another balancer running?") && out.contains("rc=1"),
         "{out}"
