@@ -555,12 +555,12 @@ impl Lab {
         let config = config.to_path_buf();
         // Labs run in parallel: a balancer on the default socket would find another lab's
         // there and refuse to start (or, on a developer's box, the real one).
-        if control_socket(&config)?.is_none() {
+        let Some(socket) = control_socket(&config)? else {
             bail!(
                 "{}: a lab's config must name its own [controller] socket (Lab::controller_section)",
                 config.display()
             );
-        }
+        };
         let pin = self.pin_path_of(host);
         let mut cmd = self.command(host, &bin);
         cmd.arg("run")
@@ -574,9 +574,7 @@ impl Lab {
         child.wait_for_output("balancer ready", READY_TIMEOUT)?;
         // The promise behind every `balancer status` a test makes right after this: ready
         // means the control socket is listening (no retry here, so a race shows).
-        if let Some(socket) = control_socket(&config)?
-            && !socket.exists()
-        {
+        if !socket.exists() {
             bail!(
                 "[{host}] balancer said ready before its control socket {} existed",
                 socket.display()

@@ -848,12 +848,8 @@ fn register_ha(reg: &mut Registry, ha: &crate::api::protocol::HaStatus) {
 /// How long a scrape may wait for the daemon.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `GET /metrics` on `addr` until the listener fails; everything else is 404.
-pub async fn serve(addr: SocketAddr, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
-    serve_on(bind(addr).await?, tx).await
-}
-
-/// Binds the metrics endpoint (the daemon binds before it reports ready).
+/// Binds the metrics endpoint for [`serve_on`] (the daemon binds it first thing at start,
+/// so a taken port stops the start before anything else is touched).
 pub async fn bind(addr: SocketAddr) -> crate::api::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
@@ -862,7 +858,8 @@ pub async fn bind(addr: SocketAddr) -> crate::api::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Serves metrics on an already bound listener (tests bind port 0 first).
+/// Serves `GET /metrics` on a bound listener until it fails; everything else is 404 (tests
+/// bind port 0 first).
 pub async fn serve_on(listener: TcpListener, tx: mpsc::Sender<Message>) -> crate::api::Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
