@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a map name, key, value, size or flags below change.
-pub const ABI_VERSION: u32 = 18;
+pub const ABI_VERSION: u32 = 19;
 
 // ---- map names (the pin file names under the pin directory) ----
 /// `(vip, port, proto)` → [`Service`].
@@ -34,10 +34,18 @@ pub const MAP_MIRROR: &str = "BLB_MIRROR";
 pub const MIRROR_RING_BYTES: u32 = 4 << 20;
 /// Per-CPU [`MirrorCounters`] at index 0.
 pub const MAP_MIRROR_STATS: &str = "BLB_MIRROR_STATS";
-/// Ingress ifindex (`u32`) → [`IfMac`]: the MAC of each interface the program is attached to.
-/// A unicast frame to another MAC is passed untouched; no entry, no check.
+/// Array, index ingress ifindex (below [`IFMAC_SLOTS`]) → [`IfMac`]: the MAC of each interface
+/// the program is attached to. A unicast frame to another MAC is passed untouched; an
+/// all-zero entry (no MAC recorded), no check. An array, not a hash: every VIP, reply and
+/// ICMP packet reads it, and the kernel inlines an array lookup.
 pub const MAP_IFMACS: &str = "BLB_IFMACS";
-/// Entries of [`MAP_IFMACS`] (interfaces the program may be attached to).
+/// Slots of [`MAP_IFMACS`]: interfaces with a lower ifindex are recorded there.
+pub const IFMAC_SLOTS: u32 = 4096;
+/// Hash, ingress ifindex (`u32`, [`IFMAC_SLOTS`] or above) → [`IfMac`]: the same for
+/// interfaces whose ifindex is too high for the array (a host that has made many
+/// interfaces).
+pub const MAP_IFMACS_HIGH: &str = "BLB_IFMACS_HIGH";
+/// Entries of [`MAP_IFMACS_HIGH`] (interfaces the program may be attached to).
 pub const MAX_IFMACS: u32 = 64;
 /// 802.1Q VLAN device ifindex (`u32`) → [`VlanDev`]: its parent (the trunk) and VLAN id,
 /// written by the controller. A next hop the FIB answers on a VLAN device leaves through the
@@ -58,7 +66,7 @@ pub const MAP_PORTS: &str = "BLB_PORTS";
 /// Entries (`u64` words) of [`MAP_PORTS`]: 65,536 bits.
 pub const PORT_WORDS: u32 = 1024;
 /// All maps, for pinning and adoption.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
@@ -70,6 +78,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_MIRROR,
     MAP_MIRROR_STATS,
     MAP_IFMACS,
+    MAP_IFMACS_HIGH,
     MAP_VLANS,
     MAP_VLAN_PORTS,
     MAP_PORTS,

@@ -7,7 +7,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
-use balancer_common::{FLOW_F_FORWARD, PROTO_TCP, PROTO_UDP, ServiceKey, VlanPort};
+use balancer_common::{FLOW_F_FORWARD, IFMAC_SLOTS, PROTO_TCP, PROTO_UDP, ServiceKey, VlanPort};
 use balancer_ebpf::{
     error::{Error, Verdict},
     frame::Frame,
@@ -20,7 +20,7 @@ use balancer_ebpf::{
 
 use crate::{
     flow,
-    maps::{FLOWS, GLOBALS, IFMACS, PORTS, SERVICES, VLAN_PORTS},
+    maps::{FLOWS, GLOBALS, IFMACS, IFMACS_HIGH, PORTS, SERVICES, VLAN_PORTS},
     related,
     stats::count,
     toobig,
@@ -98,10 +98,16 @@ fn not_for_us(ctx: &XdpContext) -> bool {
             return v.mac != dst;
         }
     }
-    // SAFETY: map values stay valid for the whole program run (RCU); an entry is replaced
-    // whole.
-    match unsafe { IFMACS.get(&ifindex) } {
-        Some(m) => m.mac != dst,
+    let m = if ifindex < IFMAC_SLOTS {
+        IFMACS.get(ifindex)
+    } else {
+        // SAFETY: map values stay valid for the whole program run (RCU); an entry is
+        // replaced whole.
+        unsafe { IFMACS_HIGH.get(&ifindex) }
+    };
+    match m {
+        // All-zero: no MAC recorded for the interface.
+        Some(m) => m.mac != [0; 6] && m.mac != dst,
         None => false,
     }
 }

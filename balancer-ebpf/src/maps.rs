@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use balancer_common::{
-    Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, IfMac, MAX_BACKENDS,
-    MAX_IFMACS, MAX_SERVICES, MAX_VLANS, MIRROR_RING_BYTES, MirrorCounters, PORT_WORDS, REASONS,
-    RING_VALUES, Service, ServiceKey, VlanDev, VlanIn, VlanPort,
+    Backend, Counters, DEFAULT_FLOW_ENTRIES, Flow, FlowKey, Globals, IFMAC_SLOTS, IfMac,
+    MAX_BACKENDS, MAX_IFMACS, MAX_SERVICES, MAX_VLANS, MIRROR_RING_BYTES, MirrorCounters,
+    PORT_WORDS, REASONS, RING_VALUES, Service, ServiceKey, VlanDev, VlanIn, VlanPort,
 };
 use balancer_ebpf::ptb::TokenBucket;
 
@@ -119,9 +119,13 @@ pub static MIRROR: RingBuf = RingBuf::with_byte_size(MIRROR_RING_BYTES, 0);
 pub static MIRROR_STATS: PerCpuArray<MirrorCounters> = PerCpuArray::with_max_entries(1, 0);
 
 /// The MAC of each interface the controller attached the program to (ingress ifindex →
-/// [`IfMac`]): a unicast frame to another MAC is not ours.
+/// [`IfMac`]; all-zero: none recorded): a unicast frame to another MAC is not ours.
 #[map(name = "BLB_IFMACS")]
-pub static IFMACS: HashMap<u32, IfMac> = HashMap::with_max_entries(MAX_IFMACS, 0);
+pub static IFMACS: Array<IfMac> = Array::with_max_entries(IFMAC_SLOTS, 0);
+
+/// The same for an ifindex of [`IFMAC_SLOTS`] or more.
+#[map(name = "BLB_IFMACS_HIGH")]
+pub static IFMACS_HIGH: HashMap<u32, IfMac> = HashMap::with_max_entries(MAX_IFMACS, 0);
 
 /// Every 802.1Q VLAN device (ifindex → [`VlanDev`]: its trunk, VLAN id and MAC), written by the
 /// controller: a FIB answer on a VLAN device becomes the trunk and a tag.

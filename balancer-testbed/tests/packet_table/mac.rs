@@ -2,15 +2,16 @@
 //! interface's (a switch flooding frames for another balancer's MAC) is passed untouched as
 //! `pass_not_for_us` before any service or flow lookup, and makes no flow; the same frame to
 //! the interface's MAC is balanced; multicast and broadcast frames are not refused by the
-//! check; an interface without a recorded MAC is not checked at all.
+//! check; an interface without a recorded MAC is not checked at all; an interface whose
+//! ifindex is too high for the `BLB_IFMACS` array is checked as well (`BLB_IFMACS_HIGH`).
 
 use std::net::SocketAddr;
 
 use balancer::control::state::State;
-use balancer_common::{PROTO_TCP, Reason};
-use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet};
+use balancer_common::{IFMAC_SLOTS, PROTO_TCP, Reason};
+use balancer_testbed::{LB_MAC, Testbed, bench::configured_testbed, host_mac, packet, run_prog};
 
-use super::{Row, XDP_PASS, XDP_TX, lb_addr, mac_of, predict, run_counted, sa};
+use super::{Row, XDP_PASS, XDP_TX, lb_addr, mac_of, predict, reason_count, run_counted, sa};
 
 /// Another balancer's MAC on the segment: differs from [`LB_MAC`] in the last byte only.
 const OTHER_LAST: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
@@ -212,4 +213,53 @@ fn an_interface_without_a_recorded_mac_is_not_checked() {
         ),
         Reason::PassNotForUs,
     );
+}
+
+#[test]
+fn an_interface_with_a_high_ifindex_has_its_mac_checked_too() {
+    let (mut tb, _st) = configured_testbed(65536).unwrap();
+    // An ifindex past the array's slots (a host that has made many interfaces).
+    let high = IFMAC_SLOTS + 904;
+    tb.ip(&[
+        "link",
+        "add",
+        "hi0",
+        "index",
+        &high.to_string(),
+        "address",
+        "02:00:00:00:00:e1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "hi1",
+    ])
+    .unwrap();
+    tb.ip(&["link", "set", "hi0", "up"]).unwrap();
+    tb.ip(&["link", "set", "hi1", "up"]).unwrap();
+    let mac = [2, 0, 0, 0, 0, 0xe1];
+    tb.dp.set_interface_mac(high, Some(mac)).unwrap();
+    assert_eq!(tb.dp.interface_macs().get(&high), Some(&mac));
+    assert_eq!(tb.dp.interface_macs().get(&tb.ifindex), Some(&LB_MAC));
+    let vip = sa("10.77.0.100:7002");
+    let on_high = |tb: &Testbed, client: &str| -> (u32, bool) {
+        let input = syn(LB_MAC, sa(client), vip);
+        let before = reason_count(tb, Reason::PassNotForUs);
+        let (v, out, _) = run_prog(tb.dp.program().unwrap(), &input, high).unwrap();
+        let counted = reason_count(tb, Reason::PassNotForUs) == before + 1;
+        (v, counted && out == input)
+    };
+    // t0's MAC is not hi0's: on hi0 the frame is another host's.
+    let (v, not_for_us) = on_high(&tb, "10.77.0.2:40131");
+    assert_eq!(v, XDP_PASS);
+    assert!(
+        not_for_us,
+        "a frame on hi0 to another MAC is passed untouched as not for us"
+    );
+    // Forgotten: no longer checked on hi0, and t0's entry is untouched.
+    tb.dp.set_interface_mac(high, None).unwrap();
+    assert_eq!(tb.dp.interface_macs().get(&high), None);
+    assert_eq!(tb.dp.interface_macs().get(&tb.ifindex), Some(&LB_MAC));
+    let (_, not_for_us) = on_high(&tb, "10.77.0.2:40132");
+    assert!(!not_for_us, "hi0 without a recorded MAC is not checked");
 }

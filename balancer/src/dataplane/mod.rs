@@ -23,11 +23,12 @@ use aya::{
     },
 };
 use balancer_common::{
-    ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, IfMac, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_MIRROR, MAP_MIRROR_STATS, MAP_PORTS,
-    MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_VLAN_PORTS, MAP_VLANS,
-    MAX_BACKENDS, MAX_SERVICES, MirrorCounters, PORT_WORDS, PROGRAM_NAME, REASONS, RING_MAX,
-    RING_WORDS, Reason, Service, ServiceKey, VlanDev, VlanIn, VlanPort, ring_index,
+    ABI_VERSION, ALL_MAPS, Backend, Counters, Flow, FlowKey, Globals, IFMAC_SLOTS, IfMac,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_GLOBALS, MAP_IFMACS, MAP_IFMACS_HIGH,
+    MAP_MIRROR, MAP_MIRROR_STATS, MAP_PORTS, MAP_REASONS, MAP_RINGS, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_VLAN_PORTS, MAP_VLANS, MAX_BACKENDS, MAX_SERVICES, MirrorCounters,
+    PORT_WORDS, PROGRAM_NAME, REASONS, RING_MAX, RING_WORDS, Reason, Service, ServiceKey, VlanDev,
+    VlanIn, VlanPort, ring_index,
 };
 use tracing::{info, warn};
 
@@ -344,7 +345,10 @@ pub struct Dataplane {
     /// The mirror ring buffer, until [`Dataplane::mirror_reader`] takes it.
     mirror: Option<Map>,
     mirror_stats: PerCpuArray<MapData, MirrorCounters>,
-    ifmacs: HashMap<MapData, u32, IfMac>,
+    /// Interface MACs by ifindex below [`IFMAC_SLOTS`] (all-zero: none recorded).
+    ifmacs: Array<MapData, IfMac>,
+    /// Interface MACs of a higher ifindex.
+    ifmacs_high: HashMap<MapData, u32, IfMac>,
     vlans: HashMap<MapData, u32, VlanDev>,
     vlan_ports: HashMap<MapData, VlanPort, VlanIn>,
     ports: Array<MapData, u64>,
@@ -555,6 +559,7 @@ impl Dataplane {
             ),
             mirror_stats: take(&mut ebpf, MAP_MIRROR_STATS)?,
             ifmacs: take(&mut ebpf, MAP_IFMACS)?,
+            ifmacs_high: take(&mut ebpf, MAP_IFMACS_HIGH)?,
             vlans: take(&mut ebpf, MAP_VLANS)?,
             vlan_ports: take(&mut ebpf, MAP_VLAN_PORTS)?,
             port_cache: Vec::new(),
@@ -602,7 +607,7 @@ impl Dataplane {
                 source,
             })?;
             Ok(match n {
-                MAP_SERVICES | MAP_IFMACS | MAP_VLANS | MAP_VLAN_PORTS => Map::HashMap(data),
+                MAP_SERVICES | MAP_IFMACS_HIGH | MAP_VLANS | MAP_VLAN_PORTS => Map::HashMap(data),
                 MAP_FLOWS => Map::LruHashMap(data),
                 MAP_SERVICE_STATS | MAP_BACKEND_STATS | MAP_REASONS | MAP_MIRROR_STATS => {
                     Map::PerCpuArray(data)
@@ -632,7 +637,9 @@ impl Dataplane {
             mirror: Some(open(MAP_MIRROR)?),
             mirror_stats: PerCpuArray::try_from(open(MAP_MIRROR_STATS)?)
                 .map_err(map_type(MAP_MIRROR_STATS))?,
-            ifmacs: HashMap::try_from(open(MAP_IFMACS)?).map_err(map_type(MAP_IFMACS))?,
+            ifmacs: Array::try_from(open(MAP_IFMACS)?).map_err(map_type(MAP_IFMACS))?,
+            ifmacs_high: HashMap::try_from(open(MAP_IFMACS_HIGH)?)
+                .map_err(map_type(MAP_IFMACS_HIGH))?,
             vlans: HashMap::try_from(open(MAP_VLANS)?).map_err(map_type(MAP_VLANS))?,
             vlan_ports: HashMap::try_from(open(MAP_VLAN_PORTS)?)
                 .map_err(map_type(MAP_VLAN_PORTS))?,
@@ -770,16 +777,37 @@ impl Dataplane {
     /// passes a unicast frame that came in on it addressed to another MAC. Without an entry
     /// it does not look at the destination MAC.
     pub fn set_interface_mac(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> Result<()> {
-        match mac {
-            Some(mac) => self
+        let value = IfMac {
+            mac: mac.unwrap_or_default(),
+            pad: [0; 2],
+        };
+        if ifindex < IFMAC_SLOTS {
+            // All-zero is "none recorded".
+            return self
                 .ifmacs
-                .insert(ifindex, IfMac { mac, pad: [0; 2] }, 0)
+                .set(ifindex, value, 0)
+                .map_err(map_err("writing the interface MAC"));
+        }
+        match mac {
+            Some(_) => self
+                .ifmacs_high
+                .insert(ifindex, value, 0)
                 .map_err(map_err("writing the interface MAC")),
-            None => match self.ifmacs.remove(&ifindex) {
+            None => match self.ifmacs_high.remove(&ifindex) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(e) => Err(map_err("removing the interface MAC")(e)),
             },
         }
+    }
+
+    /// The MAC recorded for interface `ifindex`, if any.
+    fn interface_mac(&self, ifindex: u32) -> Option<[u8; 6]> {
+        let m = if ifindex < IFMAC_SLOTS {
+            self.ifmacs.get(&ifindex, 0).ok()
+        } else {
+            self.ifmacs_high.get(&ifindex, 0).ok()
+        };
+        m.map(|m| m.mac).filter(|m| *m != [0; 6])
     }
 
     /// Reads `interface`'s MAC again and records it when it changed since [`Self::attach`]
@@ -790,7 +818,7 @@ impl Dataplane {
         let Ok(mac) = crate::host::net::interface_mac(interface) else {
             return Ok(None);
         };
-        if self.ifmacs.get(&ifindex, 0).is_ok_and(|m| m.mac == mac) {
+        if self.interface_mac(ifindex) == Some(mac) {
             return Ok(None);
         }
         self.set_interface_mac(ifindex, Some(mac))?;
@@ -799,11 +827,16 @@ impl Dataplane {
 
     /// The recorded interface MACs (ifindex → MAC).
     pub fn interface_macs(&self) -> StdHashMap<u32, [u8; 6]> {
-        self.ifmacs
+        let low = self.ifmacs.iter().enumerate().filter_map(|(i, v)| {
+            let mac = v.ok()?.mac;
+            (mac != [0; 6]).then_some((u32::try_from(i).ok()?, mac))
+        });
+        let high = self
+            .ifmacs_high
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.mac))
-            .collect()
+            .map(|(k, v)| (k, v.mac));
+        low.chain(high).collect()
     }
 
     /// Makes `BLB_VLANS` hold exactly `devs` (VLAN device ifindex → trunk, VLAN id and MAC)
